@@ -1,0 +1,90 @@
+"""Backend choice, the same for every op.
+
+Order: an explicit ``backend=`` argument > the ``HCR_BACKEND`` environment
+variable > the fastest backend available for the tensors' device > reference.
+A backend that was asked for (argument or variable) and is unavailable raises an
+error naming the fix; an automatic choice falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+BACKENDS = ("reference", "native", "triton")
+BACKEND_ENV_VAR = "HCR_BACKEND"
+
+# Preference of the automatic choice per device type: fastest first.
+AUTO_PREFERENCE = {
+    "cuda": ("triton", "native", "reference"),
+    "cpu": ("native", "reference"),
+}
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (tests only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    return (
+        f"triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set "
+        f"before triton is imported, for tests); got {device.type} tensors"
+    )
+
+
+def choose_backend(
+    op_name: str,
+    device: torch.device,
+    requested: str | None,
+    checks: dict[str, Callable[[torch.device], None]],
+) -> str:
+    """Pick the backend of ``op_name`` for tensors on ``device``.
+
+    ``checks`` maps each backend the op implements to a function that raises a
+    clear error when that backend cannot run on ``device`` (and returns None when
+    it can). ``reference`` is always implemented.
+    """
+    source = "backend="
+    if requested is None and os.environ.get(BACKEND_ENV_VAR):
+        requested, source = os.environ[BACKEND_ENV_VAR].strip().lower(), BACKEND_ENV_VAR
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op_name}: {source} must be one of {BACKENDS}, got {requested!r}")
+        if requested not in checks:
+            raise ValueError(f"{op_name}: backend {requested!r} is not implemented; it has {tuple(checks)}")
+        checks[requested](device)
+        return requested
+    for candidate in _auto_order(device, checks):
+        try:
+            checks[candidate](device)
+        except RuntimeError:
+            continue
+        return candidate
+    return "reference"
+
+
+def _auto_order(device: torch.device, checks: dict) -> Sequence[str]:
+    preference = AUTO_PREFERENCE.get(device.type, ("reference",))
+    return [name for name in preference if name in checks]
+
+
+def require_triton(device: torch.device) -> None:
+    if not triton_available(device):
+        raise RuntimeError(f"backend 'triton' is not available: {triton_unavailable_reason(device)}")
+
+
+def require_nothing(device: torch.device) -> None:
+    """The reference backend runs everywhere torch does."""

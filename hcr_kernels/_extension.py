@@ -1,0 +1,59 @@
+"""Optional import of the compiled extension ``hcr_kernels._C``.
+
+Importing it registers the ``torch.ops.hcr.*`` operators. A missing or broken
+build never breaks ``import hcr_kernels``: the ``native`` backend is simply not
+available, and asking for it explicitly raises an error that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REBUILD_COMMAND = 'pip install --no-build-isolation -e ".[test]"'
+
+try:
+    from hcr_kernels import _C  # noqa: F401  (registers torch.ops.hcr)
+
+    _IMPORT_ERROR: BaseException | None = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = error
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def import_error() -> BaseException | None:
+    """Why ``_C`` could not be imported (None when it was)."""
+    return _IMPORT_ERROR
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: ``{"cpu": bool, "cuda": bool, ...}``."""
+    if _C is None:
+        return {"cpu": False, "cuda": False, "cuda_runtime_version": None, "openmp": False}
+    return dict(_C.build_info())
+
+
+def native_supports(device: torch.device) -> bool:
+    """Whether ``_C`` has kernels for tensors on ``device``."""
+    info = build_info()
+    return bool(info.get(device.type, False))
+
+
+def require_native(device: torch.device) -> None:
+    """Raise a clear error when the native kernels for ``device`` are missing."""
+    if native_supports(device):
+        return
+    if _C is None:
+        reason = f"the compiled extension hcr_kernels._C could not be imported ({_IMPORT_ERROR})"
+    else:
+        reason = f"hcr_kernels._C was built without {device.type.upper()} kernels"
+    hint = ""
+    if device.type == "cuda":
+        hint = " with a CUDA build of torch and nvcc on the PATH (or FORCE_CUDA=1)"
+    raise RuntimeError(
+        f"backend 'native' is not available for {device.type} tensors: {reason}. "
+        f"Rebuild it from the repository root{hint}: {REBUILD_COMMAND}"
+    )

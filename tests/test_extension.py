@@ -1,0 +1,77 @@
+"""The compiled extension is really there, and holds what the build rules promise.
+
+``pip install -e .`` must build ``hcr_kernels._C`` with the CPU kernels always,
+and with the CUDA kernels whenever torch is a CUDA build and ``nvcc`` is on the
+PATH (unless ``HCR_SKIP_CUDA=1``): a build that silently skipped either fails here.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hcr_kernels import _extension
+
+OPS = ("hcr::pool_rows_", "hcr::pool_rows_backward_")
+
+
+def test_extension_is_built_and_loads():
+    assert _extension.extension_loaded(), f"hcr_kernels._C failed to import: {_extension.import_error()}"
+    assert _extension.build_info()["cpu"] is True
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernels_are_registered(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+
+
+def test_cuda_kernels_built_when_toolkit_present():
+    if os.environ.get("HCR_SKIP_CUDA") == "1":
+        pytest.skip("HCR_SKIP_CUDA=1: CPU-only build requested")
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("torch has no CUDA or nvcc is not on the PATH: the CUDA sources are not built")
+    info = _extension.build_info()
+    assert info["cuda"], "torch has CUDA and nvcc is on the PATH, but _C was built without its CUDA kernels"
+    major, minor = (int(part) for part in torch.version.cuda.split(".")[:2])
+    assert info["cuda_runtime_version"] // 1000 == major, (info, torch.version.cuda)
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+def test_ops_mutate_only_their_outputs():
+    """Schemas declare the written tensors (torch.library mutation annotations)."""
+    schema = torch.ops.hcr.pool_rows_.default._schema
+    mutated = [arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+    assert mutated == ["out"]
+    schema = torch.ops.hcr.pool_rows_backward_.default._schema
+    mutated = [arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+    assert mutated == ["grad_hidden", "grad_template"]
+
+
+def test_op_checks_its_arguments():
+    out = torch.empty(3, 4)
+    hidden = torch.randn(2, 2, 4)
+    with pytest.raises(RuntimeError, match="refers to window 5 of 2"):
+        torch.ops.hcr.pool_rows_(None, torch.tensor([0, 1, 5]), hidden, out)
+    with pytest.raises(RuntimeError, match="has no window and no template_"):
+        torch.ops.hcr.pool_rows_(None, torch.tensor([0, -1, 1]), hidden, out)
+    with pytest.raises(RuntimeError, match="window_of_row must be int64"):
+        torch.ops.hcr.pool_rows_(None, torch.tensor([0, 1, 1], dtype=torch.int32), hidden, out)
+    with pytest.raises(RuntimeError, match="hidden has D=4 but out has D=5"):
+        torch.ops.hcr.pool_rows_(None, torch.tensor([0, 1, 1]), hidden, torch.empty(3, 5))
+
+
+def test_explicit_native_without_extension_names_the_rebuild(monkeypatch):
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "_IMPORT_ERROR", ImportError("no _C"))
+    with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation -e"):
+        _extension.require_native(torch.device("cpu"))
+
+
+def test_info_report_runs():
+    result = subprocess.run([sys.executable, "-m", "hcr_kernels.info"], capture_output=True, text=True, check=True)
+    assert "extension _C    loaded" in result.stdout
+    assert "pool_scatter" in result.stdout and "cpu: native" in result.stdout
