@@ -1,7 +1,9 @@
 """Benchmark helpers: side-by-side ratios at the end of the run.
 
 Each benchmark records ``extra_info["backend"]`` (``reference``, ``native``,
-``copy``, ...) and ``extra_info["bytes"]`` (bytes the op must read and write).
+``copy``, ...), optionally ``extra_info["bytes"]`` (bytes the op must read and
+write) and ``extra_info["count"]`` with ``extra_info["unit"]`` (work items per call,
+e.g. tokens or examples, printed as a rate).
 At the end, per group, the summary prints every backend's median, its speedup
 over ``reference`` and, where the group has a ``copy`` entry (a plain tensor copy
 of the same bytes), the fraction of the copy's bandwidth it achieves. Ratios
@@ -23,11 +25,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    groups: dict[str, dict[str, tuple[float, int]]] = defaultdict(dict)
+    groups: dict[str, dict[str, tuple[float, dict]]] = defaultdict(dict)
     for bench in session.benchmarks:
         backend = bench.extra_info.get("backend")
         if backend and bench.stats:
-            groups[bench.group][backend] = (bench.stats.median, bench.extra_info.get("bytes", 0))
+            groups[bench.group][backend] = (bench.stats.median, bench.extra_info)
     if not groups:
         return
     write = terminalreporter.write_line
@@ -35,12 +37,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     write("hcr benchmark ratios (medians of this run)")
     for group, entries in sorted(groups.items()):
         write(f"  {group}")
-        reference = entries.get("reference", (None, 0))[0]
-        copy = entries.get("copy", (None, 0))[0]
-        for backend, (median, moved) in sorted(entries.items()):
+        reference = entries.get("reference", (None, None))[0]
+        copy = entries.get("copy", (None, None))[0]
+        for backend, (median, info) in sorted(entries.items()):
             parts = [f"    {backend:<10} median {median * 1e3:9.2f} ms"]
-            if moved:
-                parts.append(f"{moved / median / 1e9:6.1f} GB/s")
+            if info.get("bytes"):
+                parts.append(f"{info['bytes'] / median / 1e9:6.1f} GB/s")
+            if info.get("count"):
+                parts.append(f"{info['count'] / median:,.0f} {info.get('unit', 'items')}/s")
             if reference and backend != "reference":
                 parts.append(f"{reference / median:5.2f}x vs reference")
             if copy and backend != "copy":

@@ -1,8 +1,9 @@
-// Operator schemas of the hcr library and the Python module hcr_kernels._C.
+// The Python module hcr_kernels._C and the torch.library namespace "hcr".
 //
-// The ops are registered with torch.library (TORCH_LIBRARY) so that they are
-// reachable as torch.ops.hcr.* and carry their mutation annotations; the device
-// kernels register themselves in pool_rows_cpu.cpp / pool_rows_cuda.cu.
+// Each op declares its schema next to its CPU kernels (<op>_cpu.cpp, with
+// TORCH_LIBRARY_FRAGMENT) and registers its CUDA kernels in <op>_cuda.cu, so the
+// ops are reachable as torch.ops.hcr.* with their mutation annotations and adding
+// an op touches no shared file.
 #include <torch/extension.h>
 
 #include <string>
@@ -13,12 +14,6 @@ int cuda_runtime_version();  // from pool_rows_cuda.cu
 }
 #endif
 
-TORCH_LIBRARY(hcr, m) {
-  m.def("pool_rows_(Tensor? template_, Tensor window_of_row, Tensor hidden, Tensor(a!) out) -> ()");
-  m.def(
-      "pool_rows_backward_(Tensor grad_out, Tensor window_of_row, Tensor(a!) grad_hidden, "
-      "Tensor(b!)? grad_template) -> ()");
-}
 
 namespace {
 

@@ -98,6 +98,13 @@ void pool_rows_backward_cpu(const at::Tensor& grad_out, const at::Tensor& window
 
 }  // namespace hcr
 
+TORCH_LIBRARY_FRAGMENT(hcr, m) {
+  m.def("pool_rows_(Tensor? template_, Tensor window_of_row, Tensor hidden, Tensor(a!) out) -> ()");
+  m.def(
+      "pool_rows_backward_(Tensor grad_out, Tensor window_of_row, Tensor(a!) grad_hidden, "
+      "Tensor(b!)? grad_template) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(hcr, CPU, m) {
   m.impl("pool_rows_", &hcr::pool_rows_cpu);
   m.impl("pool_rows_backward_", &hcr::pool_rows_backward_cpu);

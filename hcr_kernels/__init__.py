@@ -6,15 +6,36 @@ where it pays, a ``triton`` path for GPUs. See ``python -m hcr_kernels.info``.
 """
 
 from hcr_kernels._dispatch import BACKEND_ENV_VAR, BACKENDS
+from hcr_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
+from hcr_kernels.cross_entropy import (
+    answer_loss_weights,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+    weighted_cross_entropy,
+    weighted_cross_entropy_ref,
+)
+from hcr_kernels.mamba_patch import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
+from hcr_kernels.selective_scan import selective_scan, selective_scan_ref
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
+    "answer_loss_weights",
+    "apply_hcr_kernels_to_mamba",
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_ref",
     "pool_scatter",
     "pool_scatter_ref",
+    "remove_hcr_kernels_from_mamba",
+    "selective_scan",
+    "selective_scan_ref",
     "window_mean_pool",
     "window_mean_pool_ref",
 ]

@@ -3,22 +3,24 @@
 Order: an explicit ``backend=`` argument > the ``HCR_BACKEND`` environment
 variable > the fastest backend available for the tensors' device > reference.
 A backend that was asked for (argument or variable) and is unavailable raises an
-error naming the fix; an automatic choice falls back silently.
+error naming the fix; an automatic choice falls back silently. ``HCR_BACKEND`` is
+a global choice: an op that does not implement that backend at all chooses
+automatically (an explicit ``backend=`` it lacks is an error).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-BACKENDS = ("reference", "native", "triton")
+BACKENDS = ("reference", "native", "triton", "cuda")
 BACKEND_ENV_VAR = "HCR_BACKEND"
 
 # Preference of the automatic choice per device type: fastest first.
 AUTO_PREFERENCE = {
-    "cuda": ("triton", "native", "reference"),
+    "cuda": ("triton", "cuda", "native", "reference"),
     "cpu": ("native", "reference"),
 }
 
@@ -64,21 +66,25 @@ def choose_backend(
         if requested not in BACKENDS:
             raise ValueError(f"{op_name}: {source} must be one of {BACKENDS}, got {requested!r}")
         if requested not in checks:
+            if source == BACKEND_ENV_VAR:  # a global choice: ops without that backend choose for themselves
+                return _auto_choice(device, checks)
             raise ValueError(f"{op_name}: backend {requested!r} is not implemented; it has {tuple(checks)}")
         checks[requested](device)
         return requested
-    for candidate in _auto_order(device, checks):
+    return _auto_choice(device, checks)
+
+
+def _auto_choice(device: torch.device, checks: dict) -> str:
+    """The first backend in the device's preference order that can run here."""
+    for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
+        if candidate not in checks:
+            continue
         try:
             checks[candidate](device)
         except RuntimeError:
             continue
         return candidate
     return "reference"
-
-
-def _auto_order(device: torch.device, checks: dict) -> Sequence[str]:
-    preference = AUTO_PREFERENCE.get(device.type, ("reference",))
-    return [name for name in preference if name in checks]
 
 
 def require_triton(device: torch.device) -> None:

@@ -14,12 +14,19 @@ import sys
 import torch
 
 from hcr_kernels import _dispatch, _extension
+from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
+from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
 from hcr_kernels.pool_scatter import BACKEND_CHECKS as POOL_SCATTER_BACKENDS
+from hcr_kernels.selective_scan import BACKEND_CHECKS as SELECTIVE_SCAN_BACKENDS
 
 # Every op of the library with its backend checks; later ops add themselves here.
 OPS = {
     "window_mean_pool": POOL_SCATTER_BACKENDS,
     "pool_scatter": POOL_SCATTER_BACKENDS,
+    "selective_scan": SELECTIVE_SCAN_BACKENDS,
+    "causal_conv1d": CAUSAL_CONV1D_BACKENDS,
+    "weighted_cross_entropy": CROSS_ENTROPY_BACKENDS,
+    "fused_linear_cross_entropy": CROSS_ENTROPY_BACKENDS,
 }
 
 
@@ -81,9 +88,10 @@ def report() -> str:
         "  environment     " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in info["env"].items()),
         "  backend per op (automatic choice):",
     ]
+    width = max(map(len, info["backends"]))
     for op, per_device in info["backends"].items():
         choices = ", ".join(f"{device}: {backend}" for device, backend in per_device.items())
-        lines.append(f"    {op:<18} {choices}")
+        lines.append(f"    {op:<{width}} {choices}")
     return "\n".join(lines)
 
 

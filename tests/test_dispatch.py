@@ -52,3 +52,8 @@ def test_environment_request_unavailable_raises(monkeypatch):
 def test_backend_the_op_lacks_is_named():
     with pytest.raises(ValueError, match="backend 'triton' is not implemented"):
         _dispatch.choose_backend("op", CPU, "triton", {"reference": available})
+
+
+def test_environment_backend_an_op_lacks_falls_back_to_automatic(monkeypatch):
+    monkeypatch.setenv(_dispatch.BACKEND_ENV_VAR, "triton")
+    assert _dispatch.choose_backend("op", CPU, None, {"reference": available, "native": available}) == "native"

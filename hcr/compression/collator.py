@@ -1,0 +1,60 @@
+"""Batching compression examples: padding, and the pooler's windows for the whole batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hcr.compression.examples import IGNORE_INDEX
+from hcr.compression.tokens import CompressionTokens
+
+
+@dataclass
+class CompressionCollator:
+    """Pads examples of different lengths (right padding) and gathers their windows.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``, ``slot_mask`` ``[B, T]``
+    (the placeholder positions of ``input_ids``) and ``window_ids`` ``[N, W]``: the real
+    tokens of every compressed window, in the row-major order of the slots, which is
+    the order ``hcr_kernels.pool_scatter`` fills them in.
+    """
+
+    tokens: CompressionTokens
+    window: int
+    pad_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        length = max(len(e["compressed_input_ids"]) for e in examples)
+        input_ids = np.full((len(examples), length), self.pad_id, dtype=np.int64)
+        labels = np.full((len(examples), length), IGNORE_INDEX, dtype=np.int64)
+        attention = np.zeros((len(examples), length), dtype=np.int64)
+        windows = []
+        for row, example in enumerate(examples):
+            compressed = np.asarray(example["compressed_input_ids"])
+            replaced = np.asarray(example["replaced_original_tokens"])
+            original = np.asarray(example["original_tokens"])
+            if replaced.shape != original.shape:
+                raise ValueError(f"example {row}: replaced_original_tokens and original_tokens differ in length")
+            slots = int((compressed == self.tokens.placeholder).sum())
+            real = original[replaced == self.tokens.placeholder]
+            if len(real) != slots * self.window:
+                raise ValueError(
+                    f"example {row}: {slots} placeholders need {slots * self.window} window tokens at window "
+                    f"{self.window}, but replaced_original_tokens marks {len(real)}"
+                )
+            input_ids[row, : len(compressed)] = compressed
+            labels[row, : len(compressed)] = example["labels"]
+            attention[row, : len(compressed)] = 1
+            windows.append(real)
+        input_ids_t = torch.from_numpy(input_ids)
+        return {
+            "input_ids": input_ids_t,
+            "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels),
+            "slot_mask": (input_ids_t == self.tokens.placeholder) & torch.from_numpy(attention).bool(),
+            "window_ids": torch.from_numpy(np.concatenate(windows)).view(-1, self.window),
+        }

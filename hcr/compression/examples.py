@@ -1,0 +1,186 @@
+"""Training examples of compressed reasoning: every stage of every trace, built lazily.
+
+Stage k of a trace compresses the first k windows of W reasoning tokens. Three
+aligned views of it:
+
+* ``compressed_input_ids``: prefix, ``<|vision_start|>``, k placeholders, ``<|vision_end|>``, the rest
+* ``replaced_original_tokens``: the same with k·W placeholders (one per compressed token)
+* ``original_tokens``: the same with the real tokens in place of the placeholders
+
+plus ``labels`` aligned with ``compressed_input_ids``. With ``compress_answer`` the
+stages go on after the whole reasoning is compressed, into a second block after
+``</think>`` (as the seed did). Labels supervise what the model writes (the
+uncompressed reasoning tail, ``</think>``, the answer, EOS) and never the prompt,
+a placeholder or a marker.
+
+Materialising all stages is quadratic in the trace length (a 2k-token trace at
+W = 2 has ~1,000 stages), so ``CompressionExampleDataset`` keeps only the traces
+(O(total tokens)) and builds a stage on demand, in O(its length) numpy work.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from hcr.compression.tokens import CompressionTokens
+from hcr.compression.traces import TokenizedTrace
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    """How stages are made.
+
+    ``window``: tokens per compressed vector (W). ``compress_answer``: continue into
+    the answer after the reasoning is compressed. ``every_nth``: keep stages 1,
+    1 + n, 1 + 2n, ... of each trace (the seed kept every 20th). ``pad_last_window``:
+    a last partial window becomes one more stage, padded to W with ``pad_id``
+    (the pooler learns a "nothing here" embedding for it); off by default, since at
+    inference only full windows are ever compressed.
+    """
+
+    window: int
+    compress_answer: bool = False
+    every_nth: int = 1
+    pad_last_window: bool = False
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if not isinstance(self.every_nth, int) or self.every_nth < 1:
+            raise ValueError(f"every_nth must be an int >= 1, got {self.every_nth!r}")
+        if self.pad_last_window and self.pad_id is None:
+            raise ValueError("pad_last_window needs pad_id (e.g. tokenizer.pad_token_id)")
+
+    def windows(self, length: int) -> int:
+        """Compressible windows in a part of ``length`` tokens."""
+        full, partial = divmod(length, self.window)
+        return full + (1 if partial and self.pad_last_window else 0)
+
+
+def stage_count(trace: TokenizedTrace, config: ExampleConfig) -> int:
+    """Stages of a trace before ``every_nth`` thinning."""
+    stages = config.windows(trace.reasoning_end - trace.reasoning_start)
+    if config.compress_answer:
+        stages += config.windows(trace.answer_end - trace.answer_start)
+    return stages
+
+
+def kept_stages(trace: TokenizedTrace, config: ExampleConfig) -> int:
+    """Stages kept after thinning: 1, 1 + n, 1 + 2n, ..."""
+    return -(-stage_count(trace, config) // config.every_nth)
+
+
+class _Builder:
+    """Assembles the pieces of the three views; one stage is a handful of numpy concatenations."""
+
+    def __init__(self, tokens: CompressionTokens, config: ExampleConfig):
+        self.tokens, self.config = tokens, config
+        self.start = np.array([tokens.block_start], dtype=np.int64)
+        self.end = np.array([tokens.block_end], dtype=np.int64)
+
+    def block(self, part: np.ndarray, windows: int):
+        """(compressed, replaced, original, rest) of one compressed block over ``part``."""
+        W, tokens = self.config.window, self.tokens
+        if windows == 0:  # nothing compressed here: no (empty) block either
+            return part[:0], part[:0], part[:0], part
+        covered = windows * W
+        real = part[:covered]
+        if len(real) < covered:  # the padded last window
+            real = np.concatenate([real, np.full(covered - len(real), self.config.pad_id, dtype=np.int64)])
+        compressed = np.concatenate([self.start, np.full(windows, tokens.placeholder, dtype=np.int64), self.end])
+        replaced = np.concatenate([self.start, np.full(covered, tokens.placeholder, dtype=np.int64), self.end])
+        original = np.concatenate([self.start, real, self.end])
+        return compressed, replaced, original, part[covered:]
+
+    def build(self, trace: TokenizedTrace, stage: int) -> dict[str, np.ndarray]:
+        ids = trace.ids
+        reasoning_windows = self.config.windows(trace.reasoning_end - trace.reasoning_start)
+        k = min(stage, reasoning_windows)
+        j = stage - k
+        prefix = ids[: trace.reasoning_start]
+        r_comp, r_repl, r_orig, r_rest = self.block(ids[trace.reasoning_start : trace.reasoning_end], k)
+        think_end = ids[trace.reasoning_end : trace.answer_start]
+        answer, tail = ids[trace.answer_start : trace.answer_end], ids[trace.answer_end :]
+        a_comp, a_repl, a_orig, answer_written = self.block(answer, j)
+        answer_views = (a_comp, a_repl, a_orig)
+        written = (r_rest, think_end)
+        after = (answer_written, tail)
+        views = {}
+        for name, r_view, a_view in zip(
+            ("compressed_input_ids", "replaced_original_tokens", "original_tokens"), (r_comp, r_repl, r_orig), answer_views
+        ):
+            views[name] = np.concatenate((prefix, r_view) + written + (a_view,) + after)
+        labels = views["compressed_input_ids"].copy()
+        labels[: len(prefix) + len(r_comp)] = IGNORE_INDEX
+        answer_block = len(prefix) + len(r_comp) + len(r_rest) + len(think_end)
+        labels[answer_block : answer_block + len(answer_views[0])] = IGNORE_INDEX
+        views["labels"] = labels
+        return views
+
+
+def build_compression_example(trace: TokenizedTrace, stage: int, tokens: CompressionTokens, config: ExampleConfig):
+    """Stage ``stage`` (1-based, before thinning) of one trace as a dict of int64 arrays."""
+    total = stage_count(trace, config)
+    if not 1 <= stage <= total:
+        raise ValueError(f"stage must be in [1, {total}] for this trace and window {config.window}, got {stage}")
+    return _Builder(tokens, config).build(trace, stage)
+
+
+def build_compression_examples(trace: TokenizedTrace, tokens: CompressionTokens, config: ExampleConfig):
+    """All kept stages of one trace (eager: fine for one trace, use the dataset for many)."""
+    builder = _Builder(tokens, config)
+    return [builder.build(trace, stage) for stage in range(1, stage_count(trace, config) + 1, config.every_nth)]
+
+
+class CompressionExampleDataset:
+    """(trace, stage) examples of a tokenized trace dataset, built on demand.
+
+    ``traces``: the output of ``tokenize_dataset`` (a ``datasets.Dataset``) or a list of
+    ``TokenizedTrace``. The token ids are held once, flat; indexing maps a global
+    example index to (trace, stage) by a binary search over cumulative stage counts.
+    Works as a ``torch.utils.data.Dataset`` (len and integer indexing).
+    """
+
+    def __init__(self, traces, tokens: CompressionTokens, config: ExampleConfig):
+        self.tokens, self.config = tokens, config
+        self._builder = _Builder(tokens, config)
+        self.traces = _as_traces(traces)
+        counts = [kept_stages(trace, config) for trace in self.traces]
+        self._ends = np.cumsum(counts, dtype=np.int64).tolist()
+        self.skipped_traces = sum(1 for c in counts if c == 0)  # shorter than one window
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(trace index, stage) of example ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example index {index} out of range for {len(self)} examples")
+        index %= len(self)
+        trace = bisect.bisect_right(self._ends, index)
+        first = self._ends[trace - 1] if trace else 0
+        return trace, 1 + (index - first) * self.config.every_nth
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        trace, stage = self.locate(index)
+        return self._builder.build(self.traces[trace], stage)
+
+
+def _as_traces(traces) -> list[TokenizedTrace]:
+    if isinstance(traces, list) and all(isinstance(t, TokenizedTrace) for t in traces):
+        return traces
+    columns = traces.with_format("numpy")
+    ids, kinds = columns["input_ids"], columns["content_kinds"]
+    starts, ends = columns["reasoning_start"], columns["reasoning_end"]
+    a_starts, a_ends = columns["answer_start"], columns["answer_end"]
+    return [
+        TokenizedTrace(np.asarray(ids[i], dtype=np.int64), np.asarray(kinds[i], dtype=np.int8),
+                       int(starts[i]), int(ends[i]), int(a_starts[i]), int(a_ends[i]))
+        for i in range(len(starts))
+    ]

@@ -1,0 +1,28 @@
+"""Loss kernels: weighted cross entropy, the doublethink answer weights, fused linear + cross entropy.
+
+* ``weighted_cross_entropy``: per-token CE times a per-token weight, summed; the fast
+  paths compute the loss and its gradient in one pass over the logits.
+* ``answer_loss_weights``: the weights of the doublethink loss (reasoning vs final answer).
+* ``fused_linear_cross_entropy``: ``lm_head`` projection + CE in chunks of tokens, so the
+  ``[N, V]`` logits never exist in full.
+
+Backends: ``reference`` (plain PyTorch, fp32, the oracle), ``native`` (the compiled
+extension, CPU), ``triton`` (CUDA tensors; CPU under ``TRITON_INTERPRET=1``).
+``answer_loss_weights`` has no backends: it is a handful of vectorised integer ops.
+"""
+
+from __future__ import annotations
+
+from hcr_kernels.cross_entropy.answer_weights import answer_loss_weights
+from hcr_kernels.cross_entropy.fused_linear import fused_linear_cross_entropy
+from hcr_kernels.cross_entropy.reference import fused_linear_cross_entropy_ref, weighted_cross_entropy_ref
+from hcr_kernels.cross_entropy.weighted import BACKEND_CHECKS, weighted_cross_entropy
+
+__all__ = [
+    "BACKEND_CHECKS",
+    "answer_loss_weights",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_ref",
+]

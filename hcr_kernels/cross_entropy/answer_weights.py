@@ -1,0 +1,82 @@
+"""Per-token weights of the doublethink loss (the seed's "fancy loss", vectorised, padding-aware).
+
+The seed (sneaky-mamba ``compute_loss``) shifts the labels, drops the task part,
+and mixes two ``CrossEntropyLoss`` means: one over the reasoning tokens, one over
+the final answer token of each example, weighted ``1 - c`` and ``c``. It loops
+over the batch in Python and, on a right-padded batch, takes the last *padded*
+position as every example's final answer. These weights reproduce the loss as
+``weighted_cross_entropy(logits[:, :-1], input_ids[:, 1:], weights)`` with the final
+answer at the last *real* token, and no loop over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hcr_kernels._validate import check_same_device, check_tensor
+
+__all__ = ["answer_loss_weights"]
+
+
+def answer_loss_weights(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    answer_token_id: int,
+    answer_weight: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Weights ``[B, L - 1]`` aligned with the shifted labels ``input_ids[:, 1:]`` (and ``logits[:, :-1]``).
+
+    Position ``j`` is the prediction of token ``j + 1`` from the logits at ``j``. With
+    ``real = attention_mask[:, 1:]`` (all ones when ``attention_mask`` is None), per row:
+
+    * ``a`` = the first ``j`` with ``input_ids[:, 1:][j] == answer_token_id`` and ``real[j]``
+      (the seed's ``answer_index``: the prediction *of* the marker is a reasoning term);
+    * ``f`` = the last ``j`` with ``real[j]``: the prediction of the last real token, the
+      final answer (the seed's ``[-1:]``, which on padded rows would be a pad);
+    * reasoning positions ``a <= j < f`` with ``real[j]`` each get ``(1 - c) / R``, where
+      ``R`` is the number of reasoning positions in the whole batch; ``f`` gets ``c / B``;
+      everything else (the task before the marker, padding) gets 0.
+
+    So ``weighted_cross_entropy`` of these weights is ``(1 - c) * mean(reasoning CE) +
+    c * mean(final-answer CE)``, the two means taken across the batch as the seed's two
+    ``CrossEntropyLoss`` calls do. If no row has a reasoning position (``R = 0``) the first
+    term is 0 (the seed's empty mean would be NaN). Rows without the marker raise a
+    ``ValueError`` that names them.
+    """
+    check_tensor("input_ids", input_ids, dim=2)
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor (token ids), got dtype {input_ids.dtype}")
+    batch, length = input_ids.shape
+    if length < 2:
+        raise ValueError(f"input_ids must have at least 2 positions (a token and its successor), got {length}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    check_tensor("attention_mask", attention_mask, dim=2)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    check_same_device(input_ids=input_ids, attention_mask=attention_mask)
+    if not 0.0 <= float(answer_weight) <= 1.0:
+        raise ValueError(f"answer_weight must be in [0, 1] (the final answer's share c), got {answer_weight}")
+
+    labels = input_ids[:, 1:]
+    real = attention_mask[:, 1:].bool()
+    is_marker = (labels == answer_token_id) & real
+    has_marker = is_marker.any(dim=1)
+    if not bool(has_marker.all()):
+        rows = (~has_marker).nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {rows} of input_ids have no answer marker (token id {answer_token_id}) among their real "
+            "positions 1.. L-1; every example needs one"
+        )
+    positions = torch.arange(length - 1, device=input_ids.device)
+    first_marker = torch.where(is_marker, positions, length).amin(dim=1, keepdim=True)
+    last_real = torch.where(real, positions, -1).amax(dim=1, keepdim=True)
+    reasoning = (positions >= first_marker) & (positions < last_real) & real
+    final = positions == last_real
+    reasoning_count = reasoning.sum().clamp_min(1).to(dtype)
+    c = torch.tensor(float(answer_weight), dtype=dtype, device=input_ids.device)
+    return reasoning.to(dtype) * ((1 - c) / reasoning_count) + final.to(dtype) * (c / batch)
