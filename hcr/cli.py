@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hcr.doublethink.command import add_arguments as add_doublethink_arguments
 from hcr_kernels.info import main as info_main
 
 
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dim", type=int, default=1536, help="hidden size (default 1536, R1-Distill-Qwen-1.5B)")
     demo.add_argument("--window", type=int, default=2, help="tokens per compressed window (default 2)")
     demo.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default 5)")
+
+    doublethink = commands.add_parser("doublethink", help="train a small Mamba / GPT-2 on the doublethink tasks")
+    add_doublethink_arguments(doublethink)
     return parser
 
 
@@ -26,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return info_main([])
+    if args.command == "doublethink":
+        from hcr.doublethink.command import main as doublethink_main
+
+        return doublethink_main(args)
     from hcr.demo import main as demo_main
 
     return demo_main(args)

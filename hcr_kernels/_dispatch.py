@@ -10,10 +10,13 @@ automatically (an explicit ``backend=`` it lacks is an error).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 
 import torch
+
+from hcr_kernels import _extension
 
 BACKENDS = ("reference", "native", "triton", "cuda")
 BACKEND_ENV_VAR = "HCR_BACKEND"
@@ -94,3 +97,33 @@ def require_triton(device: torch.device) -> None:
 
 def require_nothing(device: torch.device) -> None:
     """The reference backend runs everywhere torch does."""
+
+
+def cuda_package_check(op_name: str, module: str, package: str) -> Callable[[torch.device], None]:
+    """Check of a ``cuda`` backend served by an optional CUDA-only package (mamba-ssm, causal-conv1d)."""
+
+    def check(device: torch.device) -> None:
+        if device.type != "cuda":
+            raise RuntimeError(f"backend 'cuda' of {op_name} ({package}) needs CUDA tensors, got {device.type} tensors")
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise RuntimeError(
+                f"backend 'cuda' of {op_name} needs {package} ({error}); install it with: pip install '.[mamba-cuda]'"
+            ) from error
+
+    return check
+
+
+def native_cpu_check(op_name: str, gpu_backend: str) -> Callable[[torch.device], None]:
+    """Check of a ``native`` backend that has CPU kernels only; ``gpu_backend`` is named as the way on GPUs."""
+
+    def check(device: torch.device) -> None:
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"backend 'native' of {op_name} runs on CPU tensors, got {device.type} tensors"
+                + (f"; use backend={gpu_backend!r} on GPUs" if device.type == "cuda" else "")
+            )
+        _extension.require_native(device)
+
+    return check

@@ -13,6 +13,7 @@ import torch
 
 from hcr_kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from hcr_kernels.cross_entropy.fused_linear import default_chunk_size
+from param_sets import DTYPES, NATIVE_AND_TRITON
 
 # (atol, rtol). The fused paths compute each chunk's logits by a matmul in the input
 # dtype, the reference in fp32 from the same inputs: for fp16/bf16 that rounding of
@@ -23,17 +24,7 @@ TOLERANCES = {
     torch.float16: (2e-3, 1e-2),
     torch.bfloat16: (2e-2, 5e-2),
 }
-FAST_BACKENDS = [
-    pytest.param("native", "cpu", id="native-cpu"),
-    pytest.param("triton", "cpu", id="triton-interpret"),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-]
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float64, id="fp64"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
+FAST_BACKENDS = NATIVE_AND_TRITON
 # (N, H, V, chunk_size, case, runs under the Triton interpreter)
 SHAPES = [
     pytest.param(37, 24, 101, 8, "random", True, id="N37-H24-V101-chunk8"),

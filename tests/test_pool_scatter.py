@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import hcr_kernels
 from hcr_kernels import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
+from param_sets import DTYPES
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -37,12 +38,6 @@ FAST_BACKENDS = [
     pytest.param("triton", "cuda", (torch.float32, torch.float16, torch.bfloat16), id="triton-cuda", marks=pytest.mark.gpu),
 ]
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float64, id="fp64"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
 
 # (B, T, D, W, which slots): odd sizes, D over one Triton block, W = 1, empty and full masks.
 SHAPES = [

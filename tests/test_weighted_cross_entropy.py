@@ -13,6 +13,7 @@ import torch
 
 import hcr_kernels
 from hcr_kernels import weighted_cross_entropy, weighted_cross_entropy_ref
+from param_sets import DTYPES, NATIVE_AND_TRITON
 
 # (atol, rtol) of the logits gradient, stored in the logits dtype: the backends and
 # the reference round the same fp32 value, up to the order of the fp32 sums and
@@ -26,17 +27,7 @@ GRAD_TOLERANCES = {
 LOSS_TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)}
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-FAST_BACKENDS = [
-    pytest.param("native", "cpu", id="native-cpu"),
-    pytest.param("triton", "cpu", id="triton-interpret"),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-]
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float64, id="fp64"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
+FAST_BACKENDS = NATIVE_AND_TRITON
 # (N, V, case, runs under the Triton interpreter). The interpreter runs one program per
 # token on the CPU, so the few-thousand-token shape is native/GPU only.
 SHAPES = [
@@ -153,7 +144,7 @@ def test_automatic_backend_on_cpu_is_native(monkeypatch):
     from hcr_kernels.cross_entropy import BACKEND_CHECKS
 
     assert _dispatch.choose_backend("weighted_cross_entropy", torch.device("cpu"), None, BACKEND_CHECKS) == "native"
-    with pytest.raises(RuntimeError, match="runs CPU tensors only"):
+    with pytest.raises(RuntimeError, match="runs on CPU tensors"):
         BACKEND_CHECKS["native"](torch.device("cuda"))
 
 

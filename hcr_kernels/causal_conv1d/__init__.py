@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hcr_kernels import _dispatch, _extension
+from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.causal_conv1d.reference import causal_conv1d_ref
 
@@ -21,27 +21,10 @@ __all__ = ["causal_conv1d", "causal_conv1d_ref", "BACKEND_CHECKS", "ACTIVATIONS"
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def _require_causal_conv1d_package(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise RuntimeError(f"backend 'cuda' (the causal-conv1d package) needs CUDA tensors, got {device.type} tensors")
-    try:
-        import causal_conv1d  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError(
-            f"backend 'cuda' needs causal-conv1d ({error}); install it with: pip install '.[mamba-cuda]'"
-        ) from error
-
-
-def _require_native_cpu(device: torch.device) -> None:
-    if device.type != "cpu":
-        raise RuntimeError(f"backend 'native' of causal_conv1d runs on CPU tensors, got {device.type} tensors")
-    _extension.require_native(device)
-
-
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
-    "native": _require_native_cpu,
-    "cuda": _require_causal_conv1d_package,
+    "native": _dispatch.native_cpu_check("causal_conv1d", "cuda"),
+    "cuda": _dispatch.cuda_package_check("causal_conv1d", "causal_conv1d", "causal-conv1d"),
 }
 
 

@@ -13,25 +13,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hcr_kernels import _dispatch, _extension
+from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.cross_entropy.reference import accumulation_dtype, weighted_cross_entropy_ref
 
 __all__ = ["weighted_cross_entropy", "BACKEND_CHECKS", "forward_function", "check_labels", "scale_saved_grad"]
 
 
-def _require_native_cpu(device: torch.device) -> None:
-    if device.type != "cpu":
-        raise RuntimeError(
-            f"backend 'native' of the cross-entropy ops runs CPU tensors only (got {device.type} tensors); "
-            "use backend='triton' on GPUs"
-        )
-    _extension.require_native(device)
-
-
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
-    "native": _require_native_cpu,
+    "native": _dispatch.native_cpu_check("the cross-entropy ops", "triton"),
     "triton": _dispatch.require_triton,
 }
 

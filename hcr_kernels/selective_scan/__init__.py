@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hcr_kernels import _dispatch, _extension
+from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.selective_scan.reference import selective_scan_ref
 
@@ -32,27 +32,10 @@ MAX_STATE = 256
 CHECKPOINT_SEGMENT = 64  # steps between saved states: memory L/64 states, one recompute
 
 
-def _require_mamba_ssm(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise RuntimeError(f"backend 'cuda' (mamba_ssm's kernel) needs CUDA tensors, got {device.type} tensors")
-    try:
-        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError(
-            f"backend 'cuda' needs mamba-ssm ({error}); install it with: pip install '.[mamba-cuda]'"
-        ) from error
-
-
-def _require_native_cpu(device: torch.device) -> None:
-    if device.type != "cpu":
-        raise RuntimeError(f"backend 'native' of selective_scan runs on CPU tensors, got {device.type} tensors")
-    _extension.require_native(device)
-
-
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
-    "native": _require_native_cpu,
-    "cuda": _require_mamba_ssm,
+    "native": _dispatch.native_cpu_check("selective_scan", "cuda"),
+    "cuda": _dispatch.cuda_package_check("selective_scan", "mamba_ssm.ops.selective_scan_interface", "mamba-ssm"),
 }
 
 
