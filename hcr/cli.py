@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hcr.compression.command import add_arguments as add_train_compressor_arguments
 from hcr.doublethink.command import add_arguments as add_doublethink_arguments
 from hcr_kernels.info import main as info_main
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     doublethink = commands.add_parser("doublethink", help="train a small Mamba / GPT-2 on the doublethink tasks")
     add_doublethink_arguments(doublethink)
+
+    train_compressor = commands.add_parser("train-compressor", help="train an embed pooler (LoRA) on reasoning traces")
+    add_train_compressor_arguments(train_compressor)
     return parser
 
 
@@ -34,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from hcr.doublethink.command import main as doublethink_main
 
         return doublethink_main(args)
+    if args.command == "train-compressor":
+        from hcr.compression.command import main as train_compressor_main
+
+        return train_compressor_main(args)
     from hcr.demo import main as demo_main
 
     return demo_main(args)

@@ -249,3 +249,12 @@ def test_collator_rejects_mismatched_windows():
         CompressionCollator(TOKENS, window=4, pad_id=0)([example])
     with pytest.raises(ValueError, match="empty"):
         CompressionCollator(TOKENS, window=3, pad_id=0)([])
+
+
+def test_public_names_resolve():
+    import hcr
+
+    for name in hcr.__all__:
+        assert getattr(hcr, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hcr.nope

@@ -12,9 +12,9 @@ from hcr.doublethink.models import build_model
 from hcr.doublethink.tasks import TaskGenerator
 from hcr.doublethink.tokenizer import answer_marker_id, build_tokenizer
 from hcr.doublethink.trainer import ReasoningTrainer, direct_loss, doublethink_loss, make_training_arguments
-from hcr_kernels._extension import native_available
+from hcr_kernels._extension import native_supports
 
-BACKENDS = ["reference"] + (["native"] if native_available() else [])
+BACKENDS = ["reference"] + (["native"] if native_supports(torch.device("cpu")) else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,10 +90,14 @@ def test_trainer_compute_loss_uses_the_doublethink_loss(tmp_path):
 def test_tiny_transformer_learns_lengths_one_and_two(tmp_path):
     config = DoublethinkConfig(
         arch="transformer", layers=2, max_length=2, max_examples=40_000, learning_rate=3e-3, seed=0,
-        out=str(tmp_path), report_to="none",
+        out=str(tmp_path), report_to="none", save_model=True, eval_per_length=40, solved_threshold=0.95,
     )
     report = run_experiment(config, progress=False)
     assert report.summary["finished"], report.summary  # length 2 solved before the budget ran out
-    # an independent check on fresh tasks: the trained model is the last one written out? re-evaluate from the run
-    assert report.rounds[-1].accuracies[1] >= config.solved_threshold
     assert report.rounds[-1].examples < config.max_examples
+    # independently: the saved model on 50 fresh tasks per length, from a generator the run never used
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    accuracies = evaluate_lengths(model, build_tokenizer(), "doublethink", 2, 50, TaskGenerator(seed=987))
+    assert np.all(accuracies >= 0.8), accuracies

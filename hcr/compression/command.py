@@ -1,0 +1,74 @@
+"""``hcr train-compressor``: the flags and the entry point (heavy imports only when it runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True,
+                        help="base causal LM: a local path or a hub name (DeepSeek-R1-Distill-Qwen style)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the base's)")
+    parser.add_argument("--dataset", required=True,
+                        help="traces: a .jsonl/.json/.arrow file, a saved dataset folder, or a hub name")
+    parser.add_argument("--question-column", default="question")
+    parser.add_argument("--answer-column", default="answer", help="answers with <think>...</think>")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--window", type=int, default=10, help="tokens per compressed vector (default 10)")
+    parser.add_argument("--every-nth", type=int, default=1, help="keep stages 1, 1+n, 1+2n, ... of each trace")
+    parser.add_argument("--compress-answer", action="store_true", help="continue compressing into the answer")
+    parser.add_argument("--pooler-layers", type=int, default=None, help="pooler depth (default: the base's)")
+    parser.add_argument("--no-own-embeddings", action="store_true",
+                        help="pool the base's embeddings instead of the pooler's own table (seed V1)")
+    parser.add_argument("--projection", action="store_true", help="extra hidden x hidden projection (seed V3)")
+    parser.add_argument("--random-init", action="store_true", help="do not copy the base's weights into the pooler")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: train the pooler fully)")
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--save-steps", type=int, default=500)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--report-to", default="wandb", help="wandb (offline without an API key) or none")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--resume", nargs="?", const=True, default=None,
+                        help="resume from the last checkpoint in --output-dir, or from the given one")
+    parser.add_argument("--num-proc", type=int, default=None, help="processes for tokenizing the traces")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcr.compression.examples import ExampleConfig
+    from hcr.compression.train import LoraSettings, PoolerSettings, TrainSettings, build_compression_model, train_compressor
+
+    if args.lora_r < 0:
+        raise SystemExit(f"--lora-r must be >= 0, got {args.lora_r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    base = AutoModelForCausalLM.from_pretrained(args.base)
+    model = build_compression_model(
+        base, tokenizer, args.window,
+        pooler=PoolerSettings(args.pooler_layers, not args.no_own_embeddings, args.projection, not args.random_init),
+        lora=LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora_r else None,
+        base_model_name_or_path=args.base,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = ExampleConfig(window=args.window, compress_answer=args.compress_answer, every_nth=args.every_nth,
+                             pad_id=pad_id)
+    settings = TrainSettings(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, save_steps=args.save_steps, logging_steps=args.logging_steps,
+        report_to=args.report_to, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        resume_from_checkpoint=args.resume,
+    )
+    train_compressor(model, tokenizer, args.dataset, examples=examples, settings=settings,
+                     question_column=args.question_column, answer_column=args.answer_column, num_proc=args.num_proc)
+    print(f"hcr: pooler and adapter saved to {args.output_dir}")
+    return 0

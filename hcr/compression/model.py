@@ -1,0 +1,169 @@
+"""The compression model: a frozen reasoning model reading pooled windows of its own thoughts.
+
+``inputs_embeds`` are the base model's embeddings of the compressed sequence,
+with every placeholder slot replaced by its pooled window (one fused
+``hcr_kernels.pool_scatter``: mean over the pooler's last hidden states and the
+scatter in one pass) and the block markers taken from the pooler's own table
+(seed V2; from the base's table for a pooler without one). The loss is
+``hcr_kernels.fused_linear_cross_entropy`` on the base's last hidden states, so the
+``[tokens, vocab]`` logits never exist during training.
+
+Only the pooler trains. ``save_pretrained`` writes the config, the pooler and its
+LoRA adapter, never the frozen base, which ``from_pretrained`` loads from the path
+in the config (or takes as an argument).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from hcr.compression.pooler import EmbedPooler
+from hcr.compression.tokens import CompressionTokens
+from hcr_kernels import fused_linear_cross_entropy, pool_scatter
+
+POOLER_DIR, ADAPTER_DIR = "pooler", "pooler_adapter"
+
+
+class CompressionConfig(PretrainedConfig):
+    model_type = "hcr_compression"
+
+    def __init__(self, base_model_name_or_path: str | None = None, window: int = 10, placeholder_id: int | None = None,
+                 block_start_id: int | None = None, block_end_id: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.base_model_name_or_path = base_model_name_or_path
+        self.window = window
+        self.placeholder_id = placeholder_id
+        self.block_start_id = block_start_id
+        self.block_end_id = block_end_id
+
+    @classmethod
+    def for_tokens(cls, tokens: CompressionTokens, window: int, base_model_name_or_path: str | None = None):
+        return cls(base_model_name_or_path, window, tokens.placeholder, tokens.block_start, tokens.block_end)
+
+
+class CompressionModel(PreTrainedModel):
+    config_class = CompressionConfig
+    base_model_prefix = "pooler"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: CompressionConfig, base: PreTrainedModel, pooler):
+        super().__init__(config)
+        if config.window < 1:
+            raise ValueError(f"window must be >= 1, got {config.window}")
+        for name in ("placeholder_id", "block_start_id", "block_end_id"):
+            token = getattr(config, name)
+            if token is None or not 0 <= token < base.get_input_embeddings().num_embeddings:
+                raise ValueError(f"config.{name}={token} is not a token of the base model "
+                                 f"(vocab {base.get_input_embeddings().num_embeddings}): add the compression tokens")
+        self.base = base
+        self.pooler = pooler
+        self.base.requires_grad_(False)
+        self.base.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()  # frozen: no dropout, whatever the trainer says
+        return self
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def _marker_table(self):
+        return self.pooler.get_input_embeddings() or self.base.get_input_embeddings()
+
+    def _window_hidden_states(self, window_ids: torch.Tensor) -> torch.Tensor:
+        if self.pooler.get_input_embeddings() is None:  # V1: the base's embeddings of the window tokens
+            return self.pooler.window_hidden_states(window_embeds=self.base.get_input_embeddings()(window_ids))
+        return self.pooler.window_hidden_states(window_ids)
+
+    def compressed_embeddings(self, input_ids: torch.Tensor, window_ids: torch.Tensor,
+                              slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs_embeds`` of a compressed batch: ``input_ids [B, T]``, ``window_ids [N, W]``."""
+        if window_ids.dim() != 2 or window_ids.shape[1] != self.config.window:
+            raise ValueError(f"window_ids must be [N, window={self.config.window}], got {tuple(window_ids.shape)}")
+        if slot_mask is None:
+            slot_mask = input_ids == self.config.placeholder_id
+        template = self.base.get_input_embeddings()(input_ids)
+        markers = (input_ids == self.config.block_start_id) | (input_ids == self.config.block_end_id)
+        if markers.any():
+            marker_embeds = self._marker_table()(input_ids[markers]).to(template.dtype)
+            if template.requires_grad:  # e.g. gradient checkpointing's input hook: no in-place write then
+                template = template.index_put((markers,), marker_embeds)
+            else:
+                template[markers] = marker_embeds
+        hidden = self._window_hidden_states(window_ids).to(template.dtype)
+        return pool_scatter(template, slot_mask, hidden)
+
+    def windows_from_aligned(self, replaced_original_tokens: torch.Tensor, original_tokens: torch.Tensor) -> torch.Tensor:
+        """The seed's format: the real tokens under the placeholders of ``replaced_original_tokens``."""
+        if replaced_original_tokens.shape != original_tokens.shape:
+            raise ValueError("replaced_original_tokens and original_tokens must have one shape, got "
+                             f"{tuple(replaced_original_tokens.shape)} and {tuple(original_tokens.shape)}")
+        real = original_tokens[replaced_original_tokens == self.config.placeholder_id]
+        if real.numel() % self.config.window:
+            raise ValueError(f"{real.numel()} placeholder tokens are not whole windows of {self.config.window}")
+        return real.view(-1, self.config.window)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, slot_mask=None, window_ids=None,
+                compressed_input_ids=None, replaced_original_tokens=None, original_tokens=None,
+                return_logits: bool | None = None, **kwargs):
+        """A compressed batch (``input_ids``, ``window_ids``, optional ``slot_mask``) or the seed's three
+        aligned sequences. With ``labels`` the loss is computed without materialising the logits unless
+        ``return_logits``; without labels the logits are returned."""
+        if compressed_input_ids is not None:
+            input_ids = compressed_input_ids
+            window_ids = self.windows_from_aligned(replaced_original_tokens, original_tokens)
+        if input_ids is None or window_ids is None:
+            raise ValueError("pass input_ids and window_ids, or compressed_input_ids, replaced_original_tokens "
+                             "and original_tokens")
+        if slot_mask is None:
+            slot_mask = input_ids == self.config.placeholder_id
+            if attention_mask is not None:
+                slot_mask &= attention_mask.bool()
+        embeds = self.compressed_embeddings(input_ids, window_ids, slot_mask)
+        if labels is None or return_logits:
+            out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        hidden = self.base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state
+        head = self.base.get_output_embeddings()
+        loss = fused_linear_cross_entropy(
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, labels[:, 1:].reshape(-1),
+            bias=head.bias,
+        )
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    # ------------------------------------------------------------- saving
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
+        """Config, pooler and LoRA adapter; the frozen base is not re-saved."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        pooler, weights = self.pooler, None
+        if hasattr(pooler, "peft_config"):
+            pooler.save_pretrained(os.path.join(save_directory, ADAPTER_DIR))
+            pooler = pooler.get_base_model()
+            # the pooler's own weights, without the LoRA layers peft injected into it
+            weights = {k.replace(".base_layer", ""): v for k, v in pooler.state_dict().items() if "lora_" not in k}
+        pooler.save_pretrained(os.path.join(save_directory, POOLER_DIR), state_dict=weights)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, base_model=None, is_trainable=False, **kwargs):
+        """Load a saved compression model; the base comes from ``base_model`` or the config's path."""
+        path = str(pretrained_model_name_or_path)
+        config = CompressionConfig.from_pretrained(path)
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise ValueError("the config names no base model: pass base_model=")
+            base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+        pooler = EmbedPooler.from_pretrained(os.path.join(path, POOLER_DIR))
+        adapter = os.path.join(path, ADAPTER_DIR)
+        if os.path.isdir(adapter):
+            from peft import PeftModel
+
+            pooler = PeftModel.from_pretrained(pooler, adapter, is_trainable=is_trainable)
+        return cls(config, base_model, pooler)

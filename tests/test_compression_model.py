@@ -1,0 +1,221 @@
+"""The embed pooler and the compression model: splice, loss, LoRA training, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from hcr.compression import (  # noqa: E402
+    CompressionCollator,
+    CompressionExampleDataset,
+    CompressionTokens,
+    ExampleConfig,
+    arithmetic_trace,
+    tiny_tokenizer,
+    tokenize_trace,
+)
+from hcr.compression.model import CompressionModel  # noqa: E402
+from hcr.compression.pooler import EmbedPooler  # noqa: E402
+from hcr.compression.train import (  # noqa: E402
+    LoraSettings,
+    PoolerSettings,
+    TrainSettings,
+    build_compression_model,
+    train_compressor,
+)
+
+WINDOW = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def traces(tokenizer):
+    return [tokenize_trace(tokenizer, *arithmetic_trace(random.Random(i))) for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer, traces):
+    """A tiny Qwen2 trained briefly on the uncompressed traces, so it has something to lose."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                      max_position_embeddings=256)
+    model = transformers.Qwen2ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    width = max(len(t.ids) for t in traces)
+    ids = torch.full((len(traces), width), tokenizer.pad_token_id)
+    labels = torch.full((len(traces), width), -100)
+    for row, trace in enumerate(traces):
+        ids[row, : len(trace.ids)] = torch.from_numpy(trace.ids)
+        labels[row, : len(trace.ids)] = torch.from_numpy(trace.ids)
+    for _ in range(60):
+        model(ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def batch_of(tokenizer, traces, count=4):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    dataset = CompressionExampleDataset(traces[:6], tokens, ExampleConfig(window=WINDOW, every_nth=3))
+    return CompressionCollator(tokens, WINDOW, tokenizer.pad_token_id)([dataset[i] for i in range(count)])
+
+
+def seed_embeddings(model: CompressionModel, batch) -> torch.Tensor:
+    """The seed's splice: mean-pool, then two masked_scatters (slots, then markers)."""
+    config = model.config
+    ids = batch["input_ids"]
+    template = model.base.get_input_embeddings()(ids)
+    pooled = model.pooler.window_hidden_states(batch["window_ids"]).mean(1).to(template.dtype)
+    slots = (ids == config.placeholder_id).unsqueeze(-1).expand_as(template)
+    template = template.masked_scatter(slots, pooled)
+    markers = (ids == config.block_start_id) | (ids == config.block_end_id)
+    marker_embeds = model.pooler.get_input_embeddings()(ids[markers]).to(template.dtype)
+    return template.masked_scatter(markers.unsqueeze(-1).expand_as(template), marker_embeds)
+
+
+def test_fused_splice_equals_the_seeds_two_masked_scatters(tokenizer, traces, base):
+    model = build_compression_model(base, tokenizer, WINDOW, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    batch = batch_of(tokenizer, traces)
+    ours = model.compressed_embeddings(batch["input_ids"], batch["window_ids"])
+    seed = seed_embeddings(model, batch)
+    torch.testing.assert_close(ours, seed, atol=1e-6, rtol=1e-5)
+    grads = []
+    for embeds in (ours, seed):
+        out = model.base(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        grads.append((out.loss, torch.autograd.grad(out.loss, list(model.pooler.parameters()), allow_unused=True)))
+    (loss, grad), (seed_loss, seed_grad) = grads
+    torch.testing.assert_close(loss, seed_loss)
+    for a, b in zip(grad, seed_grad):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_loss_equals_the_base_models_loss(tokenizer, traces, base):
+    model = build_compression_model(base, tokenizer, WINDOW, lora=LoraSettings(r=4, alpha=4))
+    batch = batch_of(tokenizer, traces)
+    fused = model(**batch)
+    full = model(**batch, return_logits=True)
+    assert fused.logits is None and full.logits.shape[:2] == batch["input_ids"].shape
+    torch.testing.assert_close(fused.loss, full.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_format_gives_the_same_loss(tokenizer, traces, base):
+    model = build_compression_model(base, tokenizer, WINDOW, lora=None)
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    example = CompressionExampleDataset(traces[:1], tokens, ExampleConfig(window=WINDOW))[2]
+    as_tensors = {k: torch.from_numpy(v).unsqueeze(0) for k, v in example.items()}
+    seed_format = model(compressed_input_ids=as_tensors["compressed_input_ids"],
+                        replaced_original_tokens=as_tensors["replaced_original_tokens"],
+                        original_tokens=as_tensors["original_tokens"], labels=as_tensors["labels"])
+    batch = CompressionCollator(tokens, WINDOW, tokenizer.pad_token_id)([example])
+    torch.testing.assert_close(seed_format.loss, model(**batch).loss)
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_untouched(tokenizer, traces, base, tmp_path):
+    import datasets
+
+    before = {name: p.detach().clone() for name, p in base.state_dict().items()}
+    model = build_compression_model(base, tokenizer, WINDOW, pooler=PoolerSettings(num_hidden_layers=1),
+                                    lora=LoraSettings(r=8, alpha=16))
+    batch = batch_of(tokenizer, traces, count=8)
+    with torch.no_grad():
+        initial = model(**batch).loss.item()
+    pairs = [arithmetic_trace(random.Random(i)) for i in range(24)]
+    data = datasets.Dataset.from_dict({"question": [q for q, _ in pairs], "answer": [a for _, a in pairs]})
+    settings = TrainSettings(output_dir=str(tmp_path / "run"), max_steps=40, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=1, learning_rate=3e-3, report_to="none", save_steps=1000,
+                             logging_steps=10)
+    trainer = train_compressor(model, tokenizer, data, examples=ExampleConfig(window=WINDOW, every_nth=2),
+                               settings=settings)
+    with torch.no_grad():
+        final = model(**batch).loss.item()
+    assert final < initial - 0.05, (initial, final, trainer.state.log_history)
+    after = base.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the frozen base changed"
+
+    # save -> load gives identical logits; the base is not in the saved folder
+    saved = tmp_path / "run"
+    assert (saved / "pooler").is_dir() and (saved / "pooler_adapter").is_dir()
+    assert not any("lm_head" in p.name for p in saved.rglob("*.safetensors"))
+    loaded = CompressionModel.from_pretrained(saved, base_model=base).eval()
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "window_ids")}
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param(PoolerSettings(own_embeddings=False), id="V1-base-embeddings"),
+        pytest.param(PoolerSettings(projection=True), id="V3-projection"),
+        pytest.param(PoolerSettings(num_hidden_layers=1, from_base_weights=False), id="V5-one-layer-random"),
+    ],
+)
+def test_pooler_variants(tokenizer, traces, base, settings):
+    model = build_compression_model(base, tokenizer, WINDOW, pooler=settings, lora=None)
+    batch = batch_of(tokenizer, traces)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pooler.parameters())
+    assert all(p.grad is None for p in model.base.parameters())
+    if settings.projection:  # starts as the identity: the pooled vector is the plain mean
+        pooler = model.pooler
+        hidden = pooler.model(inputs_embeds=pooler.get_input_embeddings()(batch["window_ids"])).last_hidden_state
+        torch.testing.assert_close(pooler(batch["window_ids"]), hidden.mean(1), atol=1e-6, rtol=1e-5)
+
+
+def test_pooler_from_base_copies_its_layers(base):
+    pooler = EmbedPooler.from_base(base, num_hidden_layers=1)
+    assert pooler.config.num_hidden_layers == 1
+    assert torch.equal(pooler.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(pooler.get_input_embeddings().weight, base.get_input_embeddings().weight)
+
+
+def test_bad_input_is_named(tokenizer, traces, base):
+    model = build_compression_model(base, tokenizer, WINDOW, lora=None)
+    batch = batch_of(tokenizer, traces)
+    with pytest.raises(ValueError, match=f"window_ids must be \\[N, window={WINDOW}\\]"):
+        model(input_ids=batch["input_ids"], window_ids=batch["window_ids"][:, :2])
+    with pytest.raises(ValueError, match="True slots but hidden has N="):
+        model(input_ids=batch["input_ids"], window_ids=batch["window_ids"][:-1])
+    small = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32))
+    with pytest.raises(ValueError, match="is not a token of the base model"):
+        build_compression_model(small, tokenizer, WINDOW, lora=None)
+    with pytest.raises(ValueError, match="examples.window=3 but the model compresses windows of 4"):
+        train_compressor(model, tokenizer, [], examples=ExampleConfig(window=3))
+
+
+def test_command_line_trains_and_saves(tokenizer, base, tmp_path):
+    from hcr.cli import main
+
+    base_dir, data_file, out = tmp_path / "base", tmp_path / "traces.jsonl", tmp_path / "out"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    with data_file.open("w") as f:
+        for i in range(8):
+            question, answer = arithmetic_trace(random.Random(100 + i))
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    code = main(["train-compressor", "--base", str(base_dir), "--dataset", str(data_file), "--output-dir", str(out),
+                 "--window", "4", "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--report-to", "none",
+                 "--pooler-layers", "1", "--lora-r", "4", "--gradient-checkpointing"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["window"] == 4 and config["base_model_name_or_path"] == str(base_dir)
+    loaded = CompressionModel.from_pretrained(out)  # the base comes from the path in the config
+    assert loaded.config.window == 4
