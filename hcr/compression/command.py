@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hcr.argtypes import non_negative_int, positive_float, positive_int
+
 __all__ = ["add_arguments", "main"]
 
 
@@ -16,29 +18,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-column", default="question")
     parser.add_argument("--answer-column", default="answer", help="answers with <think>...</think>")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--window", type=int, default=10, help="tokens per compressed vector (default 10)")
-    parser.add_argument("--every-nth", type=int, default=1, help="keep stages 1, 1+n, 1+2n, ... of each trace")
+    parser.add_argument("--window", type=positive_int, default=10, help="tokens per compressed vector (default 10)")
+    parser.add_argument("--every-nth", type=positive_int, default=1, help="keep stages 1, 1+n, 1+2n, ... of each trace")
     parser.add_argument("--compress-answer", action="store_true", help="continue compressing into the answer")
-    parser.add_argument("--pooler-layers", type=int, default=None, help="pooler depth (default: the base's)")
+    parser.add_argument("--pooler-layers", type=positive_int, default=None, help="pooler depth (default: the base's)")
     parser.add_argument("--no-own-embeddings", action="store_true",
                         help="pool the base's embeddings instead of the pooler's own table (seed V1)")
     parser.add_argument("--projection", action="store_true", help="extra hidden x hidden projection (seed V3)")
     parser.add_argument("--random-init", action="store_true", help="do not copy the base's weights into the pooler")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: train the pooler fully)")
-    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-r", type=non_negative_int, default=16, help="LoRA rank (0: train the pooler fully)")
+    parser.add_argument("--lora-alpha", type=positive_int, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--epochs", type=positive_float, default=1.0)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--grad-accum", type=positive_int, default=4)
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--save-steps", type=positive_int, default=500)
+    parser.add_argument("--logging-steps", type=positive_int, default=10)
     parser.add_argument("--report-to", default="wandb", help="wandb (offline without an API key) or none")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from the last checkpoint in --output-dir, or from the given one")
-    parser.add_argument("--num-proc", type=int, default=None, help="processes for tokenizing the traces")
+    parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenizing the traces")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -48,8 +50,6 @@ def main(args: argparse.Namespace) -> int:
     from hcr.compression.examples import ExampleConfig
     from hcr.compression.train import LoraSettings, PoolerSettings, TrainSettings, build_compression_model, train_compressor
 
-    if args.lora_r < 0:
-        raise SystemExit(f"--lora-r must be >= 0, got {args.lora_r}")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
     base = AutoModelForCausalLM.from_pretrained(args.base)
     model = build_compression_model(
