@@ -14,6 +14,7 @@ from hcr_kernels.cross_entropy import (
     weighted_cross_entropy,
     weighted_cross_entropy_ref,
 )
+from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
 from hcr_kernels.mamba_patch import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
 from hcr_kernels.selective_scan import selective_scan, selective_scan_ref
@@ -33,6 +34,8 @@ __all__ = [
     "weighted_cross_entropy_ref",
     "pool_scatter",
     "pool_scatter_ref",
+    "ragged_cache_write_",
+    "ragged_cache_write_ref",
     "remove_hcr_kernels_from_mamba",
     "selective_scan",
     "selective_scan_ref",

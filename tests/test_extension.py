@@ -15,7 +15,7 @@ import torch
 
 from hcr_kernels import _extension
 
-OPS = ("hcr::pool_rows_", "hcr::pool_rows_backward_")  # with CPU and CUDA kernels
+OPS = ("hcr::pool_rows_", "hcr::pool_rows_backward_", "hcr::ragged_cache_write_")  # with CPU and CUDA kernels
 CPU_ONLY_OPS = (
     "hcr::selective_scan_fwd",
     "hcr::selective_scan_bwd",
