@@ -2,8 +2,8 @@
 
 Each benchmark records ``extra_info["backend"]`` (``reference``, ``native``,
 ``copy``, ...), optionally ``extra_info["bytes"]`` (bytes the op must read and
-write) and ``extra_info["count"]`` with ``extra_info["unit"]`` (work items per call,
-e.g. tokens or examples, printed as a rate).
+write), ``extra_info["count"]`` with ``extra_info["unit"]`` (work items per call,
+e.g. tokens or examples, printed as a rate) and ``extra_info["peak_mb"]`` (peak memory).
 At the end, per group, the summary prints every backend's median, its speedup
 over ``reference`` and, where the group has a ``copy`` entry (a plain tensor copy
 of the same bytes), the fraction of the copy's bandwidth it achieves. Ratios
@@ -47,6 +47,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 parts.append(f"{info['count'] / median:,.0f} {info.get('unit', 'items')}/s")
             if reference and backend != "reference":
                 parts.append(f"{reference / median:5.2f}x vs reference")
+            if info.get("peak_mb") is not None:
+                peak = f"peak {info['peak_mb']:,.0f} MiB"
+                reference_peak = entries.get("reference", (None, {}))[1].get("peak_mb")
+                if reference_peak and backend != "reference":
+                    peak += f" (1/{reference_peak / info['peak_mb']:.1f} of the reference's)"
+                parts.append(peak)
             if copy and backend != "copy":
                 parts.append(f"{copy / median:5.0%} of copy bandwidth")
             write(", ".join(parts))
