@@ -1,0 +1,53 @@
+"""A static KV cache whose rows have their own lengths, for transformers' decoder layers.
+
+Rows of a compressed-generation batch start from different prompt lengths and
+crop themselves back at different steps (a compression replaces W tokens by one
+vector), so one shared ``cache_position`` cannot describe them. This cache
+preallocates ``[B, H, S, Dh]`` per layer once; before each forward the caller
+sets every row's write offset and count (``begin_step``), and each layer's
+``update`` writes its new states there with ``hcr_kernels.ragged_cache_write_``
+(all rows in one call). Attention then reads the first ``span`` slots, with the
+caller's 4D mask hiding what a row must not see.
+
+It implements the one method the decoder layers call, ``update``; the model gets
+explicit ``position_ids`` and a ready mask, so nothing else is asked of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hcr_kernels import ragged_cache_write_
+from hcr_kernels.kv_cache import check_write_bounds
+
+
+class RaggedStaticCache:
+    def __init__(self, layers: int, batch: int, kv_heads: int, slots: int, head_dim: int, *, dtype, device):
+        shape = (batch, kv_heads, slots, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots = slots
+        self._start = self._count = None
+        self._span = 0
+
+    @classmethod
+    def for_model(cls, model, batch: int, slots: int) -> "RaggedStaticCache":
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, batch, kv_heads, slots, head_dim, dtype=model.dtype, device=model.device)
+
+    def begin_step(self, start: torch.Tensor, count: torch.Tensor, span: int) -> None:
+        """Row b writes its ``count[b]`` new states at ``start[b]``; attention reads slots ``[0, span)``."""
+        check_write_bounds(start, count, steps=int(count.max()) if len(count) else 0, slots=self.slots)
+        self._start, self._count, self._span = start, count, span
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        steps = key_states.shape[2]
+        ragged_cache_write_(keys, values, key_states, value_states, self._start, self._count.clamp(max=steps),
+                            check_bounds=False)
+        return keys[:, :, : self._span], values[:, :, : self._span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._span

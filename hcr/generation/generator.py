@@ -1,0 +1,287 @@
+"""CompressedGenerator: batched generation that compresses its own reasoning as it goes.
+
+Layout (the training builder's, ``hcr.compression.examples``): a row is its prompt,
+then, once something is compressed, one block ``<|vision_start|> v1 … vm <|vision_end|>``,
+then the uncompressed tail of what it generated. Whenever the tail holds at least
+``W + k`` tokens (``k = keep_last``), its oldest W tokens are pooled into v(m+1).
+Compression stops for good once the row writes ``</think>`` (the answer part is
+not compressed).
+
+Strategies share every decision (sampling, when to compress) and differ only in
+how the next-token logits are computed:
+
+* ``"cache"`` (default): a static KV cache with per-row lengths. An ordinary step
+  decodes one token per row against the cache; a compression crops that row back
+  to its end marker and re-encodes only ``v(m+1)``, the end marker and the kept
+  tail. Positions stay contiguous, exactly as in a full re-encode. The 4D mask
+  and the position ids are built once per step, for all rows at once.
+* ``"recompute"``: re-encodes every row's whole layout every step (the seed's
+  approach with its slips fixed): slow, simple, the correctness oracle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hcr.compression.tokens import CompressionTokens
+from hcr.generation.cache import RaggedStaticCache
+
+STRATEGIES = ("cache", "recompute")
+
+
+@dataclass
+class RowState:
+    prompt: list[int]
+    generated: list[int] = field(default_factory=list)
+    windows: int = 0  # m: windows compressed so far
+    compressing: bool = True  # False once </think> is written
+    done: bool = False
+    cache_length: int = 0
+    peak_cache_length: int = 0
+
+    def tail(self, window: int) -> list[int]:
+        return self.generated[self.windows * window :]
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: the generated tokens ``[B, n]`` (uncompressed, padded with ``pad_token_id``);
+    per row: compressions done, peak and final cache length (slots), final layout; wall time and its split."""
+
+    sequences: torch.Tensor
+    compressions: list[int]
+    peak_cache_length: list[int]
+    final_cache_length: list[int]
+    layouts: list[list[int]]
+    seconds: float
+    time_split: dict[str, float]
+
+
+class CompressedGenerator:
+    def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache"):
+        if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
+            raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
+        window_size = model.config.window if window_size is None else window_size
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        if window_size != model.config.window:
+            raise ValueError(f"window_size={window_size} but the model's pooler was trained on windows of "
+                             f"{model.config.window}")
+        if not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.tokens = CompressionTokens.from_tokenizer(tokenizer)
+        self.window, self.keep_last, self.strategy = window_size, keep_last, strategy
+
+    # ----------------------------------------------------------------- public
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, streamer=None,
+                 generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
+                 strategy: str | None = None):
+        """Like ``model.generate``: returns the generated ids ``[B, n]`` (or a GenerationOutput)."""
+        strategy = strategy or self.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        rows = self._rows(input_ids, attention_mask)
+        if streamer is not None and len(rows) != 1:
+            raise ValueError("a streamer needs batch size 1")
+        eos = self.tokens.eos if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id or eos)
+        split = {"decode": 0.0, "pooling": 0.0, "re-encode": 0.0, "prefill": 0.0}
+        began = time.perf_counter()
+        cache = None
+        if strategy == "cache" and max_new_tokens:
+            longest = max(len(r.prompt) for r in rows)
+            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 2)
+        logits = self._first_logits(rows, cache, split) if max_new_tokens else None
+        for _ in range(max_new_tokens):
+            chosen = self._sample(logits, do_sample, temperature, top_k, top_p, generator)
+            compressed = []
+            for index, row in enumerate(rows):
+                if row.done:
+                    continue
+                token = int(chosen[index])
+                row.generated.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if token == self.tokens.think_end:
+                    row.compressing = False
+                if token == eos or len(row.generated) >= max_new_tokens:
+                    row.done = True
+                elif row.compressing and len(row.tail(self.window)) >= self.window + self.keep_last:
+                    row.windows += 1
+                    compressed.append(index)
+            if all(row.done for row in rows):
+                break
+            logits = self._next_logits(rows, compressed, cache, split)
+        if streamer is not None:
+            streamer.end()
+        sequences = self._pad([row.generated for row in rows], pad)
+        if not return_dict_in_generate:
+            return sequences
+        return GenerationOutput(
+            sequences=sequences,
+            compressions=[row.windows for row in rows],
+            peak_cache_length=[row.peak_cache_length for row in rows],
+            final_cache_length=[row.cache_length for row in rows],
+            layouts=[self.layout(row) for row in rows],
+            seconds=time.perf_counter() - began,
+            time_split=split,
+        )
+
+    def layout(self, row: RowState) -> list[int]:
+        """A row's compressed layout, placeholders standing for the pooled vectors."""
+        block = [self.tokens.block_start] + [self.tokens.placeholder] * row.windows + [self.tokens.block_end]
+        return row.prompt + (block if row.windows else []) + row.tail(self.window)
+
+    # ----------------------------------------------------------------- decisions
+
+    def _rows(self, input_ids, attention_mask) -> list[RowState]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, length] tensor of token ids")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
+        limit = getattr(self.model.base.config, "max_position_embeddings", None)
+        rows = []
+        for index, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.bool().tolist())):
+            prompt = [t for t, keep in zip(ids, mask) if keep]
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            if limit is not None and len(prompt) > limit:
+                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the model's context of {limit}")
+            rows.append(RowState(prompt=prompt))
+        return rows
+
+    @staticmethod
+    def _sample(logits, do_sample, temperature, top_k, top_p, generator):
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            beyond = ordered.softmax(-1).cumsum(-1) > top_p
+            beyond[..., 1:] = beyond[..., :-1].clone()
+            beyond[..., 0] = False  # the most likely token always stays
+            logits = logits.masked_fill(beyond.scatter(-1, order, beyond), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    @staticmethod
+    def _pad(sequences: list[list[int]], pad: int) -> torch.Tensor:
+        width = max((len(s) for s in sequences), default=0)
+        out = torch.full((len(sequences), width), pad, dtype=torch.long)
+        for index, sequence in enumerate(sequences):
+            out[index, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        return out
+
+    # ----------------------------------------------------------------- logits
+
+    def _first_logits(self, rows, cache, split):
+        began = time.perf_counter()
+        if cache is None:
+            logits = self._recompute(rows)
+        else:
+            chunks = [(0, row.prompt, []) for row in rows]
+            logits = self._cached_step(rows, chunks, cache)
+        split["prefill"] += time.perf_counter() - began
+        return logits
+
+    def _next_logits(self, rows, compressed, cache, split):
+        began = time.perf_counter()
+        if cache is None:
+            logits = self._recompute(rows)
+        else:
+            chunks = []
+            for index, row in enumerate(rows):
+                if row.done:
+                    chunks.append((row.cache_length, [], []))
+                elif index in compressed:
+                    chunks.append(self._reencode_chunk(row))
+                else:
+                    chunks.append((row.cache_length, row.generated[-1:], []))
+            logits = self._cached_step(rows, chunks, cache, split if compressed else None)
+        split["re-encode" if compressed else "decode"] += time.perf_counter() - began
+        return logits
+
+    def _reencode_chunk(self, row: RowState):
+        """(first slot, ids, windows) of a compression: crop to the old end marker, re-encode v, end, tail."""
+        W, t = self.window, self.tokens
+        window = row.generated[(row.windows - 1) * W : row.windows * W]
+        if row.windows == 1:  # the block opens here
+            return len(row.prompt), [t.block_start, t.placeholder, t.block_end] + row.tail(W), [window]
+        return len(row.prompt) + row.windows, [t.placeholder, t.block_end] + row.tail(W), [window]
+
+    def _recompute(self, rows):
+        """The oracle: every active row's whole layout, re-encoded."""
+        logits = []
+        for row in rows:
+            if row.done:
+                logits.append(None)
+                continue
+            ids = torch.tensor([self.layout(row)], device=self.model.device)
+            windows = [row.generated[i * self.window : (i + 1) * self.window] for i in range(row.windows)]
+            window_ids = torch.tensor(windows, dtype=torch.long, device=ids.device).view(-1, self.window)
+            slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the block's slots only, not a written placeholder
+            slot_mask[0, len(row.prompt) + 1 : len(row.prompt) + 1 + row.windows] = True
+            embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
+            row.cache_length = ids.shape[1]
+            row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
+            logits.append(self.model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
+        width = next(x for x in logits if x is not None)
+        return torch.stack([x if x is not None else torch.zeros_like(width) for x in logits])
+
+    def _cached_step(self, rows, chunks, cache, split=None):
+        """One forward of every row's chunk against the cache; returns each row's next-token logits."""
+        device = self.model.device
+        counts = torch.tensor([len(ids) for _, ids, _ in chunks], dtype=torch.long, device=device)
+        starts = torch.tensor([first for first, _, _ in chunks], dtype=torch.long, device=device)
+        steps = max(1, int(counts.max()))
+        ids = torch.full((len(rows), steps), self.tokens.eos, dtype=torch.long, device=device)
+        slot_mask = torch.zeros_like(ids, dtype=torch.bool)
+        windows = []
+        for index, (_, chunk, chunk_windows) in enumerate(chunks):
+            if chunk:
+                ids[index, : len(chunk)] = torch.tensor(chunk, device=device)
+                if chunk_windows:
+                    slot_mask[index, chunk.index(self.tokens.placeholder)] = True
+                    windows.extend(chunk_windows)
+        window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, self.window)
+        began = time.perf_counter()
+        markers = set(self.tokens.markers)
+        if windows or any(token in markers for _, chunk, _ in chunks for token in chunk):
+            embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
+        else:  # an ordinary decode step: plain token embeddings
+            embeds = self.model.base.get_input_embeddings()(ids)
+        if split is not None:
+            split["pooling"] += time.perf_counter() - began
+        positions = starts[:, None] + torch.arange(steps, device=device)
+        span = int((starts + counts).max())
+        visible = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # causal, per row
+        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device).masked_fill(
+            ~visible, torch.finfo(embeds.dtype).min
+        )[:, None]
+        cache.begin_step(starts, counts, span)
+        out = self.model.base(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                              attention_mask={"full_attention": mask, "sliding_attention": mask})
+        for row, first, count in zip(rows, starts.tolist(), counts.tolist()):
+            if count:
+                row.cache_length = first + count
+                row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
+        last = (counts - 1).clamp(min=0)
+        return out.logits[torch.arange(len(rows), device=device), last]

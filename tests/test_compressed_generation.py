@@ -1,0 +1,184 @@
+"""CompressedGenerator: the cached fast path against the recompute oracle, the layout invariant, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hcr.compression import CompressionTokens, ExampleConfig, TokenizedTrace, build_compression_example  # noqa: E402
+from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
+from hcr.generation import CompressedGenerator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=256)
+    return transformers.Qwen2ForCausalLM(config).double().eval()
+
+
+def compression_model(base, tokenizer, window):
+    model = build_compression_model(base, tokenizer, window, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    return model.double().eval()
+
+
+def prompts(lengths, vocab, seed=0):
+    """Left-padded prompts of the given lengths (ordinary tokens only)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(20, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 10])
+@pytest.mark.parametrize("keep_last", [0, 1, 4])
+@pytest.mark.parametrize("lengths", [pytest.param((7,), id="batch1"),
+                                     pytest.param((5, 9, 3, 12, 1, 6, 8, 4), id="batch8-ragged")])
+def test_fast_path_equals_recompute_oracle(base, tokenizer, window, keep_last, lengths):
+    model = compression_model(base, tokenizer, window)
+    generator = CompressedGenerator(model, tokenizer, keep_last=keep_last)
+    for seed in (0, 1):
+        ids, mask = prompts(lengths, len(tokenizer), seed)
+        kwargs = dict(max_new_tokens=28, eos_token_id=-1, return_dict_in_generate=True)
+        fast = generator.generate(ids, mask, strategy="cache", **kwargs)
+        oracle = generator.generate(ids, mask, strategy="recompute", **kwargs)
+        assert torch.equal(fast.sequences, oracle.sequences)
+        assert fast.compressions == oracle.compressions and fast.layouts == oracle.layouts
+        # the cache holds the layout but the last token, which was sampled and never fed back
+        assert fast.final_cache_length == oracle.final_cache_length == [len(lay) - 1 for lay in fast.layouts]
+        assert max(fast.compressions) > 0 or window + keep_last > 28
+
+
+def test_each_row_gets_what_it_gets_alone(base, tokenizer):
+    model = compression_model(base, tokenizer, 3)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    ids, mask = prompts((4, 11, 7), len(tokenizer), seed=3)
+    batched = generator.generate(ids, mask, max_new_tokens=20, eos_token_id=-1)
+    for row in range(3):
+        alone = generator.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=20, eos_token_id=-1)
+        assert torch.equal(batched[row : row + 1], alone)
+
+
+def test_layout_is_the_training_builders(base, tokenizer):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    window, keep_last = 2, 1
+    model = compression_model(base, tokenizer, window)
+    ids, mask = prompts((6, 9), len(tokenizer))
+    out = CompressedGenerator(model, tokenizer, keep_last=keep_last).generate(
+        ids, mask, max_new_tokens=25, eos_token_id=-1, return_dict_in_generate=True)
+    for row, layout in enumerate(out.layouts):
+        generated = out.sequences[row].tolist()
+        prompt = ids[row][mask[row].bool()].tolist()
+        trace_ids = np.array(prompt + generated + [tokens.think_end, tokens.eos], dtype=np.int64)
+        end = len(prompt) + len(generated)
+        trace = TokenizedTrace(trace_ids, np.zeros(len(trace_ids), np.int8), len(prompt), end, end + 1, end + 1)
+        built = build_compression_example(trace, out.compressions[row], tokens, ExampleConfig(window=window))
+        assert layout == built["compressed_input_ids"][:-2].tolist()
+
+
+def scripted(tokens_per_step):
+    """A _sample replacement that emits a fixed token sequence (the same for every row)."""
+    steps = iter(tokens_per_step)
+
+    def sample(logits, *args):
+        return torch.full((logits.shape[0],), next(steps), dtype=torch.long)
+
+    return sample
+
+
+def test_compression_stops_at_think_end_and_generation_at_eos(base, tokenizer, monkeypatch):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    model = compression_model(base, tokenizer, 2)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    script = [30, 31, 32, 33, 34, 35, tokens.think_end, 36, 37, 38, 39, 40, tokens.eos, 41]
+    monkeypatch.setattr(generator, "_sample", scripted(script))
+    out = generator.generate(*prompts((5,), len(tokenizer)), max_new_tokens=20, return_dict_in_generate=True)
+    assert out.sequences[0].tolist() == script[:13]  # stops after EOS
+    # W + k = 3: (30 31) goes when 32 arrives, (32 33) when 34 arrives; the tail (34 35 </think>) would
+    # be due next, but writing </think> ends compression for good
+    assert out.compressions == [2]
+
+
+def test_peak_cache_is_bounded(base, tokenizer):
+    window, keep_last, new = 3, 2, 60
+    model = compression_model(base, tokenizer, window)
+    ids, mask = prompts((10, 4), len(tokenizer))
+    out = CompressedGenerator(model, tokenizer, keep_last=keep_last).generate(
+        ids, mask, max_new_tokens=new, eos_token_id=-1, return_dict_in_generate=True)
+    for row, prompt_length in enumerate((10, 4)):
+        assert out.peak_cache_length[row] <= prompt_length + new // window + window + keep_last + 2
+
+
+def test_sampling_is_reproducible(base, tokenizer):
+    model = compression_model(base, tokenizer, 2)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    ids, mask = prompts((5, 8), len(tokenizer))
+    runs = [
+        generator.generate(ids, mask, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                           eos_token_id=-1, generator=torch.Generator().manual_seed(7), strategy=strategy)
+        for strategy in ("cache", "cache", "recompute")
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_streamer_receives_every_token(base, tokenizer):
+    class Collect:
+        def __init__(self):
+            self.tokens, self.ended = [], False
+
+        def put(self, value):
+            self.tokens.extend(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    model = compression_model(base, tokenizer, 2)
+    out = CompressedGenerator(model, tokenizer, keep_last=1).generate(
+        *prompts((5,), len(tokenizer)), max_new_tokens=12, eos_token_id=-1, streamer=streamer)
+    assert streamer.tokens == out[0].tolist() and streamer.ended
+
+
+def test_bad_input(base, tokenizer):
+    model = compression_model(base, tokenizer, 2)
+    with pytest.raises(ValueError, match="must be a CompressionModel"):
+        CompressedGenerator(base, tokenizer)
+    with pytest.raises(ValueError, match="window_size must be an int >= 1"):
+        CompressedGenerator(model, tokenizer, window_size=0)
+    with pytest.raises(ValueError, match="keep_last must be an int >= 0"):
+        CompressedGenerator(model, tokenizer, keep_last=-1)
+    with pytest.raises(ValueError, match="trained on windows of 2"):
+        CompressedGenerator(model, tokenizer, window_size=3)
+    generator = CompressedGenerator(model, tokenizer)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generator.generate(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="more than the model's context of 256"):
+        generator.generate(torch.ones(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="streamer needs batch size 1"):
+        generator.generate(torch.ones(2, 3, dtype=torch.long), streamer=object())
+    assert generator.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=0).shape == (2, 0)
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from hcr.compression import MissingTokenError
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+    with pytest.raises(MissingTokenError, match="fim_pad"):
+        CompressedGenerator(model, bare)
