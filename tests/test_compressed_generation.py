@@ -182,3 +182,47 @@ def test_bad_input(base, tokenizer):
                                    unk_token="[UNK]")
     with pytest.raises(MissingTokenError, match="fim_pad"):
         CompressedGenerator(model, bare)
+
+
+def greedy_with_think_end_at(step: int, think_end: int, seen: list):
+    """A _sample replacement: greedy, records every step's logits, and writes </think> at ``step``."""
+    counter = iter(range(10**6))
+
+    def sample(logits, *args):
+        seen.append(logits.clone())
+        tokens = logits.argmax(-1)
+        return torch.full_like(tokens, think_end) if next(counter) == step else tokens
+
+    return sample
+
+
+@pytest.mark.parametrize("window,keep_last,think_step", [(2, 1, 13), (3, 0, 10), (1, 4, 9), (2, 3, 4)])
+def test_answer_compression_fast_path_equals_oracle_and_builder(base, tokenizer, monkeypatch, window, keep_last,
+                                                                  think_step):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    model = compression_model(base, tokenizer, window)
+    ids, mask = prompts((6, 9, 4), len(tokenizer), seed=5)
+    results = {}
+    for strategy in ("cache", "recompute"):
+        generator = CompressedGenerator(model, tokenizer, keep_last=keep_last, compress_answer=True)
+        seen = []
+        monkeypatch.setattr(generator, "_sample", greedy_with_think_end_at(think_step, tokens.think_end, seen))
+        out = generator.generate(ids, mask, max_new_tokens=30, eos_token_id=-1, strategy=strategy,
+                                 return_dict_in_generate=True)
+        results[strategy] = (out, seen)
+    (fast, fast_logits), (oracle, oracle_logits) = results["cache"], results["recompute"]
+    assert torch.equal(fast.sequences, oracle.sequences) and fast.layouts == oracle.layouts
+    for a, b in zip(fast_logits, oracle_logits):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    config = ExampleConfig(window=window, compress_answer=True)
+    for row in range(3):
+        generated = fast.sequences[row].tolist()
+        prompt = ids[row][mask[row].bool()].tolist()
+        think = generated.index(tokens.think_end)
+        trace_ids = np.array(prompt + generated + [tokens.eos], dtype=np.int64)
+        start = len(prompt)
+        trace = TokenizedTrace(trace_ids, np.zeros(len(trace_ids), np.int8), start, start + think, start + think + 1,
+                               start + len(generated))
+        assert fast.compressions[row] > think // window  # the answer was compressed too
+        built = build_compression_example(trace, fast.compressions[row], tokens, config)
+        assert fast.layouts[row] == built["compressed_input_ids"][:-1].tolist()

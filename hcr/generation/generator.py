@@ -4,8 +4,11 @@ Layout (the training builder's, ``hcr.compression.examples``): a row is its prom
 then, once something is compressed, one block ``<|vision_start|> v1 … vm <|vision_end|>``,
 then the uncompressed tail of what it generated. Whenever the tail holds at least
 ``W + k`` tokens (``k = keep_last``), its oldest W tokens are pooled into v(m+1).
-Compression stops for good once the row writes ``</think>`` (the answer part is
-not compressed).
+Writing ``</think>`` ends the reasoning. By default compression stops there. With
+``compress_answer`` (the builder's option of the same name) the full windows still
+in the reasoning tail are pooled at once (so the reasoning ends as in the
+builder's last reasoning stage, ``r // W`` windows), and the answer is compressed
+by the same rule into a second block after ``</think>``.
 
 Strategies share every decision (sampling, when to compress) and differ only in
 how the next-token logits are computed:
@@ -36,14 +39,16 @@ STRATEGIES = ("cache", "recompute")
 class RowState:
     prompt: list[int]
     generated: list[int] = field(default_factory=list)
-    windows: int = 0  # m: windows compressed so far
-    compressing: bool = True  # False once </think> is written
+    windows: int = 0  # m: reasoning windows compressed so far
+    answer_windows: int = 0  # windows of the answer (compress_answer only)
+    think_at: int | None = None  # index of </think> in ``generated``
     done: bool = False
-    cache_length: int = 0
+    cached_ids: list[int] = field(default_factory=list)  # the layout the cache holds
     peak_cache_length: int = 0
 
-    def tail(self, window: int) -> list[int]:
-        return self.generated[self.windows * window :]
+    @property
+    def cache_length(self) -> int:
+        return len(self.cached_ids)
 
 
 @dataclass
@@ -61,7 +66,8 @@ class GenerationOutput:
 
 
 class CompressedGenerator:
-    def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache"):
+    def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache",
+                 compress_answer: bool = False):
         if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
             raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
         window_size = model.config.window if window_size is None else window_size
@@ -77,6 +83,7 @@ class CompressedGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.tokens = CompressionTokens.from_tokenizer(tokenizer)
         self.window, self.keep_last, self.strategy = window_size, keep_last, strategy
+        self.compress_answer = compress_answer
 
     # ----------------------------------------------------------------- public
 
@@ -104,7 +111,8 @@ class CompressedGenerator:
         cache = None
         if strategy == "cache" and max_new_tokens:
             longest = max(len(r.prompt) for r in rows)
-            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 2)
+            # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
+            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 4)
         logits = self._first_logits(rows, cache, split) if max_new_tokens else None
         for _ in range(max_new_tokens):
             chosen = self._sample(logits, do_sample, temperature, top_k, top_p, generator)
@@ -116,12 +124,7 @@ class CompressedGenerator:
                 row.generated.append(token)
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
-                if token == self.tokens.think_end:
-                    row.compressing = False
-                if token == eos or len(row.generated) >= max_new_tokens:
-                    row.done = True
-                elif row.compressing and len(row.tail(self.window)) >= self.window + self.keep_last:
-                    row.windows += 1
+                if self._advance(row, token, eos, max_new_tokens):
                     compressed.append(index)
             if all(row.done for row in rows):
                 break
@@ -133,7 +136,7 @@ class CompressedGenerator:
             return sequences
         return GenerationOutput(
             sequences=sequences,
-            compressions=[row.windows for row in rows],
+            compressions=[row.windows + row.answer_windows for row in rows],
             peak_cache_length=[row.peak_cache_length for row in rows],
             final_cache_length=[row.cache_length for row in rows],
             layouts=[self.layout(row) for row in rows],
@@ -143,8 +146,49 @@ class CompressedGenerator:
 
     def layout(self, row: RowState) -> list[int]:
         """A row's compressed layout, placeholders standing for the pooled vectors."""
-        block = [self.tokens.block_start] + [self.tokens.placeholder] * row.windows + [self.tokens.block_end]
-        return row.prompt + (block if row.windows else []) + row.tail(self.window)
+        return self._layout(row)[0]
+
+    def _layout(self, row: RowState) -> tuple[list[int], list[list[int]], list[int]]:
+        """(layout ids, the windows pooled into its slots, the slots' positions), in slot order."""
+        W, t, generated = self.window, self.tokens, row.generated
+        ids, windows, slots = list(row.prompt), [], []
+
+        def block(first: int, count: int) -> None:  # count windows of generated, from index first
+            if count:
+                ids.append(t.block_start)
+                for i in range(count):
+                    slots.append(len(ids))
+                    ids.append(t.placeholder)
+                    windows.append(generated[first + i * W : first + (i + 1) * W])
+                ids.append(t.block_end)
+
+        reasoning_end = row.think_at if row.think_at is not None else len(generated)
+        block(0, row.windows)
+        ids.extend(generated[row.windows * W : reasoning_end])
+        if row.think_at is not None:
+            answer = row.think_at + 1
+            ids.append(generated[row.think_at])
+            block(answer, row.answer_windows)
+            ids.extend(generated[answer + row.answer_windows * W :])
+        return ids, windows, slots
+
+    def _advance(self, row: RowState, token: int, eos: int, max_new_tokens: int) -> bool:
+        """Update a row after it wrote ``token``; True when that changed its compressed layout."""
+        W, due = self.window, self.window + self.keep_last
+        before = row.windows + row.answer_windows
+        if token == self.tokens.think_end and row.think_at is None:
+            row.think_at = len(row.generated) - 1
+            if self.compress_answer:  # the reasoning ends with all its full windows pooled
+                row.windows += (row.think_at - row.windows * W) // W
+        if token == eos or len(row.generated) >= max_new_tokens:
+            row.done = True
+        elif row.think_at is None:
+            if len(row.generated) - row.windows * W >= due:
+                row.windows += 1
+        elif self.compress_answer:
+            if len(row.generated) - (row.think_at + 1) - row.answer_windows * W >= due:
+                row.answer_windows += 1
+        return not row.done and row.windows + row.answer_windows != before
 
     # ----------------------------------------------------------------- decisions
 
@@ -197,7 +241,7 @@ class CompressedGenerator:
         if cache is None:
             logits = self._recompute(rows)
         else:
-            chunks = [(0, row.prompt, []) for row in rows]
+            chunks = [(0, list(row.prompt), [], []) for row in rows]
             logits = self._cached_step(rows, chunks, cache)
         split["prefill"] += time.perf_counter() - began
         return logits
@@ -207,25 +251,25 @@ class CompressedGenerator:
         if cache is None:
             logits = self._recompute(rows)
         else:
-            chunks = []
-            for index, row in enumerate(rows):
-                if row.done:
-                    chunks.append((row.cache_length, [], []))
-                elif index in compressed:
-                    chunks.append(self._reencode_chunk(row))
-                else:
-                    chunks.append((row.cache_length, row.generated[-1:], []))
+            chunks = [(row.cache_length, [], [], []) if row.done else self._chunk(row) for row in rows]
             logits = self._cached_step(rows, chunks, cache, split if compressed else None)
         split["re-encode" if compressed else "decode"] += time.perf_counter() - began
         return logits
 
-    def _reencode_chunk(self, row: RowState):
-        """(first slot, ids, windows) of a compression: crop to the old end marker, re-encode v, end, tail."""
-        W, t = self.window, self.tokens
-        window = row.generated[(row.windows - 1) * W : row.windows * W]
-        if row.windows == 1:  # the block opens here
-            return len(row.prompt), [t.block_start, t.placeholder, t.block_end] + row.tail(W), [window]
-        return len(row.prompt) + row.windows, [t.placeholder, t.block_end] + row.tail(W), [window]
+    def _chunk(self, row: RowState):
+        """(first slot, ids, windows, slot offsets) to feed: the row's layout from where it leaves the cache.
+
+        A decode step feeds the one new token; a compression crops the row back to the
+        first position its layout changed (its block's end marker, or where a block
+        opens) and re-encodes from there: the new vectors, the end marker, the kept tail.
+        """
+        ids, windows, slots = self._layout(row)
+        cached = row.cached_ids
+        first = len(cached)
+        if ids[:first] != cached:
+            first = next(i for i, (a, b) in enumerate(zip(ids, cached)) if a != b)
+        kept = [i for i, slot in enumerate(slots) if slot >= first]
+        return first, ids[first:], [windows[i] for i in kept], [slots[i] - first for i in kept]
 
     def _recompute(self, rows):
         """The oracle: every active row's whole layout, re-encoded."""
@@ -234,13 +278,13 @@ class CompressedGenerator:
             if row.done:
                 logits.append(None)
                 continue
-            ids = torch.tensor([self.layout(row)], device=self.model.device)
-            windows = [row.generated[i * self.window : (i + 1) * self.window] for i in range(row.windows)]
+            layout, windows, slots = self._layout(row)
+            ids = torch.tensor([layout], device=self.model.device)
             window_ids = torch.tensor(windows, dtype=torch.long, device=ids.device).view(-1, self.window)
-            slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the block's slots only, not a written placeholder
-            slot_mask[0, len(row.prompt) + 1 : len(row.prompt) + 1 + row.windows] = True
+            slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the blocks' slots only, not a written placeholder
+            slot_mask[0, slots] = True
             embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
-            row.cache_length = ids.shape[1]
+            row.cached_ids = layout
             row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
             logits.append(self.model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
         width = next(x for x in logits if x is not None)
@@ -249,22 +293,21 @@ class CompressedGenerator:
     def _cached_step(self, rows, chunks, cache, split=None):
         """One forward of every row's chunk against the cache; returns each row's next-token logits."""
         device = self.model.device
-        counts = torch.tensor([len(ids) for _, ids, _ in chunks], dtype=torch.long, device=device)
-        starts = torch.tensor([first for first, _, _ in chunks], dtype=torch.long, device=device)
+        counts = torch.tensor([len(ids) for _, ids, _, _ in chunks], dtype=torch.long, device=device)
+        starts = torch.tensor([first for first, _, _, _ in chunks], dtype=torch.long, device=device)
         steps = max(1, int(counts.max()))
         ids = torch.full((len(rows), steps), self.tokens.eos, dtype=torch.long, device=device)
         slot_mask = torch.zeros_like(ids, dtype=torch.bool)
         windows = []
-        for index, (_, chunk, chunk_windows) in enumerate(chunks):
+        for index, (_, chunk, chunk_windows, chunk_slots) in enumerate(chunks):
             if chunk:
                 ids[index, : len(chunk)] = torch.tensor(chunk, device=device)
-                if chunk_windows:
-                    slot_mask[index, chunk.index(self.tokens.placeholder)] = True
-                    windows.extend(chunk_windows)
+                slot_mask[index, chunk_slots] = True
+                windows.extend(chunk_windows)
         window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, self.window)
         began = time.perf_counter()
         markers = set(self.tokens.markers)
-        if windows or any(token in markers for _, chunk, _ in chunks for token in chunk):
+        if windows or any(token in markers for _, chunk, _, _ in chunks for token in chunk):
             embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
         else:  # an ordinary decode step: plain token embeddings
             embeds = self.model.base.get_input_embeddings()(ids)
@@ -279,9 +322,9 @@ class CompressedGenerator:
         cache.begin_step(starts, counts, span)
         out = self.model.base(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
                               attention_mask={"full_attention": mask, "sliding_attention": mask})
-        for row, first, count in zip(rows, starts.tolist(), counts.tolist()):
-            if count:
-                row.cache_length = first + count
+        for row, (first, chunk, _, _) in zip(rows, chunks):
+            if chunk:
+                row.cached_ids = row.cached_ids[:first] + chunk
                 row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
         last = (counts - 1).clamp(min=0)
         return out.logits[torch.arange(len(rows), device=device), last]
