@@ -22,7 +22,7 @@ from hcr.compression.train import PoolerSettings, build_compression_model  # noq
 from hcr.generation import CompressedGenerator  # noqa: E402
 
 PROMPT = 32
-CASES = [(1, 128), (1, 1024), (8, 128), (8, 512)]
+CASES = [(1, 128), (1, 1024), (1, 2048), (8, 128), (8, 512)]
 
 
 @pytest.fixture(scope="module")
