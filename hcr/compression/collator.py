@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hcr.compression.examples import IGNORE_INDEX
+from hcr.compression.examples import IGNORE_INDEX, window_tokens
 from hcr.compression.tokens import CompressionTokens
 
 
@@ -35,17 +35,9 @@ class CompressionCollator:
         windows = []
         for row, example in enumerate(examples):
             compressed = np.asarray(example["compressed_input_ids"])
-            replaced = np.asarray(example["replaced_original_tokens"])
-            original = np.asarray(example["original_tokens"])
-            if replaced.shape != original.shape:
-                raise ValueError(f"example {row}: replaced_original_tokens and original_tokens differ in length")
-            slots = int((compressed == self.tokens.placeholder).sum())
-            real = original[replaced == self.tokens.placeholder]
-            if len(real) != slots * self.window:
-                raise ValueError(
-                    f"example {row}: {slots} placeholders need {slots * self.window} window tokens at window "
-                    f"{self.window}, but replaced_original_tokens marks {len(real)}"
-                )
+            real = window_tokens(np.asarray(example["replaced_original_tokens"]), np.asarray(example["original_tokens"]),
+                                 self.tokens.placeholder, self.window,
+                                 slots=int((compressed == self.tokens.placeholder).sum()), context=f"example {row}: ")
             input_ids[row, : len(compressed)] = compressed
             labels[row, : len(compressed)] = example["labels"]
             attention[row, : len(compressed)] = 1
@@ -56,5 +48,5 @@ class CompressionCollator:
             "attention_mask": torch.from_numpy(attention),
             "labels": torch.from_numpy(labels),
             "slot_mask": (input_ids_t == self.tokens.placeholder) & torch.from_numpy(attention).bool(),
-            "window_ids": torch.from_numpy(np.concatenate(windows)).view(-1, self.window),
+            "window_ids": torch.from_numpy(np.concatenate(windows)),
         }

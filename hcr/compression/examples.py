@@ -124,6 +124,24 @@ class _Builder:
         return views
 
 
+def window_tokens(replaced, original, placeholder: int, window: int, *, slots: int | None = None, context: str = ""):
+    """The real tokens under the placeholders of ``replaced`` (the seed's aligned views), as ``[N, W]``.
+
+    Works on numpy arrays and torch tensors alike. ``slots``, when given, is the number
+    of windows the tokens must make; otherwise they must make whole windows.
+    """
+    if replaced.shape != original.shape:
+        raise ValueError(f"{context}replaced_original_tokens and original_tokens must have one shape, got "
+                         f"{tuple(replaced.shape)} and {tuple(original.shape)}")
+    real = original[replaced == placeholder]
+    if slots is not None and len(real) != slots * window:
+        raise ValueError(f"{context}{slots} placeholders need {slots * window} window tokens at window {window}, "
+                         f"but replaced_original_tokens marks {len(real)}")
+    if len(real) % window:
+        raise ValueError(f"{context}{len(real)} placeholder tokens are not whole windows of {window}")
+    return real.reshape(-1, window)
+
+
 def build_compression_example(trace: TokenizedTrace, stage: int, tokens: CompressionTokens, config: ExampleConfig):
     """Stage ``stage`` (1-based, before thinning) of one trace as a dict of int64 arrays."""
     total = stage_count(trace, config)

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from hcr.compression.examples import window_tokens
 from hcr.compression.pooler import EmbedPooler
 from hcr.compression.tokens import CompressionTokens
 from hcr_kernels import fused_linear_cross_entropy, pool_scatter
@@ -100,13 +101,7 @@ class CompressionModel(PreTrainedModel):
 
     def windows_from_aligned(self, replaced_original_tokens: torch.Tensor, original_tokens: torch.Tensor) -> torch.Tensor:
         """The seed's format: the real tokens under the placeholders of ``replaced_original_tokens``."""
-        if replaced_original_tokens.shape != original_tokens.shape:
-            raise ValueError("replaced_original_tokens and original_tokens must have one shape, got "
-                             f"{tuple(replaced_original_tokens.shape)} and {tuple(original_tokens.shape)}")
-        real = original_tokens[replaced_original_tokens == self.config.placeholder_id]
-        if real.numel() % self.config.window:
-            raise ValueError(f"{real.numel()} placeholder tokens are not whole windows of {self.config.window}")
-        return real.view(-1, self.config.window)
+        return window_tokens(replaced_original_tokens, original_tokens, self.config.placeholder_id, self.config.window)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, slot_mask=None, window_ids=None,
                 compressed_input_ids=None, replaced_original_tokens=None, original_tokens=None,

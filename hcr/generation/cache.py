@@ -44,9 +44,7 @@ class RaggedStaticCache:
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        steps = key_states.shape[2]
-        ragged_cache_write_(keys, values, key_states, value_states, self._start, self._count.clamp(max=steps),
-                            check_bounds=False)
+        ragged_cache_write_(keys, values, key_states, value_states, self._start, self._count, check_bounds=False)
         return keys[:, :, : self._span], values[:, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -50,6 +50,11 @@ class RowState:
     def cache_length(self) -> int:
         return len(self.cached_ids)
 
+    def hold(self, ids: list[int]) -> None:
+        """Record that the cache now holds the layout ``ids``."""
+        self.cached_ids = ids
+        self.peak_cache_length = max(self.peak_cache_length, len(ids))
+
 
 @dataclass
 class GenerationOutput:
@@ -284,8 +289,7 @@ class CompressedGenerator:
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the blocks' slots only, not a written placeholder
             slot_mask[0, slots] = True
             embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
-            row.cached_ids = layout
-            row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
+            row.hold(layout)
             logits.append(self.model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
         width = next(x for x in logits if x is not None)
         return torch.stack([x if x is not None else torch.zeros_like(width) for x in logits])
@@ -324,7 +328,6 @@ class CompressedGenerator:
                               attention_mask={"full_attention": mask, "sliding_attention": mask})
         for row, (first, chunk, _, _) in zip(rows, chunks):
             if chunk:
-                row.cached_ids = row.cached_ids[:first] + chunk
-                row.peak_cache_length = max(row.peak_cache_length, row.cache_length)
+                row.hold(row.cached_ids[:first] + chunk)
         last = (counts - 1).clamp(min=0)
         return out.logits[torch.arange(len(rows), device=device), last]
