@@ -14,6 +14,7 @@ from hcr_kernels.cross_entropy import (
     weighted_cross_entropy,
     weighted_cross_entropy_ref,
 )
+from hcr_kernels.decode_linear import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
 from hcr_kernels.mamba_patch import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref

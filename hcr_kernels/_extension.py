@@ -29,17 +29,26 @@ def import_error() -> BaseException | None:
     return _IMPORT_ERROR
 
 
+_NO_EXTENSION = {"cpu": False, "cuda": False, "cuda_runtime_version": None, "openmp": False}
+_cached_info: tuple = (object(), _NO_EXTENSION)  # (the _C it describes, what that _C was built with)
+
+
+def _info() -> dict:
+    """What ``_C`` was built with, read once per ``_C``: the backend checks ask on every op call."""
+    global _cached_info
+    if _cached_info[0] is not _C:
+        _cached_info = (_C, _NO_EXTENSION if _C is None else dict(_C.build_info()))
+    return _cached_info[1]
+
+
 def build_info() -> dict:
     """What the compiled extension contains: ``{"cpu": bool, "cuda": bool, ...}``."""
-    if _C is None:
-        return {"cpu": False, "cuda": False, "cuda_runtime_version": None, "openmp": False}
-    return dict(_C.build_info())
+    return dict(_info())
 
 
 def native_supports(device: torch.device) -> bool:
     """Whether ``_C`` has kernels for tensors on ``device``."""
-    info = build_info()
-    return bool(info.get(device.type, False))
+    return bool(_info().get(device.type, False))
 
 
 def require_native(device: torch.device) -> None:

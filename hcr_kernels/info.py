@@ -16,6 +16,7 @@ import torch
 from hcr_kernels import _dispatch, _extension
 from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
+from hcr_kernels.decode_linear import BACKEND_CHECKS as DECODE_LINEAR_BACKENDS
 from hcr_kernels.kv_cache import BACKEND_CHECKS as KV_CACHE_BACKENDS
 from hcr_kernels.pool_scatter import BACKEND_CHECKS as POOL_SCATTER_BACKENDS
 from hcr_kernels.selective_scan import BACKEND_CHECKS as SELECTIVE_SCAN_BACKENDS
@@ -29,6 +30,7 @@ OPS = {
     "weighted_cross_entropy": CROSS_ENTROPY_BACKENDS,
     "fused_linear_cross_entropy": CROSS_ENTROPY_BACKENDS,
     "ragged_cache_write_": KV_CACHE_BACKENDS,
+    "decode_linear": DECODE_LINEAR_BACKENDS,
 }
 
 

@@ -21,6 +21,7 @@ CPU_ONLY_OPS = (
     "hcr::selective_scan_bwd",
     "hcr::causal_conv1d_fwd",
     "hcr::causal_conv1d_bwd",
+    "hcr::decode_linear",
 )
 
 

@@ -17,6 +17,7 @@ import torch
 
 from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
+from hcr_kernels.kv_cache.native import ragged_cache_write_native
 from hcr_kernels.kv_cache.reference import ragged_cache_write_ref
 
 __all__ = ["ragged_cache_write_", "ragged_cache_write_ref", "check_write_bounds", "BACKEND_CHECKS"]
@@ -61,8 +62,6 @@ def ragged_cache_write_(
     if chosen == "reference":
         ragged_cache_write_ref(key_cache, value_cache, key_states, value_states, start, count)
         return
-    from hcr_kernels.kv_cache.native import ragged_cache_write_native
-
     ragged_cache_write_native(key_cache, value_cache, key_states, value_states, start, count)
 
 

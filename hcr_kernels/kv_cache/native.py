@@ -1,10 +1,17 @@
-"""Host function of the compiled ragged cache write (``torch.ops.hcr.ragged_cache_write_``)."""
+"""Host function of the compiled ragged cache write (``torch.ops.hcr.ragged_cache_write_``), and its fake."""
 
 from __future__ import annotations
 
 import torch
 
-from hcr_kernels import _extension  # noqa: F401  (loads torch.ops.hcr)
+from hcr_kernels import _extension
+
+if _extension.extension_loaded():
+
+    @torch.library.register_fake("hcr::ragged_cache_write_")
+    def _ragged_cache_write_fake(key_cache, value_cache, key_states, value_states, start, count):
+        """Under torch.compile: the op only writes its two caches in place (declared in its schema)."""
+        return None
 
 
 def _dh_contiguous(states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""decode_linear: F.linear (reference) vs the native few-row kernel, on CPU.
+
+Two weight sets, each timed as one call per matrix in turn (so the weights are as cold
+as in a real decode step, not one matrix hot in L2):
+
+* ``tiny Qwen2``: the 29 matrices of the generation benchmark's model (hidden 256,
+  4 layers, intermediate 1024, vocabulary 512; 15.7 MB in fp32): q, k, v, o, gate,
+  up, down per layer and the lm_head.
+* ``1.5B MLP``: one MLP of R1-Distill-Qwen-1.5B (gate and up 8960 x 1536, down
+  1536 x 8960; 82 MB in bf16).
+
+M is the number of input rows (the batch of a decode step). ``bytes`` is what the
+op must stream (the weights; inputs and outputs are tiny), ``copy`` a ``clone()``
+moving as many bytes. The crossover in M is where ``NATIVE_MAX_ROWS`` comes from.
+
+``python -m pytest benchmarks/test_bench_decode_linear.py --benchmark-only``
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hcr_kernels import decode_linear
+
+TINY_QWEN2 = [(256, 256), (128, 256), (128, 256), (256, 256), (1024, 256), (1024, 256), (256, 1024)] * 4 + [(512, 256)]
+MLP_1_5B = [(8960, 1536), (8960, 1536), (1536, 8960)]
+WEIGHT_SETS = {"tiny Qwen2": TINY_QWEN2, "1.5B MLP": MLP_1_5B}
+
+CASES = [  # (weights, dtype, rows)
+    *[("tiny Qwen2", torch.float32, rows) for rows in (1, 4, 8, 16, 32)],
+    *[("tiny Qwen2", torch.bfloat16, rows) for rows in (1, 4, 8)],
+    *[("tiny Qwen2", torch.float16, rows) for rows in (1, 4, 8)],
+    ("1.5B MLP", torch.float32, 1),
+    *[("1.5B MLP", torch.bfloat16, rows) for rows in (1, 8)],
+]
+
+
+def layer_stack(shapes, dtype, rows, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(*shape, generator=generator) / shape[1] ** 0.5).to(dtype) for shape in shapes]
+    inputs = {k: torch.randn(rows, 1, k, generator=generator).to(dtype) for k in {shape[1] for shape in shapes}}
+    return weights, inputs
+
+
+@pytest.mark.parametrize("weights,dtype,rows", CASES,
+                         ids=[f"{w.split()[0]}-{str(d)[6:]}-M{r}" for w, d, r in CASES])
+@pytest.mark.parametrize("backend", ["reference", "native", "copy"])
+def test_decode_linear(benchmark, backend, weights, dtype, rows):
+    matrices, inputs = layer_stack(WEIGHT_SETS[weights], dtype, rows)
+    moved = sum(w.numel() for w in matrices) * matrices[0].element_size()
+    benchmark.group = f"decode_linear, {weights} ({moved / 2**20:.0f} MiB), {str(dtype)[6:]}, M={rows} rows"
+    benchmark.extra_info.update(backend=backend, bytes=moved)
+    if backend == "copy":
+        source = torch.randn(moved // 2 // matrices[0].element_size()).to(dtype)
+        run = source.clone
+    else:
+        def run():
+            for weight in matrices:
+                decode_linear(inputs[weight.shape[1]], weight, backend=backend)
+
+    with torch.inference_mode():
+        benchmark.pedantic(run, rounds=20 if weights == "tiny Qwen2" else 7, iterations=1, warmup_rounds=2)

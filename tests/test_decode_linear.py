@@ -1,0 +1,245 @@
+"""decode_linear: the native few-row kernel against F.linear, its dispatch, and decode_linears.
+
+Forward in every dtype the kernel supports against an fp64 oracle (odd M, N, K, with
+and without bias, N-D and non-contiguous inputs, weights with a row stride), every
+gradient against the reference's, the automatic choice (native only for few rows,
+F.linear bit for bit otherwise), the fakes torch.compile needs, bad input, and the
+``with decode_linears(model)`` patch (routes plain nn.Linear only, restores always).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
+from hcr_kernels.decode_linear import NATIVE_MAX_ROWS, native_row_limit
+
+NATIVE_DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+# (atol, rtol) against the fp64 oracle on inputs in [-1, 1]: fp32 accumulation, so
+# the error is the output's rounding plus K-term summation order.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+# (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
+# K below one vector, between vectors, over two; N = 1; larger than the row limit.
+SHAPES = [
+    pytest.param(1, 130, 257, id="M1-N130-K257"),
+    pytest.param(7, 33, 33, id="M7-N33-K33"),
+    pytest.param(3, 1, 15, id="M3-N1-K15"),
+    pytest.param(2, 64, 1, id="M2-N64-K1"),
+    pytest.param(5, 300, 96, id="M5-N300-K96"),
+    pytest.param(40, 17, 64, id="M40-N17-K64"),
+]
+
+
+def operands(rows, out_features, in_features, dtype, *, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape):
+        return (torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    return uniform(rows, in_features), uniform(out_features, in_features), uniform(out_features) if bias else None
+
+
+def oracle(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+@pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_native_forward_matches_oracle(rows, out_features, in_features, dtype, with_bias):
+    x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias)
+    out = decode_linear(x, weight, bias, backend="native")
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), oracle(x, weight, bias), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+def test_native_takes_nd_and_strided_inputs(dtype):
+    """A [B, T, K] input, a non-contiguous input, a weight whose rows sit in a wider matrix."""
+    x, wide, bias = operands(6, 40, 80, dtype)
+    weight = wide[:, 10:70]  # rows contiguous, row stride 80
+    batch = x[:, 10:70].reshape(2, 3, 60)
+    atol, rtol = TOLERANCES[dtype]
+    out = decode_linear(batch, weight, bias, backend="native")
+    assert out.shape == (2, 3, 40)
+    torch.testing.assert_close(out.double(), oracle(batch, weight, bias), atol=atol, rtol=rtol)
+    strided = x[:, 10:70:2].t()[:, :4].t()  # [4, 30] with strides in both dims
+    out = decode_linear(strided, weight[:, :30], bias, backend="native")
+    torch.testing.assert_close(out.double(), oracle(strided, weight[:, :30], bias), atol=atol, rtol=rtol)
+    transposed = weight[:, :30].t().contiguous().t()  # rows not contiguous: copied, still right
+    out = decode_linear(strided, transposed, bias, backend="native")
+    torch.testing.assert_close(out.double(), oracle(strided, transposed, bias), atol=atol, rtol=rtol)
+
+
+def test_native_empty_shapes():
+    weight, bias = torch.randn(5, 0), torch.randn(5)
+    out = decode_linear(torch.randn(3, 0), weight, bias, backend="native")
+    assert torch.equal(out, bias.expand(3, 5))  # an empty sum is the bias, as F.linear gives
+    assert torch.equal(decode_linear(torch.randn(3, 0), weight, backend="native"), torch.zeros(3, 5))
+    assert decode_linear(torch.randn(0, 4), torch.randn(5, 4), backend="native").shape == (0, 5)
+    assert decode_linear(torch.randn(2, 4), torch.randn(0, 4), backend="native").shape == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_match_reference(dtype, with_bias):
+    x, weight, bias = operands(3, 21, 37, dtype, bias=with_bias, seed=1)
+    x = x.reshape(3, 1, 37)
+    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((bias,) if with_bias else ())]
+    grad_out = operands(3, 1, 21, dtype, seed=2)[0].reshape(3, 1, 21)
+    native = decode_linear(*leaves[:2], leaves[2] if with_bias else None, backend="native")
+    assert native.grad_fn is not None
+    got = torch.autograd.grad(native, leaves, grad_out)
+    reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    expected = torch.autograd.grad(
+        decode_linear_ref(*reference_leaves[:2], reference_leaves[2] if with_bias else None), reference_leaves,
+        grad_out.double(),
+    )
+    atol, rtol = TOLERANCES[dtype]
+    for name, a, b in zip(("input", "weight", "bias"), got, expected):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b, atol=atol * 4, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_automatic_choice_is_native_only_for_few_rows():
+    weight = torch.randn(24, 16)
+    assert native_row_limit(weight) == NATIVE_MAX_ROWS[torch.float32] > 0
+    assert native_row_limit(weight.double()) == 0  # no native fp64
+    assert native_row_limit(weight.t().contiguous().t()) == 0  # rows not contiguous: no per-call copy
+    assert native_row_limit(weight, "reference") == 0
+    many = torch.randn(NATIVE_MAX_ROWS[torch.float32] + 1, 16)
+    assert torch.equal(decode_linear(many, weight), F.linear(many, weight))  # the reference, bit for bit
+    few = many[:2]
+    assert torch.equal(decode_linear(few, weight), decode_linear(few, weight, backend="native"))
+
+
+def test_backend_env_var_selects_reference(monkeypatch):
+    monkeypatch.setenv("HCR_BACKEND", "reference")
+    assert native_row_limit(torch.randn(4, 4)) == 0
+    monkeypatch.setenv("HCR_BACKEND", "native")  # a global choice: fp64 falls back instead of failing
+    assert native_row_limit(torch.randn(4, 4, dtype=torch.float64)) == 0
+
+
+def test_bad_input_names_the_argument():
+    x, weight = torch.randn(2, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"input must be \[\.\.\., K\] with K = weight.shape\[1\] = 8"):
+        decode_linear(torch.randn(2, 7), weight)
+    with pytest.raises(ValueError, match="weight must be"):
+        decode_linear(x, torch.randn(3, 8, 1))
+    with pytest.raises(ValueError, match=r"bias must be None or \[N\] = \[3\]"):
+        decode_linear(x, weight, torch.randn(4))
+    with pytest.raises(TypeError, match="must share dtype and device: input is torch.float32 on cpu, weight is "
+                                         "torch.float64"):
+        decode_linear(x, weight.double())
+    with pytest.raises(TypeError, match="backend 'native' supports"):
+        decode_linear(x.double(), weight.double(), backend="native")
+    with pytest.raises(TypeError, match="input and weight must be tensors"):
+        decode_linear([1.0] * 8, weight)
+    with pytest.raises(ValueError, match="backend 'triton' is not implemented"):
+        decode_linear(x, weight, backend="triton")
+
+
+def test_fake_kernels_for_torch_compile():
+    """Schema and fake (meta) implementations agree with the kernels, as torch.compile needs."""
+    x, weight, bias = operands(2, 5, 7, torch.float32)
+    torch.library.opcheck(torch.ops.hcr.decode_linear.default, (x.reshape(2, 1, 7), weight, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+    caches = [torch.zeros(2, 1, 6, 3) for _ in range(2)]
+    states = [torch.randn(2, 1, 2, 3) for _ in range(2)]
+    torch.library.opcheck(torch.ops.hcr.ragged_cache_write_.default,
+                          (*caches, *states, torch.tensor([0, 3]), torch.tensor([2, 1])),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    out_features=st.integers(1, 70),
+    in_features=st.integers(1, 140),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_native_matches_oracle(rows, out_features, in_features, dtype, with_bias, seed):
+    x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias, seed=seed)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(decode_linear(x, weight, bias, backend="native").double(), oracle(x, weight, bias),
+                               atol=atol, rtol=rtol)
+
+
+class Scaled(torch.nn.Linear):
+    """A Linear subclass with its own forward (as quantised linears have): left alone."""
+
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+def small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8, bias=False), Scaled(8, 4))
+
+
+def test_decode_linears_routes_plain_linears_and_restores(monkeypatch):
+    from hcr_kernels.decode_linear import patch
+
+    routed = []
+
+    def spy(input, weight, bias, row_limit):
+        routed.append((tuple(weight.shape), row_limit))
+        return patch.apply_decode_linear.__wrapped__(input, weight, bias, row_limit)
+
+    spy.__wrapped__ = patch.apply_decode_linear
+    monkeypatch.setattr(patch, "apply_decode_linear", spy)
+    model, x = small_model(), torch.randn(1, 1, 16)
+    expected = model(x)
+    with decode_linears(model):
+        assert [("forward" in vars(m)) for m in model] == [True, False, True, False]
+        inside = model(x)
+    limit = NATIVE_MAX_ROWS[torch.float32]
+    assert routed == [((32, 16), limit), ((8, 32), limit)]  # the two plain layers; the subclass kept its forward
+    torch.testing.assert_close(inside, expected, atol=1e-6, rtol=1e-6)
+    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
+    assert torch.equal(model(x), expected)
+
+
+def test_decode_linears_reference_is_bit_identical_and_gradients_flow():
+    model, x = small_model(), torch.randn(3, 16)
+    expected = model(x)
+    with decode_linears(model, backend="reference"):
+        assert torch.equal(model(x), expected)
+    with decode_linears(model):
+        loss = model(x[:1]).square().sum()
+        loss.backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_decode_linears_restores_after_an_exception_and_nests():
+    model = small_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        with decode_linears(model):
+            with decode_linears(model):  # inner block finds the layers routed already: leaves them alone
+                pass
+            assert "forward" in vars(model[0])  # the inner exit did not undo the outer block
+            raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        with decode_linears("not a model"):
+            pass
+    with pytest.raises(TypeError, match="backend 'native' supports"):  # checked before anything is patched
+        with decode_linears(small_model().double(), backend="native"):
+            pass
