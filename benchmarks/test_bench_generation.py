@@ -2,15 +2,26 @@
 
 A tiny Qwen2 (hidden 256, 4 layers, intermediate 1024; the built-in tokenizer's
 512-token vocabulary) with a 1-layer pooler, W = 10, k = 4 (the seed's setting),
-32-token prompts, greedy, no EOS (every row writes all its tokens). ``native`` is
-the fast path, ``reference`` the recompute oracle, ``generate`` transformers'
-``generate()`` on the same base without compression. Targets: fast path >= 0.8x
-generate()'s tokens/s while compressing, >= 10x the oracle at 1024 new tokens.
-The fast path's time split (decode / pooling / re-encode) and peak cache length go
-to ``extra_info``.
+32-token prompts, greedy, no EOS (every row writes all its tokens). Backends:
+
+* ``native``: the fast path as a user gets it by default (static ragged cache,
+  ``decode_linear`` for the few-row matmuls, eager);
+* ``compiled``: the same with ``compile_decode=True`` (compiled once in the fixture;
+  the compile time goes to ``extra_info``, not into the timed runs);
+* ``no-kernels``: the eager fast path with ``decode_kernels=False`` (two cases: what
+  the decode kernel adds);
+* ``reference``: the recompute oracle (batch 1 only: it re-encodes everything every step);
+* ``generate``: transformers' ``generate()`` on the same base without compression.
+
+Targets: fast path >= 0.8x generate()'s tokens/s while compressing, >= 10x the oracle
+at 1024 new tokens. The time split (decode / pooling / re-encode / other) and the peak
+cache length go to ``extra_info``. With a GPU, two cases also run on it (``cuda`` in
+the test id), for reference: a model this small is launch-bound there.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -22,39 +33,64 @@ from hcr.compression.train import PoolerSettings, build_compression_model  # noq
 from hcr.generation import CompressedGenerator  # noqa: E402
 
 PROMPT = 32
-CASES = [(1, 128), (1, 1024), (1, 2048), (8, 128), (8, 512)]
+CASES = [(1, 128), (1, 1024), (1, 2048), (8, 128), (8, 512), (8, 2048)]
+ORACLE_CASES = [(1, 128), (1, 1024)]
+NO_KERNEL_CASES = [(1, 1024), (8, 512)]
+GPU_CASES = [(1, 1024), (8, 512)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def prompt_ids(batch: int, device) -> torch.Tensor:
+    return torch.randint(20, 500, (batch, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request, tmp_path_factory):
     tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     torch.manual_seed(0)
     base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=4096)).eval()
-    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None).eval()
-    return base, CompressedGenerator(model, tokenizer, keep_last=4)
+    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    model = model.eval().to(request.param)
+    generators = {
+        "native": CompressedGenerator(model, tokenizer, keep_last=4),
+        "compiled": CompressedGenerator(model, tokenizer, keep_last=4, compile_decode=True),
+        "no-kernels": CompressedGenerator(model, tokenizer, keep_last=4, decode_kernels=False),
+    }
+    began = time.perf_counter()
+    for batch in (1, 8):  # compiles the prefill, decode and re-encode graphs for both batch sizes
+        generators["compiled"].generate(prompt_ids(batch, request.param), max_new_tokens=40, eos_token_id=-1)
+    return base, generators, time.perf_counter() - began
 
 
 @pytest.mark.parametrize("batch,new", CASES, ids=[f"B{b}-{n}-new" for b, n in CASES])
-@pytest.mark.parametrize("backend", ["generate", "native", "reference"])
+@pytest.mark.parametrize("backend", ["generate", "native", "compiled", "no-kernels", "reference"])
 def test_generation(benchmark, setup, backend, batch, new):
-    if backend == "reference" and (batch, new) not in ((1, 128), (1, 1024)):
+    if backend == "reference" and (batch, new) not in ORACLE_CASES:
         pytest.skip("the oracle is timed at batch 1 only (it re-encodes everything every step)")
-    base, generator = setup
-    ids = torch.randint(20, 500, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
-    benchmark.group = f"generation, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
+    if backend == "no-kernels" and (batch, new) not in NO_KERNEL_CASES:
+        pytest.skip("the fast path without decode kernels is timed in two cases only")
+    base, generators, compile_seconds = setup
+    device = base.device.type
+    if device == "cuda" and (batch, new) not in GPU_CASES:
+        pytest.skip("on the GPU only a few cases run, for reference")
+    ids = prompt_ids(batch, device)
+    benchmark.group = f"generation{' on GPU' if device == 'cuda' else ''}, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
     benchmark.extra_info.update(backend=backend, count=batch * new, unit="tokens")
     if backend == "generate":
         def run():
             return base.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     else:
-        strategy = "cache" if backend == "native" else "recompute"
+        generator = generators.get(backend, generators["native"])
+        strategy = "recompute" if backend == "reference" else "cache"
 
         def run():
             return generator.generate(ids, max_new_tokens=new, eos_token_id=-1, strategy=strategy,
                                       return_dict_in_generate=True)
     result = benchmark.pedantic(run, rounds=1, warmup_rounds=1 if new <= 128 else 0)
-    if backend == "native":
+    if backend != "generate":
         benchmark.extra_info.update(peak_cache=max(result.peak_cache_length),
                                     split={k: round(v, 3) for k, v in result.time_split.items()})
+    if backend == "compiled":
+        benchmark.extra_info.update(compile_seconds=round(compile_seconds, 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,78 @@ def test_answer_compression_fast_path_equals_oracle_and_builder(base, tokenizer,
         assert fast.compressions[row] > think // window  # the answer was compressed too
         built = build_compression_example(trace, fast.compressions[row], tokens, config)
         assert fast.layouts[row] == built["compressed_input_ids"][:-1].tolist()
+
+
+
+RAGGED8 = (5, 9, 3, 12, 1, 6, 8, 4)
+
+
+def test_decode_kernels_in_fp32_give_the_same_tokens(base, tokenizer, monkeypatch):
+    """fp32 is where the native decode_linear runs (in float64, as above, every layer takes F.linear)."""
+    from hcr_kernels.decode_linear import patch
+
+    native_calls = []
+
+    def spy(input, weight, bias, row_limit):
+        native_calls.append(input.numel() <= row_limit * input.shape[-1])
+        return original(input, weight, bias, row_limit)
+
+    original = patch.apply_decode_linear
+    monkeypatch.setattr(patch, "apply_decode_linear", spy)
+    model = compression_model(copy.deepcopy(base), tokenizer, 3).float()
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=4)
+    kwargs = dict(max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)
+    routed = CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, **kwargs)
+    assert sum(native_calls) > 100  # decode steps and the pooler's windows took the native kernel
+    native_calls.clear()
+    plain = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=False).generate(ids, mask, **kwargs)
+    assert not native_calls
+    assert torch.equal(routed.sequences, plain.sequences) and routed.layouts == plain.layouts
+    assert not any("forward" in vars(m) for m in model.modules())  # every layer has its own forward back
+
+
+def test_time_split_is_disjoint_and_outputs_are_plain_tensors(base, tokenizer):
+    model = compression_model(base, tokenizer, 2)
+    for strategy in ("cache", "recompute"):
+        out = CompressedGenerator(model, tokenizer, keep_last=1).generate(
+            *prompts((5, 8), len(tokenizer)), max_new_tokens=20, eos_token_id=-1, strategy=strategy,
+            return_dict_in_generate=True)
+        split = out.time_split
+        assert set(split) == {"prefill", "decode", "pooling", "re-encode", "other"}
+        assert min(split.values()) >= 0 and split["pooling"] > 0 and split["decode"] > 0
+        # "other" is what the parts leave of the wall time: parts counted twice would push it below zero
+        assert split["other"] > 0 and sum(split.values()) == pytest.approx(out.seconds)
+        assert split["re-encode"] > 0  # the steps that compressed (every step re-encodes in the oracle)
+        assert not out.sequences.is_inference()  # built outside inference mode: fine to use with autograd
+
+
+def test_compiled_decode_equals_recompute_oracle(base, tokenizer):
+    """compile_decode: prefill, decode and re-encode forwards through torch.compile (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    model = compression_model(base, tokenizer, 3)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1, compile_decode=True)
+    graphs = counters["stats"]["unique_graphs"]
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=2)
+    kwargs = dict(max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)
+    compiled = generator.generate(ids, mask, **kwargs)
+    oracle = generator.generate(ids, mask, strategy="recompute", **kwargs)
+    assert counters["stats"]["unique_graphs"] > graphs  # it really compiled
+    assert torch.equal(compiled.sequences, oracle.sequences)
+    assert compiled.layouts == oracle.layouts and min(compiled.compressions) > 0
+    again = generator.generate(ids[:, 2:], mask[:, 2:], **dict(kwargs, max_new_tokens=25))  # other sizes, same graphs
+    assert torch.equal(again.sequences, generator.generate(ids[:, 2:], mask[:, 2:], strategy="recompute",
+                                                           **dict(kwargs, max_new_tokens=25)).sequences)
+
+
+@pytest.mark.gpu
+def test_fast_path_equals_recompute_oracle_on_gpu(base, tokenizer):
+    """The same equality on CUDA, where the ragged cache write is the extension's CUDA kernel."""
+    model = compression_model(copy.deepcopy(base), tokenizer, 3).to("cuda")
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=2)
+    kwargs = dict(max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True)
+    fast = generator.generate(ids.cuda(), mask.cuda(), strategy="cache", **kwargs)
+    oracle = generator.generate(ids.cuda(), mask.cuda(), strategy="recompute", **kwargs)
+    assert torch.equal(fast.sequences, oracle.sequences)
+    assert fast.layouts == oracle.layouts and min(fast.compressions) > 0

@@ -20,10 +20,24 @@ how the next-token logits are computed:
   and the position ids are built once per step, for all rows at once.
 * ``"recompute"``: re-encodes every row's whole layout every step (the seed's
   approach with its slips fixed): slow, simple, the correctness oracle.
+
+Both run under ``torch.inference_mode`` and, by default (``decode_kernels``), with
+the model's ``nn.Linear`` layers routed through ``hcr_kernels.decode_linear``: on CPU
+the few-row matmuls of a decode step are bound by how fast the weights stream, which
+the native kernel does several times faster than the BLAS ``F.linear`` calls.
+
+With ``compile_decode=True`` the ordinary decode steps of ``"cache"`` run a
+``torch.compile``d forward: on a small model a decode step is mostly Python and
+per-op overhead, which compilation removes. Those steps attend over every cache slot
+(the mask zeroes the ones a row does not hold), so every decode step has the same
+shapes and one graph serves them all; prefill and compression steps stay eager.
+Compiling costs tens of seconds once per process, batch size and cache size (cache
+sizes are rounded up to ``COMPILED_SLOT_MULTIPLE`` so that nearby ones share a graph).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -31,8 +45,16 @@ import torch
 
 from hcr.compression.tokens import CompressionTokens
 from hcr.generation.cache import RaggedStaticCache
+from hcr_kernels import decode_linears
 
 STRATEGIES = ("cache", "recompute")
+COMPILED_SLOT_MULTIPLE = 128
+
+
+def _decoder_forward(base, embeds, positions, mask, cache):
+    """One forward of the base model against the ragged cache (explicit positions, a ready 4D mask): the logits."""
+    return base(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                attention_mask={"full_attention": mask, "sliding_attention": mask}).logits
 
 
 @dataclass
@@ -50,16 +72,20 @@ class RowState:
     def cache_length(self) -> int:
         return len(self.cached_ids)
 
-    def hold(self, ids: list[int]) -> None:
-        """Record that the cache now holds the layout ``ids``."""
-        self.cached_ids = ids
-        self.peak_cache_length = max(self.peak_cache_length, len(ids))
+    def hold(self, first: int, ids: list[int]) -> None:
+        """Record that the cache now holds what it held before slot ``first``, then ``ids`` (in place: O(len(ids)))."""
+        del self.cached_ids[first:]
+        self.cached_ids.extend(ids)
+        self.peak_cache_length = max(self.peak_cache_length, len(self.cached_ids))
 
 
 @dataclass
 class GenerationOutput:
     """``sequences``: the generated tokens ``[B, n]`` (uncompressed, padded with ``pad_token_id``);
-    per row: compressions done, peak and final cache length (slots), final layout; wall time and its split."""
+    per row: compressions done, peak and final cache length (slots), final layout; wall time and its
+    split (seconds, disjoint, summing to ``seconds``): ``prefill``, ``decode`` (ordinary steps),
+    ``pooling`` (the pooler and the splice), ``re-encode`` (the rest of the steps that compressed),
+    ``other`` (sampling and bookkeeping)."""
 
     sequences: torch.Tensor
     compressions: list[int]
@@ -72,7 +98,7 @@ class GenerationOutput:
 
 class CompressedGenerator:
     def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache",
-                 compress_answer: bool = False):
+                 compress_answer: bool = False, decode_kernels: bool = True, compile_decode: bool = False):
         if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
             raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
         window_size = model.config.window if window_size is None else window_size
@@ -89,10 +115,12 @@ class CompressedGenerator:
         self.tokens = CompressionTokens.from_tokenizer(tokenizer)
         self.window, self.keep_last, self.strategy = window_size, keep_last, strategy
         self.compress_answer = compress_answer
+        self.decode_kernels = decode_kernels
+        self.compile_decode = compile_decode
+        self._compiled_forward = torch.compile(_decoder_forward, dynamic=True) if compile_decode else None
 
     # ----------------------------------------------------------------- public
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, streamer=None,
@@ -111,32 +139,20 @@ class CompressedGenerator:
             raise ValueError("a streamer needs batch size 1")
         eos = self.tokens.eos if eos_token_id is None else eos_token_id
         pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id or eos)
-        split = {"decode": 0.0, "pooling": 0.0, "re-encode": 0.0, "prefill": 0.0}
+        split = dict.fromkeys(("prefill", "decode", "pooling", "re-encode", "other"), 0.0)
         began = time.perf_counter()
-        cache = None
-        if strategy == "cache" and max_new_tokens:
-            longest = max(len(r.prompt) for r in rows)
-            # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
-            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 4)
-        logits = self._first_logits(rows, cache, split) if max_new_tokens else None
-        for _ in range(max_new_tokens):
-            chosen = self._sample(logits, do_sample, temperature, top_k, top_p, generator)
-            compressed = []
-            for index, row in enumerate(rows):
-                if row.done:
-                    continue
-                token = int(chosen[index])
-                row.generated.append(token)
+        kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
+        with torch.inference_mode(), kernels:
+            for row, token in self._steps(rows, strategy, max_new_tokens, eos, split,
+                                          lambda logits: self._sample(logits, do_sample, temperature, top_k, top_p,
+                                                                      generator)):
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
-                if self._advance(row, token, eos, max_new_tokens):
-                    compressed.append(index)
-            if all(row.done for row in rows):
-                break
-            logits = self._next_logits(rows, compressed, cache, split)
         if streamer is not None:
             streamer.end()
-        sequences = self._pad([row.generated for row in rows], pad)
+        seconds = time.perf_counter() - began
+        split["other"] = max(0.0, seconds - sum(split.values()))
+        sequences = self._pad([row.generated for row in rows], pad)  # outside inference mode: usable with autograd
         if not return_dict_in_generate:
             return sequences
         return GenerationOutput(
@@ -145,9 +161,37 @@ class CompressedGenerator:
             peak_cache_length=[row.peak_cache_length for row in rows],
             final_cache_length=[row.cache_length for row in rows],
             layouts=[self.layout(row) for row in rows],
-            seconds=time.perf_counter() - began,
+            seconds=seconds,
             time_split=split,
         )
+
+    def _steps(self, rows, strategy, max_new_tokens, eos, split, sample):
+        """The generation loop; yields ``(row, token)`` for every token a row writes, in order."""
+        if not max_new_tokens:
+            return
+        cache = None
+        if strategy == "cache":
+            longest = max(len(r.prompt) for r in rows)
+            # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
+            slots = longest + max_new_tokens + 4
+            if self.compile_decode:
+                slots = -(-slots // COMPILED_SLOT_MULTIPLE) * COMPILED_SLOT_MULTIPLE
+            cache = RaggedStaticCache.for_model(self.model.base, len(rows), slots)
+        logits = self._first_logits(rows, cache, split)
+        for _ in range(max_new_tokens):
+            chosen = sample(logits).tolist()
+            changed = set()
+            for index, row in enumerate(rows):
+                if row.done:
+                    continue
+                token = chosen[index]
+                row.generated.append(token)
+                yield row, token
+                if self._advance(row, token, eos, max_new_tokens):
+                    changed.add(index)
+            if all(row.done for row in rows):
+                return
+            logits = self._next_logits(rows, changed, cache, split)
 
     def layout(self, row: RowState) -> list[int]:
         """A row's compressed layout, placeholders standing for the pooled vectors."""
@@ -242,32 +286,37 @@ class CompressedGenerator:
     # ----------------------------------------------------------------- logits
 
     def _first_logits(self, rows, cache, split):
-        began = time.perf_counter()
-        if cache is None:
-            logits = self._recompute(rows)
-        else:
-            chunks = [(0, list(row.prompt), [], []) for row in rows]
-            logits = self._cached_step(rows, chunks, cache)
-        split["prefill"] += time.perf_counter() - began
-        return logits
+        return self._timed(split, "prefill", lambda: self._recompute(rows, split) if cache is None else
+                           self._cached_step(rows, [(0, list(row.prompt), [], []) for row in rows], cache, split))
 
-    def _next_logits(self, rows, compressed, cache, split):
-        began = time.perf_counter()
-        if cache is None:
-            logits = self._recompute(rows)
-        else:
-            chunks = [(row.cache_length, [], [], []) if row.done else self._chunk(row) for row in rows]
-            logits = self._cached_step(rows, chunks, cache, split if compressed else None)
-        split["re-encode" if compressed else "decode"] += time.perf_counter() - began
-        return logits
+    def _next_logits(self, rows, changed, cache, split):
+        def step():
+            if cache is None:
+                return self._recompute(rows, split)
+            chunks = [(row.cache_length, [], [], []) if row.done else self._chunk(row, index in changed)
+                      for index, row in enumerate(rows)]
+            return self._cached_step(rows, chunks, cache, split)
 
-    def _chunk(self, row: RowState):
+        return self._timed(split, "re-encode" if changed else "decode", step)
+
+    @staticmethod
+    def _timed(split, key, step):
+        """Run ``step``, adding its time to ``split[key]`` less what it added to ``split["pooling"]``."""
+        began, pooled = time.perf_counter(), split["pooling"]
+        result = step()
+        split[key] += time.perf_counter() - began - (split["pooling"] - pooled)
+        return result
+
+    def _chunk(self, row: RowState, changed: bool):
         """(first slot, ids, windows, slot offsets) to feed: the row's layout from where it leaves the cache.
 
-        A decode step feeds the one new token; a compression crops the row back to the
-        first position its layout changed (its block's end marker, or where a block
-        opens) and re-encodes from there: the new vectors, the end marker, the kept tail.
+        A decode step (``changed`` False: the layout only grew by the token just
+        written) feeds that token. A compression crops the row back to the first
+        position its layout changed (its block's end marker, or where a block opens)
+        and re-encodes from there: the new vectors, the end marker, the kept tail.
         """
+        if not changed:
+            return row.cache_length, row.generated[-1:], [], []
         ids, windows, slots = self._layout(row)
         cached = row.cached_ids
         first = len(cached)
@@ -276,7 +325,7 @@ class CompressedGenerator:
         kept = [i for i, slot in enumerate(slots) if slot >= first]
         return first, ids[first:], [windows[i] for i in kept], [slots[i] - first for i in kept]
 
-    def _recompute(self, rows):
+    def _recompute(self, rows, split):
         """The oracle: every active row's whole layout, re-encoded."""
         logits = []
         for row in rows:
@@ -288,46 +337,48 @@ class CompressedGenerator:
             window_ids = torch.tensor(windows, dtype=torch.long, device=ids.device).view(-1, self.window)
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the blocks' slots only, not a written placeholder
             slot_mask[0, slots] = True
+            began = time.perf_counter()
             embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
-            row.hold(layout)
+            split["pooling"] += time.perf_counter() - began
+            row.hold(0, layout)
             logits.append(self.model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
         width = next(x for x in logits if x is not None)
         return torch.stack([x if x is not None else torch.zeros_like(width) for x in logits])
 
-    def _cached_step(self, rows, chunks, cache, split=None):
+    def _cached_step(self, rows, chunks, cache, split):
         """One forward of every row's chunk against the cache; returns each row's next-token logits."""
         device = self.model.device
-        counts = torch.tensor([len(ids) for _, ids, _, _ in chunks], dtype=torch.long, device=device)
-        starts = torch.tensor([first for first, _, _, _ in chunks], dtype=torch.long, device=device)
-        steps = max(1, int(counts.max()))
-        ids = torch.full((len(rows), steps), self.tokens.eos, dtype=torch.long, device=device)
-        slot_mask = torch.zeros_like(ids, dtype=torch.bool)
-        windows = []
-        for index, (_, chunk, chunk_windows, chunk_slots) in enumerate(chunks):
-            if chunk:
-                ids[index, : len(chunk)] = torch.tensor(chunk, device=device)
+        firsts = [first for first, _, _, _ in chunks]
+        lengths = [len(chunk) for _, chunk, _, _ in chunks]
+        steps = max(1, max(lengths))
+        filler = self.tokens.eos  # under the mask, never attended to, never written to the cache
+        ids = torch.tensor([chunk + [filler] * (steps - len(chunk)) for _, chunk, _, _ in chunks], device=device)
+        windows = [window for _, _, chunk_windows, _ in chunks for window in chunk_windows]
+        markers = self.tokens.markers
+        pooled = bool(windows) or any(token in markers for _, chunk, _, _ in chunks for token in chunk)
+        span = max(f + n for f, n in zip(firsts, lengths))  # attention reads slots [0, span)
+        if pooled:
+            began = time.perf_counter()
+            slot_mask = torch.zeros_like(ids, dtype=torch.bool)
+            for index, (_, _, _, chunk_slots) in enumerate(chunks):
                 slot_mask[index, chunk_slots] = True
-                windows.extend(chunk_windows)
-        window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, self.window)
-        began = time.perf_counter()
-        markers = set(self.tokens.markers)
-        if windows or any(token in markers for _, chunk, _, _ in chunks for token in chunk):
+            window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, self.window)
             embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
+            split["pooling"] += time.perf_counter() - began
         else:  # an ordinary decode step: plain token embeddings
             embeds = self.model.base.get_input_embeddings()(ids)
-        if split is not None:
-            split["pooling"] += time.perf_counter() - began
+        starts = torch.tensor(firsts, dtype=torch.long, device=device)
+        counts = torch.tensor(lengths, dtype=torch.long, device=device)
         positions = starts[:, None] + torch.arange(steps, device=device)
-        span = int((starts + counts).max())
         visible = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # causal, per row
         mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device).masked_fill(
             ~visible, torch.finfo(embeds.dtype).min
         )[:, None]
         cache.begin_step(starts, counts, span)
-        out = self.model.base(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                              attention_mask={"full_attention": mask, "sliding_attention": mask})
+        logits = (self._compiled_forward or _decoder_forward)(self.model.base, embeds, positions, mask, cache)
         for row, (first, chunk, _, _) in zip(rows, chunks):
             if chunk:
-                row.hold(row.cached_ids[:first] + chunk)
-        last = (counts - 1).clamp(min=0)
-        return out.logits[torch.arange(len(rows), device=device), last]
+                row.hold(first, chunk)
+        if steps == 1:
+            return logits[:, 0]
+        return logits[torch.arange(len(rows), device=device), (counts - 1).clamp(min=0)]
