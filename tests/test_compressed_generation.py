@@ -230,7 +230,6 @@ def test_answer_compression_fast_path_equals_oracle_and_builder(base, tokenizer,
         assert fast.layouts[row] == built["compressed_input_ids"][:-1].tolist()
 
 
-
 RAGGED8 = (5, 9, 3, 12, 1, 6, 8, 4)
 
 

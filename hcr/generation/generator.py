@@ -26,13 +26,11 @@ the model's ``nn.Linear`` layers routed through ``hcr_kernels.decode_linear``: o
 the few-row matmuls of a decode step are bound by how fast the weights stream, which
 the native kernel does several times faster than the BLAS ``F.linear`` calls.
 
-With ``compile_decode=True`` the ordinary decode steps of ``"cache"`` run a
-``torch.compile``d forward: on a small model a decode step is mostly Python and
-per-op overhead, which compilation removes. Those steps attend over every cache slot
-(the mask zeroes the ones a row does not hold), so every decode step has the same
-shapes and one graph serves them all; prefill and compression steps stay eager.
-Compiling costs tens of seconds once per process, batch size and cache size (cache
-sizes are rounded up to ``COMPILED_SLOT_MULTIPLE`` so that nearby ones share a graph).
+With ``compile_decode=True`` every forward of ``"cache"`` (prefill, decode,
+re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model a
+decode step is mostly Python and per-op overhead, which compilation removes. Dynamic
+shapes let every attention span and cache size share a graph (three per batch size:
+prefill, decode, re-encode); compiling them costs tens of seconds once per process.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ from hcr.generation.cache import RaggedStaticCache
 from hcr_kernels import decode_linears
 
 STRATEGIES = ("cache", "recompute")
-COMPILED_SLOT_MULTIPLE = 128
 
 
 def _decoder_forward(base, embeds, positions, mask, cache):
@@ -173,10 +170,7 @@ class CompressedGenerator:
         if strategy == "cache":
             longest = max(len(r.prompt) for r in rows)
             # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
-            slots = longest + max_new_tokens + 4
-            if self.compile_decode:
-                slots = -(-slots // COMPILED_SLOT_MULTIPLE) * COMPILED_SLOT_MULTIPLE
-            cache = RaggedStaticCache.for_model(self.model.base, len(rows), slots)
+            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 4)
         logits = self._first_logits(rows, cache, split)
         for _ in range(max_new_tokens):
             chosen = sample(logits).tolist()

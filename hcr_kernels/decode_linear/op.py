@@ -7,6 +7,7 @@ import sys
 import torch
 
 from hcr_kernels import _dispatch
+from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from hcr_kernels.decode_linear.native import decode_linear_native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
@@ -92,18 +93,14 @@ def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:
 
 
 def _check_args(input, weight, bias) -> None:
-    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"decode_linear: input and weight must be tensors, got {type(input).__name__} "
-                        f"and {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"decode_linear: weight must be [N, K], got shape {tuple(weight.shape)}")
+    check_tensor("input", input)
+    check_tensor("weight", weight, dim=2)
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"decode_linear: input must be [..., K] with K = weight.shape[1] = {weight.shape[1]}, "
                          f"got shape {tuple(input.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
         raise ValueError(f"decode_linear: bias must be None or [N] = [{weight.shape[0]}], got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    tensors = (input, weight) if bias is None else (input, weight, bias)
-    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
-        listed = ", ".join(f"{name} is {t.dtype} on {t.device}" for name, t in zip(("input", "weight", "bias"), tensors))
-        raise TypeError(f"decode_linear: input, weight and bias must share dtype and device: {listed}")
+    tensors = {"input": input, "weight": weight} if bias is None else {"input": input, "weight": weight, "bias": bias}
+    check_same_device(**tensors)
+    check_same_dtype(**tensors)
