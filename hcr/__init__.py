@@ -1,8 +1,8 @@
 """hcr: research tools for hidden capacity reasoning.
 
 The research layer (data, models, training, generation, command line) on top of
-the ops in ``hcr_kernels``. Run ``hcr demo`` for the environment report and a
-short benchmark, ``hcr --help`` for the commands.
+the ops in ``hcr_kernels``. Run ``hcr demo`` for a whole hidden-capacity experiment
+(offline, minutes on a CPU), ``hcr --help`` for the commands.
 
 Names are imported lazily (``hcr.CompressionModel`` loads transformers only when
 first used), so ``import hcr`` and the command line stay fast.
@@ -31,6 +31,8 @@ _EXPORTS = {
     "LoraSettings": "hcr.compression.train",
     "PoolerSettings": "hcr.compression.train",
     "TrainSettings": "hcr.compression.train",
+    "CompressedGenerator": "hcr.generation.generator",
+    "GenerationOutput": "hcr.generation.generator",
 }
 
 __all__ = sorted(_EXPORTS)

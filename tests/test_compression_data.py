@@ -114,7 +114,7 @@ def test_tokenize_dataset_counts_skipped_rows(tokenizer):
     pairs = [arithmetic_trace(random.Random(i)) for i in range(6)]
     rows = {"question": [q for q, _ in pairs] + ["q"], "answer": [a for _, a in pairs] + ["no think end"]}
     tokenized, skipped = tokenize_dataset(datasets.Dataset.from_dict(rows), tokenizer)
-    assert skipped == 1 and len(tokenized) == 6
+    assert skipped == {"no </think>": 1, "compression token": 0, "second </think>": 0} and len(tokenized) == 6
     one = tokenize_trace(tokenizer, *pairs[3])
     assert np.array_equal(np.asarray(tokenized[3]["input_ids"]), one.ids)
     with pytest.raises(ValueError, match="no column 'prompt'"):
@@ -258,3 +258,123 @@ def test_public_names_resolve():
         assert getattr(hcr, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         hcr.nope
+
+
+# ----------------------------------------------------------------- bad data: a clear error or a counted skip
+
+
+def test_tokenize_dataset_counts_skips_by_reason(tokenizer):
+    import datasets
+
+    from hcr.compression.traces import format_skips
+
+    good_q, good_a = arithmetic_trace(random.Random(0))
+    rows = [(good_q, good_a), ("q", "no think end"), ("q <|fim_pad|>", good_a), ("q", good_a + "<|vision_end|>"),
+            ("q", good_a.replace("Okay", "<|vision_start|>")), ("q", good_a + "</think>"), ("q </think>", good_a)]
+    tokenized, skipped = tokenize_dataset(datasets.Dataset.from_dict({"question": [q for q, _ in rows],
+                                                                      "answer": [a for _, a in rows]}), tokenizer)
+    assert skipped == {"no </think>": 1, "compression token": 3, "second </think>": 2}
+    assert len(tokenized) == 1 and np.array_equal(tokenized[0]["input_ids"], tokenize_trace(tokenizer, good_q, good_a).ids)
+    assert format_skips(skipped) == "skipped: 1 no </think>, 3 compression token, 2 second </think>"
+    with pytest.raises(ValueError, match=r"cannot be trained on \(compression token\)"):
+        tokenize_trace(tokenizer, "q <|fim_pad|>", good_a)
+
+
+class AliasingTokenizer:
+    """One id per character, except that "@" reads as the placeholder and "#" as ``</think>``: a
+    tokenizer may map ordinary text to these ids, which the text check alone would not see."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        aliases = {"@": TOKENS.placeholder, "#": TOKENS.think_end}
+        return {"input_ids": [[aliases.get(c, 20 + ord(c)) for c in text] for text in texts]}
+
+
+def test_compression_and_think_end_ids_are_skipped_too():
+    from hcr.compression.traces import tokenize_traces_batch
+
+    questions = ["q", "q@", "q", "q", "q#"]
+    answers = ["<think>\nrr</think>a", "<think>\nrr</think>a", "<think>\nr@</think>a", "<think>\nrr</think>a#",
+               "<think>\nrr</think>a"]
+    traces = tokenize_traces_batch(AliasingTokenizer(), TOKENS, questions, answers)
+    assert [t is not None for t in traces] == [True, False, False, False, False]
+    with pytest.raises(ValueError, match=r"\(second </think>\)"):
+        tokenize_trace(AliasingTokenizer(), "q", "<think>\nr#r</think>a", tokens=TOKENS)
+
+
+_PIECES = ["<|fim_pad|>", "<|vision_start|>", "<|vision_end|>", "</think>", "<think>", "\n", " ", "a", "7", "+",
+           " plus", "Adding", "é", "<|", "|>", "</", "think>"]
+_text = st.lists(st.sampled_from(_PIECES), max_size=25).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(_text, st.one_of(_text, st.tuples(_text, _text).map("</think>".join))),
+                     min_size=1, max_size=4),
+       window=st.integers(1, 4), compress_answer=st.booleans())
+def test_any_text_is_a_counted_skip_or_makes_right_slots(tokenizer, rows, window, compress_answer):
+    import datasets
+
+    from hcr.compression.examples import window_tokens
+    from hcr.compression.tokens import COMPRESSION_TOKENS
+    from hcr.compression.traces import tokenize_traces_batch
+
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    questions, answers = [q for q, _ in rows], [a for _, a in rows]
+    tokenized, skipped = tokenize_dataset(datasets.Dataset.from_dict({"question": questions, "answer": answers}),
+                                          tokenizer)
+    traces = tokenize_traces_batch(tokenizer, tokens, questions, answers)
+    kept = [t for t in traces if t is not None]
+    assert sum(skipped.values()) == len(rows) - len(kept) and len(tokenized) == len(kept)
+    config = ExampleConfig(window=window, compress_answer=compress_answer)
+    for (question, answer), trace in zip(rows, traces):
+        bad_text = (any(s in text for s in COMPRESSION_TOKENS for text in (question, answer))
+                    or "</think>" in question or answer.count("</think>") != 1)
+        assert (trace is None) == bad_text  # the tiny tokenizer maps no other text to those ids
+        if trace is None:
+            continue
+        for stage, example in enumerate(build_compression_examples(trace, tokens, config), start=1):
+            slots = int((example["compressed_input_ids"] == tokens.placeholder).sum())
+            assert slots == stage  # stage k compresses k windows
+            windows = window_tokens(example["replaced_original_tokens"], example["original_tokens"],
+                                    tokens.placeholder, window, slots=slots)
+            assert windows.shape == (slots, window)
+
+
+def test_bad_jsonl_traces_name_the_file_line_and_column(tokenizer, tmp_path):
+    import json
+
+    import datasets
+    import transformers
+
+    from hcr.compression.train import PoolerSettings, TrainSettings, build_compression_model, load_traces, train_compressor
+
+    good = json.dumps({"question": "q", "answer": "<think>\nr</think>a"})
+
+    def write(name, *lines):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match=r"broken.jsonl, line 3: not valid JSON"):
+        load_traces(write("broken.jsonl", good, "", '{"question": "x", "answer": '))
+    with pytest.raises(ValueError, match=r"list.jsonl, line 2: expected a JSON object, got list"):
+        load_traces(write("list.jsonl", good, "[1, 2]"))
+    with pytest.raises(ValueError, match=r"null.jsonl, line 1: has a null 'answer'"):
+        load_traces(write("null.jsonl", '{"question": "q", "answer": null}'))
+    with pytest.raises(ValueError, match=r"number.jsonl, line 1: 'question' holds a int, not text"):
+        load_traces(write("number.jsonl", '{"question": 3, "answer": "a"}'))
+    renamed = write("renamed.jsonl", good, '{"prompt": "q", "answer": "<think>\\nr</think>a"}')
+    assert len(load_traces(write("blank.jsonl", good, "", good))) == 2
+    assert load_traces(write("prompt.jsonl", renamed.read_text().splitlines()[1]), question_column="prompt")[0] == {
+        "prompt": "q", "answer": "<think>\nr</think>a"}
+
+    # the same messages from train_compressor, before anything trains
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    model = build_compression_model(transformers.Qwen2ForCausalLM(config), tokenizer, 2,
+                                    pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    settings = TrainSettings(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1)
+    with pytest.raises(ValueError, match=r"renamed.jsonl, line 2: has no field 'question'; its fields are "
+                                         r"\['answer', 'prompt'\] \(choose others with --question-column"):
+        train_compressor(model, tokenizer, renamed, settings=settings)
+    with pytest.raises(ValueError, match=r"no column 'question'; it has \['prompt', 'answer'\]"):
+        train_compressor(model, tokenizer, datasets.Dataset.from_dict({"prompt": ["q"], "answer": ["a"]}),
+                         settings=settings)

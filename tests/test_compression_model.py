@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -219,3 +220,95 @@ def test_command_line_trains_and_saves(tokenizer, base, tmp_path):
     assert config["window"] == 4 and config["base_model_name_or_path"] == str(base_dir)
     loaded = CompressionModel.from_pretrained(out)  # the base comes from the path in the config
     assert loaded.config.window == 4
+
+
+def test_an_interrupted_save_never_loads_as_if_complete(tokenizer, base, tmp_path, monkeypatch):
+    """A save fails while writing or while moving into place: the folder then loads the previous
+    complete save or not at all, never a mix; a user's other files in it survive."""
+    model = build_compression_model(base, tokenizer, WINDOW, pooler=PoolerSettings(num_hidden_layers=1),
+                                    lora=LoraSettings(r=4, alpha=4))
+    target = tmp_path / "saved"
+
+    def state_of(pooler):
+        return {name: tensor.detach().clone() for name, tensor in pooler.state_dict().items()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    def train_a_bit():  # new weights everywhere, so a mix of two saves would show
+        with torch.no_grad():
+            for parameter in model.pooler.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter))
+        return state_of(model.pooler)
+
+    def loads(expected):
+        loaded = CompressionModel.from_pretrained(target, base_model=base)
+        got = state_of(loaded.pooler)
+        return got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    # the pooler's weights are written after the adapter: failing there leaves no folder at all
+    with monkeypatch.context() as patch:
+        patch.setattr(EmbedPooler, "save_pretrained", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            model.save_pretrained(target)
+    assert list(tmp_path.iterdir()) == []
+
+    # the other ranks of a data-parallel run write nothing
+    model.save_pretrained(target, is_main_process=False)
+    assert list(tmp_path.iterdir()) == []
+
+    # a complete save, with a user's file beside it; a second save failing while writing keeps the first
+    old = train_a_bit()
+    model.save_pretrained(target)
+    (target / "notes.txt").write_text("mine")
+    train_a_bit()
+    with monkeypatch.context() as patch:
+        patch.setattr(EmbedPooler, "save_pretrained", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            model.save_pretrained(target)
+    assert loads(old)
+
+    # a save killed at each step of moving the files into place: the old save or nothing, never a mix
+    real_replace, moves = os.replace, []
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", lambda src, dst: (moves.append(dst), real_replace(src, dst)))
+        model.save_pretrained(target)
+    assert len(moves) >= 4
+    for failing in range(1, len(moves) + 1):
+        old = train_a_bit()
+        model.save_pretrained(target)
+        assert loads(old)
+        new, calls = train_a_bit(), []
+
+        def killed(src, dst, failing=failing, calls=calls):
+            calls.append(dst)
+            if len(calls) == failing:
+                raise OSError("killed")
+            real_replace(src, dst)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed)
+            with pytest.raises(OSError, match="killed"):
+                model.save_pretrained(target)
+        try:
+            intact = loads(old)
+        except OSError:  # does not load at all: fine
+            intact = True
+        assert intact, f"killed at move {failing} of {len(moves)}: the folder loads, but not the old save"
+        assert (target / "notes.txt").read_text() == "mine"
+    model.save_pretrained(target)
+    assert loads(new) and (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no staging folder left behind
+
+
+def test_loss_normalised_by_the_steps_token_count(tokenizer, traces, base):
+    """With the Trainer's ``num_items_in_batch`` (all supervised tokens of the optimizer step, over
+    gradient accumulation and data-parallel ranks) the loss is this batch's sum over that count."""
+    model = build_compression_model(base, tokenizer, WINDOW, lora=None)
+    batch = batch_of(tokenizer, traces)
+    kept = int((batch["labels"][:, 1:] != -100).sum())
+    mean = model(**batch).loss
+    for return_logits in (False, True):
+        share = model(**batch, num_items_in_batch=torch.tensor(3 * kept), return_logits=return_logits).loss
+        torch.testing.assert_close(share, mean / 3, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,8 @@
-"""``hcr train-compressor``: the flags and the entry point (heavy imports only when it runs)."""
+"""``hcr train-compressor``: the flags and the entry point (heavy imports only when it runs).
+
+Data-parallel: ``torchrun --nproc_per_node N $(which hcr) train-compressor ...`` (or
+``accelerate launch --num_processes N``); DDP over NCCL on GPUs, gloo on CPUs.
+"""
 
 from __future__ import annotations
 
@@ -45,13 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from hcr.compression.examples import ExampleConfig
     from hcr.compression.train import LoraSettings, PoolerSettings, TrainSettings, build_compression_model, train_compressor
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
     base = AutoModelForCausalLM.from_pretrained(args.base)
+    set_seed(args.seed)  # the pooler's random parts (LoRA, --random-init) come from --seed too
     model = build_compression_model(
         base, tokenizer, args.window,
         pooler=PoolerSettings(args.pooler_layers, not args.no_own_embeddings, args.projection, not args.random_init),
@@ -68,7 +73,9 @@ def main(args: argparse.Namespace) -> int:
         report_to=args.report_to, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         resume_from_checkpoint=args.resume,
     )
-    train_compressor(model, tokenizer, args.dataset, examples=examples, settings=settings,
-                     question_column=args.question_column, answer_column=args.answer_column, num_proc=args.num_proc)
-    print(f"hcr: pooler and adapter saved to {args.output_dir}")
+    trainer = train_compressor(model, tokenizer, args.dataset, examples=examples, settings=settings,
+                               question_column=args.question_column, answer_column=args.answer_column,
+                               num_proc=args.num_proc)
+    if trainer.is_world_process_zero():  # under torchrun / accelerate launch only the first process writes
+        print(f"hcr: pooler and adapter saved to {args.output_dir}")
     return 0

@@ -10,12 +10,17 @@ scatter in one pass) and the block markers taken from the pooler's own table
 
 Only the pooler trains. ``save_pretrained`` writes the config, the pooler and its
 LoRA adapter, never the frozen base, which ``from_pretrained`` loads from the path
-in the config (or takes as an argument).
+in the config (or takes as an argument). Saving is atomic: the files are written
+into a temporary folder next to the target and moved into place, the config last,
+so an interrupted save never leaves a folder that loads as if it were complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -24,9 +29,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hcr.compression.examples import window_tokens
 from hcr.compression.pooler import EmbedPooler
 from hcr.compression.tokens import CompressionTokens
-from hcr_kernels import fused_linear_cross_entropy, pool_scatter
+from hcr_kernels import fused_linear_cross_entropy, pool_scatter, window_mean_pool
 
 POOLER_DIR, ADAPTER_DIR = "pooler", "pooler_adapter"
+CONFIG_FILE = "config.json"  # written last: its presence marks a complete save
 
 
 class CompressionConfig(PretrainedConfig):
@@ -81,6 +87,10 @@ class CompressionModel(PreTrainedModel):
             return self.pooler.window_hidden_states(window_embeds=self.base.get_input_embeddings()(window_ids))
         return self.pooler.window_hidden_states(window_ids)
 
+    def pooled_windows(self, window_ids: torch.Tensor) -> torch.Tensor:
+        """The vector each window ``[N, W]`` is compressed into, ``[N, hidden]`` (what a slot receives)."""
+        return window_mean_pool(self._window_hidden_states(window_ids))
+
     def compressed_embeddings(self, input_ids: torch.Tensor, window_ids: torch.Tensor,
                               slot_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``inputs_embeds`` of a compressed batch: ``input_ids [B, T]``, ``window_ids [N, W]``."""
@@ -105,10 +115,15 @@ class CompressionModel(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, slot_mask=None, window_ids=None,
                 compressed_input_ids=None, replaced_original_tokens=None, original_tokens=None,
-                return_logits: bool | None = None, **kwargs):
+                return_logits: bool | None = None, num_items_in_batch=None, **kwargs):
         """A compressed batch (``input_ids``, ``window_ids``, optional ``slot_mask``) or the seed's three
         aligned sequences. With ``labels`` the loss is computed without materialising the logits unless
-        ``return_logits``; without labels the logits are returned."""
+        ``return_logits``; without labels the logits are returned.
+
+        The loss is the mean over this batch's supervised tokens, or, with ``num_items_in_batch``
+        (which the Trainer passes: the supervised tokens of the whole optimizer step, over gradient
+        accumulation and every data-parallel rank), their sum divided by it, so that the step's
+        gradient is the mean over all of its tokens however the batch is split."""
         if compressed_input_ids is not None:
             input_ids = compressed_input_ids
             window_ids = self.windows_from_aligned(replaced_original_tokens, original_tokens)
@@ -121,7 +136,9 @@ class CompressionModel(PreTrainedModel):
                 slot_mask &= attention_mask.bool()
         embeds = self.compressed_embeddings(input_ids, window_ids, slot_mask)
         if labels is None or return_logits:
-            out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False,
+                            **(loss_kwargs if labels is not None else {}))
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
         hidden = self.base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                          use_cache=False).last_hidden_state
@@ -130,27 +147,65 @@ class CompressionModel(PreTrainedModel):
             hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, labels[:, 1:].reshape(-1),
             bias=head.bias,
         )
+        if num_items_in_batch is not None:  # mean over this batch -> its share of the step's mean
+            kept = (labels[:, 1:] != -100).sum().to(loss.dtype)
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(device=loss.device, dtype=loss.dtype)
+            loss = loss * kept / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     # ------------------------------------------------------------- saving
 
-    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
-        """Config, pooler and LoRA adapter; the frozen base is not re-saved."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.config.save_pretrained(save_directory)
+    def save_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs):
+        """Config, pooler and LoRA adapter; the frozen base is not re-saved. Atomic, see ``_install``.
+
+        ``is_main_process=False`` (the Trainer's other data-parallel ranks) writes nothing.
+        ``state_dict`` and the other keywords of ``PreTrainedModel.save_pretrained`` are accepted for
+        the Trainer's sake and ignored: the pooler's own modules are saved.
+        """
+        if not is_main_process:
+            return
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            self._write(staging)
+            _install(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write(self, directory: Path) -> None:
         pooler, weights = self.pooler, None
         if hasattr(pooler, "peft_config"):
-            pooler.save_pretrained(os.path.join(save_directory, ADAPTER_DIR))
+            pooler.save_pretrained(str(directory / ADAPTER_DIR))
             pooler = pooler.get_base_model()
             # the pooler's own weights, without the LoRA layers peft injected into it
             weights = {k.replace(".base_layer", ""): v for k, v in pooler.state_dict().items() if "lora_" not in k}
-        pooler.save_pretrained(os.path.join(save_directory, POOLER_DIR), state_dict=weights)
+        pooler.save_pretrained(str(directory / POOLER_DIR), state_dict=weights)
+        self.config.save_pretrained(str(directory))
+
+    def load_pooler_state(self, path) -> None:
+        """Copy the pooler (and adapter) weights saved at ``path`` into this model, in place.
+
+        For resuming: the optimizer keeps pointing at the same parameters. The saved model must have
+        this model's window and the same LoRA layout.
+        """
+        config = _saved_config(str(path))
+        if config.window != self.config.window:
+            raise ValueError(f"{path} holds a pooler for windows of {config.window}, this model's window is "
+                             f"{self.config.window}")
+        has_adapter = (Path(path) / ADAPTER_DIR).is_dir()
+        if has_adapter != hasattr(self.pooler, "peft_config"):
+            raise ValueError(f"{path} holds a pooler {'with' if has_adapter else 'without'} a LoRA adapter, this "
+                             f"model's pooler has {'one' if hasattr(self.pooler, 'peft_config') else 'none'}")
+        saved = type(self).from_pretrained(path, base_model=self.base, is_trainable=True)
+        self.pooler.load_state_dict(saved.pooler.state_dict())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, base_model=None, is_trainable=False, **kwargs):
         """Load a saved compression model; the base comes from ``base_model`` or the config's path."""
         path = str(pretrained_model_name_or_path)
-        config = CompressionConfig.from_pretrained(path)
+        config = _saved_config(path)
         if base_model is None:
             if not config.base_model_name_or_path:
                 raise ValueError("the config names no base model: pass base_model=")
@@ -162,3 +217,50 @@ class CompressionModel(PreTrainedModel):
 
             pooler = PeftModel.from_pretrained(pooler, adapter, is_trainable=is_trainable)
         return cls(config, base_model, pooler)
+
+
+def _saved_config(path: str) -> CompressionConfig:
+    """The config of a complete save. Checked here because transformers returns a default config
+    for a folder without one, and a missing config is what marks an unfinished save."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise FileNotFoundError(f"{path} holds no complete compression model: {CONFIG_FILE} is missing "
+                                "(not a save, or an interrupted one)")
+    return CompressionConfig.from_pretrained(path)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move a complete save from ``staging`` into ``target`` so that no interruption leaves a loadable half.
+
+    A new target is the staging folder renamed (one atomic step). An existing one (the Trainer
+    creates its folders first; a user's output folder may hold other files, which are kept) loses
+    its config first, which makes it unloadable; then the pooler and adapter folders are swapped in
+    (a stale adapter of an earlier save is removed), and the config is moved in last. Each move is
+    an ``os.replace`` within one file system. This guards against a failing or killed process, not
+    against power loss (nothing is fsynced).
+    """
+    if not target.exists():
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a save folder is not
+        try:
+            os.replace(staging, target)
+            return
+        except OSError:  # created meanwhile by someone else: install file by file below
+            if not target.is_dir():
+                raise
+    if not target.is_dir():
+        raise NotADirectoryError(f"cannot save into {target}: it is not a directory")
+    old = staging / ".replaced"
+    old.mkdir()
+    if (target / CONFIG_FILE).exists():
+        os.replace(target / CONFIG_FILE, old / CONFIG_FILE)
+    for name in (POOLER_DIR, ADAPTER_DIR):
+        if (target / name).exists():
+            os.replace(target / name, old / name)
+        if (staging / name).exists():
+            os.replace(staging / name, target / name)
+    os.replace(staging / CONFIG_FILE, target / CONFIG_FILE)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

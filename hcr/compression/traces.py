@@ -5,6 +5,10 @@
 Each part is tokenized on its own and the ids are concatenated, so the ids and
 the content kinds agree by construction (tokenizing the whole string and
 assuming the part lengths add up breaks wherever BPE merges across a boundary).
+
+A trace whose text holds a compression token or a second ``</think>`` is skipped and
+counted, like one without ``</think>``: its compressed views would have placeholder
+slots (or a reasoning end) that no window fills.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from hcr.compression.tokens import THINK_END, THINK_START, CompressionTokens
+from hcr.compression.tokens import COMPRESSION_TOKENS, THINK_END, THINK_START, CompressionTokens
 
 
 class Content(IntEnum):
@@ -28,6 +32,13 @@ class Content(IntEnum):
 
 class MissingThinkEndError(ValueError):
     """The answer has no ``</think>``: there is no reasoning part to compress."""
+
+
+# Why a trace is skipped: the keys of ``tokenize_dataset``'s count.
+NO_THINK_END = "no </think>"
+COMPRESSION_TOKEN = "compression token"  # in the question, reasoning or answer, as text or as an id
+SECOND_THINK_END = "second </think>"  # in the question or after the first one
+SKIP_REASONS = (NO_THINK_END, COMPRESSION_TOKEN, SECOND_THINK_END)
 
 
 @dataclass(frozen=True)
@@ -66,15 +77,32 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_traces_batch(tokenizer, tokens: CompressionTokens, questions: list[str], answers: list[str]):
-    """Tokenize many traces at once; rows without ``</think>`` become None (the caller counts them)."""
-    split = []
-    for answer in answers:
-        try:
-            split.append(split_answer(answer))
-        except MissingThinkEndError:
-            split.append(None)
-    keep = [i for i, parts in enumerate(split) if parts is not None]
+def _text_skip_reason(question: str, answer: str) -> str | None:
+    """Checked first: a skipped row is not even tokenized."""
+    if THINK_END not in answer:
+        return NO_THINK_END
+    if any(token in text for token in COMPRESSION_TOKENS for text in (question, answer)):
+        return COMPRESSION_TOKEN
+    if THINK_END in question or answer.count(THINK_END) > 1:
+        return SECOND_THINK_END
+    return None
+
+
+def _ids_skip_reason(tokens: CompressionTokens, parts) -> str | None:
+    """The same check on the ids: a tokenizer may map other text to these tokens."""
+    compression = {tokens.placeholder, tokens.block_start, tokens.block_end}
+    if any(not compression.isdisjoint(part) for part in parts):
+        return COMPRESSION_TOKEN
+    if any(tokens.think_end in part for part in parts):
+        return SECOND_THINK_END
+    return None
+
+
+def _tokenize_batch(tokenizer, tokens: CompressionTokens, questions: list[str], answers: list[str]):
+    """(traces, reasons): a TokenizedTrace and None per usable row, None and its SKIP_REASONS entry per other."""
+    reasons = [_text_skip_reason(q, a) for q, a in zip(questions, answers)]
+    keep = [i for i, reason in enumerate(reasons) if reason is None]
+    split = {i: split_answer(answers[i]) for i in keep}
     question_ids = _encode(tokenizer, [questions[i] for i in keep])
     reasoning_ids = _encode(tokenizer, [split[i][0] for i in keep])
     answer_ids = _encode(tokenizer, [split[i][1] for i in keep])
@@ -82,6 +110,9 @@ def tokenize_traces_batch(tokenizer, tokens: CompressionTokens, questions: list[
     head = [tokens.bos, tokens.user]
     results: list[TokenizedTrace | None] = [None] * len(answers)
     for row, q, r, a in zip(keep, question_ids, reasoning_ids, answer_ids):
+        reasons[row] = _ids_skip_reason(tokens, (q, r, a))
+        if reasons[row] is not None:
+            continue
         prompt_tail = [tokens.assistant, tokens.think_start] + newline
         parts = [
             (head, Content.TEMPLATE),
@@ -98,14 +129,22 @@ def tokenize_traces_batch(tokenizer, tokens: CompressionTokens, questions: list[
         reasoning_end = reasoning_start + len(r)
         answer_start = reasoning_end + 1
         results[row] = TokenizedTrace(ids, kinds, reasoning_start, reasoning_end, answer_start, answer_start + len(a))
-    return results
+    return results, reasons
+
+
+def tokenize_traces_batch(tokenizer, tokens: CompressionTokens, questions: list[str], answers: list[str]):
+    """Tokenize many traces at once; a row that cannot be trained on (one of SKIP_REASONS) becomes None."""
+    return _tokenize_batch(tokenizer, tokens, questions, answers)[0]
 
 
 def tokenize_trace(tokenizer, question: str, answer: str, tokens: CompressionTokens | None = None) -> TokenizedTrace:
-    """Tokenize one (question, answer-with-think) pair; raises MissingThinkEndError without ``</think>``."""
+    """Tokenize one (question, answer-with-think) pair; raises MissingThinkEndError without ``</think>``,
+    a ValueError naming the reason for another trace that would be skipped."""
     tokens = tokens or CompressionTokens.from_tokenizer(tokenizer)
     split_answer(answer)  # raises with the message when </think> is missing
-    (trace,) = tokenize_traces_batch(tokenizer, tokens, [question], [answer])
+    (trace,), (reason,) = _tokenize_batch(tokenizer, tokens, [question], [answer])
+    if trace is None:
+        raise ValueError(f"this trace cannot be trained on ({reason}): {question[:40]!r}, {answer[:80]!r}")
     return trace
 
 
@@ -113,25 +152,42 @@ TRACE_COLUMNS = ("input_ids", "content_kinds", "reasoning_start", "reasoning_end
 
 
 def tokenize_dataset(dataset, tokenizer, *, question_column="question", answer_column="answer", num_proc=None):
-    """Tokenize a ``datasets.Dataset`` of traces; returns (tokenized dataset, rows skipped for lack of ``</think>``)."""
+    """Tokenize a ``datasets.Dataset`` of traces; returns (tokenized dataset, skipped rows by reason).
+
+    The count has every one of SKIP_REASONS as a key (``format_skips`` words it); the map keeps a
+    row per trace, marked with its reason, so that the count holds under ``num_proc`` too.
+    """
     for column in (question_column, answer_column):
         if column not in dataset.column_names:
             raise ValueError(f"the dataset has no column {column!r}; it has {dataset.column_names}")
     tokens = CompressionTokens.from_tokenizer(tokenizer)
+    empty = np.zeros(0, dtype=np.int64)
 
     def tokenize(batch):
-        traces = tokenize_traces_batch(tokenizer, tokens, batch[question_column], batch[answer_column])
-        kept = [t for t in traces if t is not None]
+        traces, reasons = _tokenize_batch(tokenizer, tokens, batch[question_column], batch[answer_column])
         return {
-            "input_ids": [t.ids for t in kept],
-            "content_kinds": [t.kinds for t in kept],
-            "reasoning_start": [t.reasoning_start for t in kept],
-            "reasoning_end": [t.reasoning_end for t in kept],
-            "answer_start": [t.answer_start for t in kept],
-            "answer_end": [t.answer_end for t in kept],
+            "input_ids": [empty if t is None else t.ids for t in traces],
+            "content_kinds": [empty.astype(np.int8) if t is None else t.kinds for t in traces],
+            "reasoning_start": [0 if t is None else t.reasoning_start for t in traces],
+            "reasoning_end": [0 if t is None else t.reasoning_end for t in traces],
+            "answer_start": [0 if t is None else t.answer_start for t in traces],
+            "answer_end": [0 if t is None else t.answer_end for t in traces],
+            "skipped": [reason or "" for reason in reasons],
         }
 
     tokenized = dataset.map(
         tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc="tokenizing traces"
     )
-    return tokenized, len(dataset) - len(tokenized)
+    reasons = tokenized["skipped"][:]  # a list at once (iterating a datasets Column goes row by row)
+    skipped = {reason: 0 for reason in SKIP_REASONS}
+    for reason in reasons:
+        if reason:
+            skipped[reason] += 1
+    tokenized = tokenized.select([i for i, reason in enumerate(reasons) if not reason]).remove_columns("skipped")
+    return tokenized, skipped
+
+
+def format_skips(skipped: dict[str, int]) -> str:
+    """``tokenize_dataset``'s count in words: "none skipped" or "skipped: 2 no </think>, 1 compression token"."""
+    counts = [f"{n} {reason}" for reason, n in skipped.items() if n]
+    return "skipped: " + ", ".join(counts) if counts else "none skipped"

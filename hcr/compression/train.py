@@ -1,25 +1,31 @@
 """Training the embed pooler: LoRA through peft, the Hugging Face Trainer, the lazy examples.
 
 ``train_compressor`` is the Python entry point and ``hcr train-compressor`` its
-command line. The Trainer brings multi-GPU (``accelerate launch`` / ``torchrun``),
-checkpoints and resume, tqdm progress and ``report_to``; wandb runs offline unless
-an API key is set, and never prompts.
+command line. The Trainer brings data-parallel training (``torchrun`` / ``accelerate
+launch``: DDP over NCCL on GPUs, over gloo on CPUs), checkpoints and resume, tqdm
+progress and ``report_to``; wandb runs offline unless an API key is set, and never
+prompts. Under a launcher only the first process prints and writes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hcr.compression.collator import CompressionCollator
 from hcr.compression.examples import CompressionExampleDataset, ExampleConfig
-from hcr.compression.model import CompressionConfig, CompressionModel
+from hcr.compression.model import POOLER_DIR, CompressionConfig, CompressionModel
 from hcr.compression.pooler import EmbedPooler
 from hcr.compression.tokens import CompressionTokens
-from hcr.compression.traces import tokenize_dataset
+from hcr.compression.traces import format_skips, tokenize_dataset
+from hcr.files import read_jsonl, require_fields
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -90,13 +96,14 @@ class TrainSettings:
     extra: dict = field(default_factory=dict)
 
     def training_arguments(self):
+        """The ``TrainingArguments``; creating them sets up the process group under a launcher."""
         from transformers import TrainingArguments
 
         on_gpu = torch.cuda.is_available()
-        optional = dict(self.extra)
+        optional = {**launcher_arguments(), **self.extra}
         if self.gradient_checkpointing:  # named so in transformers 4.x; 5.x also takes activation_checkpointing
             optional["gradient_checkpointing"] = True
-        return TrainingArguments(
+        args = TrainingArguments(
             output_dir=self.output_dir,
             max_steps=self.max_steps,
             num_train_epochs=self.num_train_epochs,
@@ -114,10 +121,66 @@ class TrainSettings:
             remove_unused_columns=False,
             **optional,
         )
+        check_data_parallel(args)
+        return args
+
+
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, accelerate launch) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _ddp_accelerator() -> bool:
+    """Whether accelerate will run DDP on an accelerator here (CUDA: NCCL; also XPU, NPU...)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None:  # torch < 2.6
+        return torch.cuda.is_available()
+    return accelerator.is_available() and accelerator.current_accelerator().type != "mps"
+
+
+def launcher_arguments() -> dict:
+    """``TrainingArguments`` that make a launch on a machine without a GPU real DDP over gloo.
+
+    Under a launcher (``LOCAL_RANK`` set) accelerate's ``PartialState`` only chooses its
+    multi-CPU mode when told the run is on CPU (``use_cpu``). Without that flag and without a GPU
+    it still opens a process group but records no distributed type, so the Trainer runs in
+    ``ParallelMode.NOT_PARALLEL``: no DDP, no sharded sampler, every rank trains alone on all the
+    data and every rank writes the output folder. With a GPU, accelerate picks NCCL by itself.
+    """
+    if int(os.environ.get("LOCAL_RANK", "-1")) == -1 or _ddp_accelerator():
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"}
+
+
+def check_data_parallel(args) -> None:
+    """Refuse a launch whose ranks would train independently (see ``launcher_arguments``)."""
+    from transformers.training_args import ParallelMode
+
+    launched = launched_processes()
+    if launched > 1 and (args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size != launched):
+        raise RuntimeError(
+            f"launched as {launched} processes but the Trainer is in {args.parallel_mode} with world size "
+            f"{args.world_size}: every process would train alone and write the same output (without a GPU "
+            f"hcr sets use_cpu=True, ddp_backend='gloo'; check TrainSettings.extra)")
+
+
+def check_jsonl_traces(path, columns) -> None:
+    """Every line of a jsonl file is a JSON object with text in ``columns``, or a ValueError naming
+    the file, the line and the column: pyarrow's reader reports neither, and fills a missing value
+    with null."""
+    for number, row in read_jsonl(path):
+        where = f"{path}, line {number}"
+        require_fields(row, columns, where, " (choose others with --question-column / --answer-column)")
+        for column in columns:
+            if not isinstance(row[column], str):
+                raise ValueError(f"{where}: {column!r} holds a {type(row[column]).__name__}, not text")
 
 
 def load_traces(source, *, question_column: str = "question", answer_column: str = "answer"):
-    """A ``datasets.Dataset`` from a local jsonl/json/Arrow path, a saved dataset folder, or a hub name."""
+    """A ``datasets.Dataset`` from a local jsonl/json/Arrow path, a saved dataset folder, or a hub name.
+
+    A ``.jsonl`` file is checked line by line first (``check_jsonl_traces``).
+    """
     import datasets
 
     if isinstance(source, datasets.Dataset):
@@ -126,12 +189,41 @@ def load_traces(source, *, question_column: str = "question", answer_column: str
     if path.is_dir():
         return datasets.load_from_disk(str(path))
     if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".jsonl" and path.is_file():
+            check_jsonl_traces(path, (question_column, answer_column))
         return datasets.load_dataset("json", data_files=str(path), split="train")
     if path.suffix == ".arrow":
         return datasets.Dataset.from_file(str(path))
     if path.exists():
         raise ValueError(f"dataset {source!r}: expected a .jsonl/.json/.arrow file or a saved dataset folder")
     return datasets.load_dataset(str(source), split="train")
+
+
+def resume_checkpoint(output_dir, resume: str | bool | None) -> str | None:
+    """The checkpoint to resume from: ``resume`` itself when it is a path, the newest complete one in
+    ``output_dir`` when it is True, None when it is None or False.
+
+    Complete means its ``trainer_state.json`` exists: the Trainer writes that file last, so a run
+    killed while saving leaves a newer, partial folder, which the Trainer's own choice (the highest
+    number) would take and fail to load.
+    """
+    if not resume:
+        return None
+    if resume is not True:
+        if not os.path.isfile(os.path.join(str(resume), TRAINER_STATE_NAME)):
+            raise FileNotFoundError(f"cannot resume from {resume}: it has no {TRAINER_STATE_NAME} (not a checkpoint, "
+                                    f"or one whose saving was interrupted)")
+        return str(resume)
+    steps = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            if match and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE_NAME)):
+                steps.append(int(match.group(1)))
+    if not steps:
+        raise FileNotFoundError(f"cannot resume: {output_dir} holds no complete checkpoint "
+                                f"({PREFIX_CHECKPOINT_DIR}-N with a {TRAINER_STATE_NAME})")
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}")
 
 
 def _quiet_wandb() -> None:
@@ -141,15 +233,30 @@ def _quiet_wandb() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+class CompressionTrainer(Trainer):
+    """The Trainer, resuming from the compression model's own checkpoint layout.
+
+    A checkpoint holds ``config.json``, ``pooler/`` and ``pooler_adapter/`` (no
+    ``model.safetensors``), which the Trainer's own loader does not recognise.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if isinstance(model, CompressionModel) and os.path.isdir(os.path.join(resume_from_checkpoint, POOLER_DIR)):
+            model.load_pooler_state(resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
 def train_compressor(model: CompressionModel, tokenizer, traces, *, examples: ExampleConfig | None = None,
                      settings: TrainSettings | None = None, question_column: str = "question",
                      answer_column: str = "answer", num_proc: int | None = None):
     """Train ``model``'s pooler on the compression stages of ``traces``; returns the Trainer.
 
-    ``examples`` defaults to the model's window, every stage, reasoning only.
+    ``examples`` defaults to the model's window, every stage, reasoning only. Under ``torchrun`` /
+    ``accelerate launch`` every process calls this; the data is prepared by the first one first
+    (the others then read the ``datasets`` cache), and only the first one prints and saves.
     """
-    from transformers import Trainer
-
     settings = settings or TrainSettings()
     examples = examples or ExampleConfig(window=model.config.window)
     if examples.window != model.config.window:
@@ -157,23 +264,30 @@ def train_compressor(model: CompressionModel, tokenizer, traces, *, examples: Ex
     if settings.report_to == "wandb":
         _quiet_wandb()
     tokens = CompressionTokens.from_tokenizer(tokenizer)
-    tokenized, skipped = tokenize_dataset(load_traces(traces, question_column=question_column,
-                                                      answer_column=answer_column),
-                                          tokenizer, question_column=question_column, answer_column=answer_column,
-                                          num_proc=num_proc)
+    args = settings.training_arguments()
+    with args.main_process_first(desc="tokenizing the traces"):
+        tokenized, skipped = tokenize_dataset(load_traces(traces, question_column=question_column,
+                                                          answer_column=answer_column),
+                                              tokenizer, question_column=question_column,
+                                              answer_column=answer_column, num_proc=num_proc)
     dataset = CompressionExampleDataset(tokenized, tokens, examples)
     if len(dataset) == 0:
-        raise ValueError(f"no training examples: {len(tokenized)} traces (skipped {skipped} without </think>), "
+        raise ValueError(f"no training examples: {len(tokenized)} traces ({format_skips(skipped)}), "
                          f"none with a reasoning of at least one window of {examples.window} tokens")
-    print(f"hcr: {len(dataset)} examples from {len(tokenized)} traces "
-          f"({skipped} skipped without </think>, {dataset.skipped_traces} shorter than one window)")
+    if args.process_index == 0:
+        print(f"hcr: {len(dataset)} examples from {len(tokenized)} traces "
+              f"({format_skips(skipped)}; {dataset.skipped_traces} shorter than one window)"
+              + (f", {args.world_size} data-parallel processes" if args.world_size > 1 else ""))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokens.eos
-    trainer = Trainer(
+    trainer = CompressionTrainer(
         model=model,
-        args=settings.training_arguments(),
+        args=args,
         train_dataset=dataset,
         data_collator=CompressionCollator(tokens, examples.window, pad_id),
     )
-    trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)
+    if checkpoint is not None and args.process_index == 0:
+        print(f"hcr: resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(settings.output_dir)
     return trainer

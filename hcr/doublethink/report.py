@@ -5,6 +5,8 @@ to the rounds (the run can be re-made from it), the PNG is the seed's per-length
 accuracy plot extended over training: a heatmap of accuracy by task length (y) and
 examples seen (x) with the curriculum limit drawn on it, and the mean of the last 20
 evaluations per length as bars. wandb is optional: offline unless ``WANDB_API_KEY`` is set.
+Each file is written atomically (``hcr.files.atomic_path``): the run rewrites them as it
+goes, and a kill mid-write must leave the last complete version.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from hcr.files import atomic_path, write_atomic
 
 __all__ = ["REPORT_FILES", "RoundRecord", "RunReport", "WandbLogger"]
 
@@ -62,8 +66,9 @@ class RunReport:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
         self.write_csv(paths["csv"])
-        paths["json"].write_text(
-            json.dumps({"config": self.config, "summary": self.summary, "rounds": [asdict(r) for r in self.rounds]}, indent=1)
+        write_atomic(
+            paths["json"],
+            json.dumps({"config": self.config, "summary": self.summary, "rounds": [asdict(r) for r in self.rounds]}, indent=1),
         )
         self.plot(paths["png"])
         return paths
@@ -71,7 +76,7 @@ class RunReport:
     def write_csv(self, path: Path) -> None:
         matrix = self.accuracy_matrix()
         scalars = [name for name in RoundRecord.__dataclass_fields__ if name != "accuracies"]
-        with open(path, "w", newline="") as handle:
+        with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(scalars + [f"acc_len_{k}" for k in range(1, matrix.shape[1] + 1)])
             for record, row in zip(self.rounds, matrix):
@@ -112,7 +117,8 @@ class RunReport:
         for axis in (heat.yaxis, bars.xaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=110)
         plt.close(fig)
 
 
