@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -302,3 +304,147 @@ def test_fast_path_equals_recompute_oracle_on_gpu(base, tokenizer):
     oracle = generator.generate(ids.cuda(), mask.cuda(), strategy="recompute", **kwargs)
     assert torch.equal(fast.sequences, oracle.sequences)
     assert fast.layouts == oracle.layouts and min(fast.compressions) > 0
+
+
+# ----------------------------------------------------------------- reserved tokens, bad ids, context (issue 12)
+
+
+def rig_compression_logits(model, tokens, value):
+    """A hook on the base's lm_head: the compression tokens' logits get ``value`` added (-inf: set, masked by hand)."""
+    columns = [tokens.placeholder, tokens.block_start, tokens.block_end]
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[..., columns] = value if value == float("-inf") else output[..., columns] + value
+        return output
+
+    return model.base.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("strategy", ["cache", "recompute"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_compression_tokens_are_never_written(base, tokenizer, strategy, do_sample):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    reserved = {tokens.placeholder, tokens.block_start, tokens.block_end}
+    model = compression_model(base, tokenizer, 2)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    ids, mask = prompts((5, 8), len(tokenizer), seed=8)
+    kwargs = dict(max_new_tokens=16, eos_token_id=-1, do_sample=do_sample, top_k=50, top_p=0.9, strategy=strategy,
+                  return_dict_in_generate=True)
+    runs = []
+    for value in (1e4, float("-inf")):
+        handle = rig_compression_logits(model, tokens, value)
+        try:
+            if value > 0:  # the rig works: unmasked, the model would write a compression token
+                assert int(model.base(ids[:1]).logits[0, -1].argmax()) in reserved
+            runs.append(generator.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs))
+        finally:
+            handle.remove()
+    rigged, by_hand = runs
+    assert not reserved & set(rigged.sequences.flatten().tolist())
+    assert torch.equal(rigged.sequences, by_hand.sequences)  # the mask changes only those choices
+    assert rigged.layouts == by_hand.layouts and max(rigged.compressions) > 0
+
+
+def test_bad_token_ids_are_named(base, tokenizer):
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    model = compression_model(base, tokenizer, 2)
+    generator = CompressedGenerator(model, tokenizer)
+    vocab = model.base.get_input_embeddings().num_embeddings
+    ids, mask = prompts((4, 6), len(tokenizer), seed=9)
+    for bad in (70000, vocab, -3):
+        wrong = ids.clone()
+        wrong[1, 4] = bad
+        message = f"input_ids[1, 4] = {bad} is not a token id of the model (vocab {vocab})"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            generator.generate(wrong, mask, max_new_tokens=2)
+    for token in (tokens.placeholder, tokens.block_start, tokens.block_end):
+        wrong = ids.clone()
+        wrong[0, 3] = token
+        with pytest.raises(ValueError, match=re.escape(f"input_ids[0, 3] = {token} is a compression token")):
+            generator.generate(wrong, mask, max_new_tokens=2)
+    masked = ids.clone()
+    masked[0, :2] = torch.tensor([-1, tokens.block_start])  # under the mask: never read, so allowed
+    kwargs = dict(max_new_tokens=3, eos_token_id=-1)
+    assert torch.equal(generator.generate(masked, mask, **kwargs), generator.generate(ids, mask, **kwargs))
+
+
+CONTEXT = 40
+
+
+@pytest.fixture(scope="module")
+def short_base(tokenizer):
+    torch.manual_seed(1)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=CONTEXT)
+    return transformers.Qwen2ForCausalLM(config).double().eval()
+
+
+def generate_both(generator, ids, mask, **kwargs):
+    """Both strategies, each warning once at most about the context; checks they agree, returns the cache one."""
+    outs, warned = {}, []
+    for strategy in ("cache", "recompute"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            outs[strategy] = generator.generate(ids, mask, eos_token_id=-1, strategy=strategy,
+                                                return_dict_in_generate=True, **kwargs)
+        warned.append(sum("stopped at the model's context" in str(w.message) for w in record))
+    fast, oracle = outs["cache"], outs["recompute"]
+    assert torch.equal(fast.sequences, oracle.sequences) and fast.layouts == oracle.layouts
+    assert fast.stop_reasons == oracle.stop_reasons and fast.compressions == oracle.compressions
+    assert fast.final_cache_length == oracle.final_cache_length
+    assert warned[0] == warned[1] == int("context" in fast.stop_reasons)
+    return fast
+
+
+@pytest.mark.parametrize("window,keep_last", [(10, 4), (2, 1), (1, 0), (3, 2)])
+def test_generation_stops_at_the_models_context(short_base, tokenizer, window, keep_last):
+    model = compression_model(short_base, tokenizer, window)
+    generator = CompressedGenerator(model, tokenizer, keep_last=keep_last)
+    ids, mask = prompts((30,), len(tokenizer), seed=6)
+    out = generate_both(generator, ids, mask, max_new_tokens=80)
+    assert out.stop_reasons == ["context"]
+    written = out.sequences.shape[1]
+    assert len(out.layouts[0]) <= CONTEXT and out.peak_cache_length[0] < CONTEXT
+    assert out.final_cache_length[0] == len(out.layouts[0]) - 1
+    if window + keep_last > CONTEXT - 30:  # nothing compressed: exactly the 10 tokens that fit
+        assert written == CONTEXT - 30 and out.compressions == [0] and len(out.layouts[0]) == CONTEXT
+    elif window == 1:  # W = 1 shortens nothing and its block's two markers take room
+        assert written == CONTEXT - 30 - 2 and out.compressions[0] > 0 and len(out.layouts[0]) == CONTEXT
+    else:  # the compressed layout is shorter, so the same context holds more tokens
+        assert written > CONTEXT - 30 and out.compressions[0] > 0
+        # the last token stays uncompressed (it is never fed back); compressing it would have left no room
+        assert len(out.layouts[0]) >= CONTEXT - 2
+
+
+def test_stop_reasons_per_row(short_base, tokenizer, monkeypatch):
+    model = compression_model(short_base, tokenizer, 10)
+    generator = CompressedGenerator(model, tokenizer, keep_last=4)
+    ids, mask = prompts((30, 5, CONTEXT), len(tokenizer), seed=7)
+    out = generate_both(generator, ids, mask, max_new_tokens=12, pad_token_id=-5)
+    assert out.stop_reasons == ["context", "max_new_tokens", "context"]  # a full prompt leaves room for nothing
+    assert out.sequences.shape == (3, 12) and (out.sequences[2] == -5).all() and (out.sequences[0, 10:] == -5).all()
+    assert out.layouts[2] == ids[2].tolist()
+    short = ids[1:2, mask[1].bool()]
+    assert generator.generate(short, max_new_tokens=0, return_dict_in_generate=True).stop_reasons == [
+        "max_new_tokens"]
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    monkeypatch.setattr(generator, "_sample", scripted([30, 31, tokens.eos, 32]))
+    out = generator.generate(short, max_new_tokens=10, return_dict_in_generate=True)
+    assert out.stop_reasons == ["eos"] and out.sequences[0].tolist() == [30, 31, tokens.eos]
+
+
+def test_layout_length_counts_the_layout(base, tokenizer):
+    from hcr.generation.generator import RowState
+
+    tokens = CompressionTokens.from_tokenizer(tokenizer)
+    for window in (1, 2, 3):
+        generator = CompressedGenerator(compression_model(base, tokenizer, window), tokenizer, compress_answer=True)
+        for windows, think_at, answer_windows in ((0, None, 0), (2, None, 0), (2, 7, 0), (0, 7, 1), (1, 7, 2)):
+            generated = list(range(40, 60))
+            if think_at is not None:
+                generated[think_at] = tokens.think_end
+            row = RowState(prompt=[30, 31, 32], generated=generated, windows=windows, think_at=think_at,
+                           answer_windows=answer_windows)
+            assert generator._layout_length(row) == len(generator.layout(row))

@@ -31,12 +31,20 @@ re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model 
 decode step is mostly Python and per-op overhead, which compilation removes. Dynamic
 shapes let every attention span and cache size share a graph (three per batch size:
 prefill, decode, re-encode); compiling them costs tens of seconds once per process.
+
+The generator never writes a compression token (placeholder, block start, block
+end): their logits are masked before sampling. A prompt may not hold them either
+(it cannot carry compressed blocks), nor ids outside the model's vocabulary.
+A row stops at ``eos``, at ``max_new_tokens``, or when its next token would sit
+past the model's ``max_position_embeddings`` (its compressed layout, not its
+token count, is what must fit); ``GenerationOutput.stop_reasons`` says which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +70,7 @@ class RowState:
     answer_windows: int = 0  # windows of the answer (compress_answer only)
     think_at: int | None = None  # index of </think> in ``generated``
     done: bool = False
+    stop_reason: str | None = None  # "eos", "max_new_tokens" or "context", once done
     cached_ids: list[int] = field(default_factory=list)  # the layout the cache holds
     peak_cache_length: int = 0
 
@@ -82,7 +91,8 @@ class GenerationOutput:
     per row: compressions done, peak and final cache length (slots), final layout; wall time and its
     split (seconds, disjoint, summing to ``seconds``): ``prefill``, ``decode`` (ordinary steps),
     ``pooling`` (the pooler and the splice), ``re-encode`` (the rest of the steps that compressed),
-    ``other`` (sampling and bookkeeping)."""
+    ``other`` (sampling and bookkeeping); per row, why it stopped (``stop_reasons``: ``"eos"``,
+    ``"max_new_tokens"``, or ``"context"``: its next token would have sat past the model's context)."""
 
     sequences: torch.Tensor
     compressions: list[int]
@@ -91,6 +101,7 @@ class GenerationOutput:
     layouts: list[list[int]]
     seconds: float
     time_split: dict[str, float]
+    stop_reasons: list[str] = field(default_factory=list)
 
 
 class CompressedGenerator:
@@ -123,7 +134,13 @@ class CompressedGenerator:
                  eos_token_id: int | None = None, pad_token_id: int | None = None, streamer=None,
                  generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
                  strategy: str | None = None):
-        """Like ``model.generate``: returns the generated ids ``[B, n]`` (or a GenerationOutput)."""
+        """Like ``model.generate``: returns the generated ids ``[B, n]`` (or a GenerationOutput).
+
+        Compression tokens are never written (their logits are masked, before ``top_k``/``top_p``
+        and the greedy argmax). A row also stops, with a warning, when its next token would sit
+        past ``max_position_embeddings``: compression keeps the layout short, so that is checked
+        on the layout's length, not on the tokens generated.
+        """
         strategy = strategy or self.strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -135,21 +152,34 @@ class CompressedGenerator:
         if streamer is not None and len(rows) != 1:
             raise ValueError("a streamer needs batch size 1")
         eos = self.tokens.eos if eos_token_id is None else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id or eos)
+        if pad_token_id is None:  # a pad id of 0 is a real id, not a missing one
+            pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         split = dict.fromkeys(("prefill", "decode", "pooling", "re-encode", "other"), 0.0)
+        # A written <|vision_start|> (or end marker, or placeholder) would have its embedding swapped for
+        # the pooler's marker row (the training convention), silently changing what the model reads;
+        # untrained or badly trained models do write them. -inf in 3 columns of a vocabulary that also
+        # holds eos and the template tokens cannot empty a row.
+        reserved = torch.tensor(self._reserved, dtype=torch.long, device=self.model.device)
+
+        def sample(logits):
+            return self._sample(logits.index_fill_(-1, reserved, float("-inf")), do_sample, temperature, top_k,
+                                top_p, generator)
+
         began = time.perf_counter()
         kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
         with torch.inference_mode(), kernels:
-            for row, token in self._steps(rows, strategy, max_new_tokens, eos, split,
-                                          lambda logits: self._sample(logits, do_sample, temperature, top_k, top_p,
-                                                                      generator)):
+            for row, token in self._steps(rows, strategy, max_new_tokens, eos, split, sample):
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
         if streamer is not None:
             streamer.end()
+        stopped = sum(row.stop_reason == "context" for row in rows)
+        if stopped:
+            warnings.warn(f"{stopped} of {len(rows)} rows stopped at the model's context "
+                          f"(max_position_embeddings={self._context})", stacklevel=2)
         seconds = time.perf_counter() - began
         split["other"] = max(0.0, seconds - sum(split.values()))
-        sequences = self._pad([row.generated for row in rows], pad)  # outside inference mode: usable with autograd
+        sequences = self._pad([row.generated for row in rows], pad_token_id)  # outside inference mode: usable with autograd
         if not return_dict_in_generate:
             return sequences
         return GenerationOutput(
@@ -160,11 +190,23 @@ class CompressedGenerator:
             layouts=[self.layout(row) for row in rows],
             seconds=seconds,
             time_split=split,
+            stop_reasons=[row.stop_reason for row in rows],
         )
+
+    @property
+    def _reserved(self) -> tuple[int, int, int]:
+        """The compression tokens: the generator never writes them and a prompt may not hold them."""
+        return self.tokens.placeholder, self.tokens.block_start, self.tokens.block_end
+
+    @property
+    def _context(self) -> int | None:
+        return getattr(self.model.base.config, "max_position_embeddings", None)
 
     def _steps(self, rows, strategy, max_new_tokens, eos, split, sample):
         """The generation loop; yields ``(row, token)`` for every token a row writes, in order."""
-        if not max_new_tokens:
+        if not max_new_tokens or all(row.done for row in rows):
+            for row in rows:
+                row.stop_reason = row.stop_reason or "max_new_tokens"
             return
         cache = None
         if strategy == "cache":
@@ -215,23 +257,39 @@ class CompressedGenerator:
             ids.extend(generated[answer + row.answer_windows * W :])
         return ids, windows, slots
 
+    def _layout_length(self, row: RowState) -> int:
+        """``len(self.layout(row))`` without building it: each window of W tokens became one slot."""
+        pooled = row.windows + row.answer_windows
+        markers = 2 * (row.windows > 0) + 2 * (row.answer_windows > 0)
+        return len(row.prompt) + len(row.generated) - (self.window - 1) * pooled + markers
+
     def _advance(self, row: RowState, token: int, eos: int, max_new_tokens: int) -> bool:
         """Update a row after it wrote ``token``; True when that changed its compressed layout."""
         W, due = self.window, self.window + self.keep_last
+        windows, answer_windows = row.windows, row.answer_windows
         before = row.windows + row.answer_windows
         if token == self.tokens.think_end and row.think_at is None:
             row.think_at = len(row.generated) - 1
             if self.compress_answer:  # the reasoning ends with all its full windows pooled
                 row.windows += (row.think_at - row.windows * W) // W
         if token == eos or len(row.generated) >= max_new_tokens:
-            row.done = True
-        elif row.think_at is None:
+            row.done, row.stop_reason = True, "eos" if token == eos else "max_new_tokens"
+            return False
+        if row.think_at is None:
             if len(row.generated) - row.windows * W >= due:
                 row.windows += 1
         elif self.compress_answer:
             if len(row.generated) - (row.think_at + 1) - row.answer_windows * W >= due:
                 row.answer_windows += 1
-        return not row.done and row.windows + row.answer_windows != before
+        limit = self._context
+        if limit is not None and self._layout_length(row) + 1 > limit:
+            # the next token would sit at position >= limit. Like every row that stops, this one leaves
+            # its last token uncompressed (it is never fed back): the layout it ends with fits, since
+            # the previous step's check left room for this token
+            row.windows, row.answer_windows = windows, answer_windows
+            row.done, row.stop_reason = True, "context"
+            return False
+        return row.windows + row.answer_windows != before
 
     # ----------------------------------------------------------------- decisions
 
@@ -242,7 +300,8 @@ class CompressedGenerator:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
-        limit = getattr(self.model.base.config, "max_position_embeddings", None)
+        self._check_ids(input_ids, attention_mask.bool())
+        limit = self._context
         rows = []
         for index, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.bool().tolist())):
             prompt = [t for t, keep in zip(ids, mask) if keep]
@@ -250,8 +309,26 @@ class CompressedGenerator:
                 raise ValueError(f"prompt {index} is empty")
             if limit is not None and len(prompt) > limit:
                 raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than the model's context of {limit}")
-            rows.append(RowState(prompt=prompt))
+            full = limit is not None and len(prompt) == limit  # no room for a single token
+            rows.append(RowState(prompt=prompt, done=full, stop_reason="context" if full else None))
         return rows
+
+    def _check_ids(self, input_ids, keep) -> None:
+        """A ValueError naming the first bad id among the unmasked ones (not an IndexError from the embedding).
+
+        Compression tokens are refused too: a prompt cannot hold compressed blocks in this generator
+        (a block-start id would be embedded as the pooler's marker, a placeholder as an unfilled slot).
+        """
+        vocab = self.model.base.get_input_embeddings().num_embeddings
+        ids = input_ids.cpu()
+        keep = keep.cpu()
+        outside = ((ids < 0) | (ids >= vocab)) & keep
+        reserved = torch.isin(ids, torch.tensor(self._reserved)) & keep
+        for bad, why in ((outside, f"is not a token id of the model (vocab {vocab})"),
+                         (reserved, "is a compression token: a prompt cannot hold compressed blocks")):
+            if bad.any():
+                row, position = bad.nonzero()[0].tolist()
+                raise ValueError(f"input_ids[{row}, {position}] = {ids[row, position].item()} {why}")
 
     @staticmethod
     def _sample(logits, do_sample, temperature, top_k, top_p, generator):
@@ -281,7 +358,8 @@ class CompressedGenerator:
 
     def _first_logits(self, rows, cache, split):
         return self._timed(split, "prefill", lambda: self._recompute(rows, split) if cache is None else
-                           self._cached_step(rows, [(0, list(row.prompt), [], []) for row in rows], cache, split))
+                           self._cached_step(rows, [(0, [] if row.done else list(row.prompt), [], []) for row in rows],
+                                             cache, split))
 
     def _next_logits(self, rows, changed, cache, split):
         def step():
