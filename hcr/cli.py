@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from hcr.compression.command import add_arguments as add_train_compressor_arguments
+from hcr.demo.command import add_arguments as add_demo_arguments
 from hcr.doublethink.command import add_arguments as add_doublethink_arguments
+from hcr.evaluation.command import add_arguments as add_eval_arguments
 from hcr_kernels.info import main as info_main
 
 
@@ -13,27 +15,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcr", description="Hidden capacity reasoning: kernels and experiments.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("info", help="environment report: what was built, which backend each op uses")
+    info = commands.add_parser("info", help="environment report: what was built, which backend each op uses")
+    info.add_argument("--bench", action="store_true", help="also time the fused pool-scatter op per backend")
 
-    demo = commands.add_parser("demo", help="environment report plus a short pool-scatter benchmark")
-    demo.add_argument("--batch", type=int, default=8, help="sequences in the batch (default 8)")
-    demo.add_argument("--length", type=int, default=1024, help="tokens per sequence (default 1024)")
-    demo.add_argument("--dim", type=int, default=1536, help="hidden size (default 1536, R1-Distill-Qwen-1.5B)")
-    demo.add_argument("--window", type=int, default=2, help="tokens per compressed window (default 2)")
-    demo.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default 5)")
+    demo = commands.add_parser("demo", help="a whole hidden-capacity experiment, offline: train a tiny reasoner, "
+                                             "compress its reasoning at several windows, measure")
+    add_demo_arguments(demo)
 
     doublethink = commands.add_parser("doublethink", help="train a small Mamba / GPT-2 on the doublethink tasks")
     add_doublethink_arguments(doublethink)
 
     train_compressor = commands.add_parser("train-compressor", help="train an embed pooler (LoRA) on reasoning traces")
     add_train_compressor_arguments(train_compressor)
+
+    evaluate = commands.add_parser("eval", help="accuracy, output length and peak cache of a model on a question set")
+    add_eval_arguments(evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
-        return info_main([])
+        return info_main(["--bench"] if args.bench else [])
     if args.command == "doublethink":
         from hcr.doublethink.command import main as doublethink_main
 
@@ -42,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         from hcr.compression.command import main as train_compressor_main
 
         return train_compressor_main(args)
-    from hcr.demo import main as demo_main
+    if args.command == "eval":
+        from hcr.evaluation.command import main as eval_main
 
-    return demo_main(args)
+        return eval_main(args)
+    from hcr.demo.command import main as demo_main
+
+    return demo_main(args, argv)
 
 
 if __name__ == "__main__":

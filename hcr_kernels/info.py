@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
@@ -99,10 +101,55 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def _splice_batch(batch: int, length: int, dim: int, window: int, generator: torch.Generator):
+    """A compressed batch: one block of placeholder slots per row, about a third of it."""
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    slots = length // 3
+    mask[:, length // 10 : length // 10 + slots] = True
+    template = torch.randn(batch, length, dim, generator=generator)
+    hidden = torch.randn(batch * slots, window, dim, generator=generator, requires_grad=True)
+    return template, mask, hidden
+
+
+def bench_pool_scatter(batch: int = 8, length: int = 1024, dim: int = 1536, window: int = 2,
+                       repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one pool_scatter forward + backward (grad to the pooled hidden states) per CPU backend.
+
+    A quick look at whether the native kernels pay off on this machine; the
+    benchmark suite (``pytest benchmarks/ --benchmark-only``) is the real measurement.
+    """
+    from hcr_kernels import pool_scatter
+
+    template, mask, hidden = _splice_batch(batch, length, dim, window, torch.Generator().manual_seed(0))
+    grad_out = torch.ones_like(template)
+    results = {}
+    for backend in ["reference"] + (["native"] if collect()["extension_cpu"] else []):
+        timings = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            out = pool_scatter(template, mask, hidden, backend=backend)
+            torch.autograd.grad(out, [hidden], grad_out)
+            timings.append(time.perf_counter() - start)
+        results[backend] = statistics.median(timings[1:])
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hcr_kernels.info", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--bench", action="store_true", help="also time pool_scatter forward+backward per backend")
+    parser.add_argument("--batch", type=int, default=8, help="benchmark: sequences in the batch (default 8)")
+    parser.add_argument("--length", type=int, default=1024, help="benchmark: tokens per sequence (default 1024)")
+    parser.add_argument("--dim", type=int, default=1536, help="benchmark: hidden size (default 1536)")
+    parser.add_argument("--window", type=int, default=2, help="benchmark: tokens per window (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="benchmark: timed repeats (default 5)")
+    args = parser.parse_args(argv)
     print(report())
+    if args.bench:
+        print(f"\npool_scatter forward+backward, fp32, B={args.batch} T={args.length} D={args.dim} W={args.window} "
+              f"(median of {args.repeats}):")
+        results = bench_pool_scatter(args.batch, args.length, args.dim, args.window, args.repeats)
+        for backend, seconds in results.items():
+            print(f"  {backend:<10} {seconds * 1e3:8.2f} ms   {results['reference'] / seconds:5.2f}x vs reference")
     return 0
 
 

@@ -40,8 +40,8 @@ def corpus(count: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer():
-    """Train the tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
+def build_tiny_tokenizer(texts=None, vocab_size: int = VOCAB_SIZE):
+    """Train the tokenizer on ``texts`` (default: the built-in arithmetic corpus), as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,12 +49,12 @@ def build_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=TEMPLATE_TOKENS[0],
@@ -64,13 +64,18 @@ def build_tiny_tokenizer():
     )
 
 
-def tiny_tokenizer(path: str | Path | None = None):
-    """The tiny tokenizer, loaded from ``path`` if it was saved there, else built (and saved to ``path``)."""
-    from transformers import AutoTokenizer
+def tiny_tokenizer(path: str | Path | None = None, texts=None, vocab_size: int = VOCAB_SIZE):
+    """The tiny tokenizer, loaded from ``path`` if it was saved there, else built (and saved to ``path``).
+
+    ``texts`` trains it on another corpus (the demo's own task), ``vocab_size`` sets its size.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     if path is not None and (Path(path) / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(path))
-    tokenizer = build_tiny_tokenizer()
+        # not AutoTokenizer: beside a Qwen2 config.json, transformers 5 would load it as a Qwen2Tokenizer,
+        # whose pre-tokenizer splits digits, and the ids would differ from the ones it was trained to give
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    tokenizer = build_tiny_tokenizer(texts, vocab_size)
     if path is not None:
         tokenizer.save_pretrained(str(path))
     return tokenizer

@@ -1,0 +1,101 @@
+"""The demo's reasoner: a tiny Qwen2 trained from scratch on uncompressed traces.
+
+It plays the part of DeepSeek-R1-Distill-Qwen: a model that reasons in the R1
+chat layout, which the compressors then learn to read in compressed form while it
+stays frozen. Plain PyTorch training (AdamW, warm-up then cosine decay), the loss
+on what the assistant writes (reasoning, ``</think>``, answer, EOS) only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from hcr.compression.traces import TokenizedTrace
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ReasonerSettings:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 384
+    steps: int = 700
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.01
+
+
+def build_reasoner(vocab_size: int, settings: ReasonerSettings, max_positions: int, pad_id: int,
+                   bos_id: int, eos_id: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=settings.hidden_size, num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
+        intermediate_size=settings.intermediate_size, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def training_batch(traces: list[TokenizedTrace], pad_id: int):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (the assistant's part only)."""
+    width = max(len(t.ids) for t in traces)
+    ids = torch.full((len(traces), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for row, trace in enumerate(traces):
+        n = len(trace.ids)
+        ids[row, :n] = torch.from_numpy(trace.ids)
+        mask[row, :n] = 1
+        labels[row, trace.reasoning_start : n] = ids[row, trace.reasoning_start : n]
+    return ids, mask, labels
+
+
+def learning_rate(step: int, settings: ReasonerSettings) -> float:
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_reasoner(model, traces: list[TokenizedTrace], settings: ReasonerSettings, pad_id: int, seed: int,
+                   log_every: int = 50) -> list[tuple[int, float]]:
+    """Train ``model`` in place; returns the loss curve as (step, mean loss since the last point)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                  betas=(0.9, 0.98))
+    model.train()
+    curve, running, counted = [], 0.0, 0
+    order = torch.randperm(len(traces), generator=generator).tolist()
+    cursor = 0
+    bar = tqdm(range(settings.steps), desc="reasoner", unit="step")
+    for step in bar:
+        if cursor + settings.batch_size > len(order):
+            order, cursor = torch.randperm(len(traces), generator=generator).tolist(), 0
+        batch = [traces[i] for i in order[cursor : cursor + settings.batch_size]]
+        cursor += settings.batch_size
+        ids, mask, labels = training_batch(batch, pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running += loss.item()
+        counted += 1
+        if (step + 1) % log_every == 0 or step + 1 == settings.steps:
+            curve.append((step + 1, running / counted))
+            bar.set_postfix(loss=f"{running / counted:.3f}")
+            running, counted = 0.0, 0
+    model.eval()
+    return curve
