@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from hcr.compression import arithmetic_trace, tiny_tokenizer  # noqa: E402
+from tiny_bases import save_tiny_base_and_traces  # noqa: E402
 
 ADAPTER = os.path.join("pooler_adapter", "adapter_model.safetensors")
 
@@ -77,17 +76,7 @@ sys.exit(code)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Qwen2 base with the tiny tokenizer, a traces file, and the recording launcher."""
-    root = tmp_path_factory.mktemp("ddp")
-    tokenizer = tiny_tokenizer(root / "base")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                      max_position_embeddings=256)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(root / "base")
-    with (root / "traces.jsonl").open("w") as f:
-        for i in range(12):
-            question, answer = arithmetic_trace(random.Random(i))
-            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    root = save_tiny_base_and_traces(tmp_path_factory.mktemp("ddp"), hidden_size=32, layers=1, traces=12)
     (root / "launch.py").write_text(LAUNCHER)
     return root
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from hcr.compression import arithmetic_trace, tiny_tokenizer  # noqa: E402
+from tiny_bases import save_tiny_base_and_traces  # noqa: E402
 
 SAVED_WEIGHTS = [os.path.join("pooler", "model.safetensors"),
                  os.path.join("pooler_adapter", "adapter_model.safetensors")]
@@ -36,18 +35,7 @@ STATE = "trainer_state.json"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Qwen2 base with the tiny tokenizer and a traces file."""
-    root = tmp_path_factory.mktemp("resume")
-    tokenizer = tiny_tokenizer(root / "base")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      max_position_embeddings=256)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(root / "base")
-    with (root / "traces.jsonl").open("w") as f:
-        for i in range(16):
-            question, answer = arithmetic_trace(random.Random(i))
-            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
-    return root
+    return save_tiny_base_and_traces(tmp_path_factory.mktemp("resume"), hidden_size=64, layers=2, traces=16)
 
 
 def command(root, output_dir, *extra):

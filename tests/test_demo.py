@@ -72,6 +72,21 @@ def test_layout_lengths():
     assert layout_lengths(0, 3, 6, 1, 0)[-1] == 0 + 6 - 3 + 5
 
 
+def test_marker_exposure_wraps_a_reasoning_prefix_and_never_supervises_the_markers():
+    import numpy as np
+
+    from hcr.compression.traces import TokenizedTrace
+    from hcr.demo.reasoner import IGNORE_INDEX, with_markers
+
+    trace = TokenizedTrace(np.array([1, 2, 3, 10, 11, 12, 13, 4, 20, 21, 5]), np.zeros(11, dtype=np.int8), 3, 7, 8, 10)
+    ids, labels = with_markers(trace, 5, (90, 91))
+    assert ids == [1, 2, 3, 90, 10, 11, 91, 12, 13, 4, 20, 21, 5]
+    assert labels == [IGNORE_INDEX] * 4 + [10, 11, IGNORE_INDEX, 12, 13, 4, 20, 21, 5]
+    assert with_markers(trace, 7, (90, 91))[0] == [1, 2, 3, 90, 10, 11, 12, 13, 91, 4, 20, 21, 5]
+    plain_ids, plain_labels = with_markers(trace, -1, None)
+    assert plain_ids == trace.ids.tolist() and plain_labels == [IGNORE_INDEX] * 3 + trace.ids[3:].tolist()
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -97,6 +112,7 @@ def test_quick_demo_writes_every_output(quick_run, capsys):
             assert "recompute" not in entry
     # 4 tokens per step: with k = 1 every needed value is compressed at W = 2 and 4, with k = 4 none is
     assert [e["needed_value_compressed"] for e in results["compressed"]] == [1.0, 0.0, 1.0, 0.0]
+    assert 0.0 <= results["layout_check"]["accuracy"] <= 1.0 and results["layout_check"]["window"] == 1
     assert set(results["stage_seconds"]) >= {"reasoner training", "evaluation"}
     report = (quick_run / "report.md").read_text()
     assert "| W | keep_last | accuracy" in report and results["machine"]["isa"] in report

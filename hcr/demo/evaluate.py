@@ -90,6 +90,33 @@ class ConstantPooler(torch.nn.Module):
         return self.vector.expand(count, self.window, -1)  # its mean over the window is the vector itself
 
 
+class TokenEmbeddingPooler(torch.nn.Module):
+    """A pooler for W = 1 that hands each slot its own token's embedding, and the markers the base's rows.
+
+    The layout check: the compressed layout with nothing lost, so whatever accuracy it
+    costs is the layout's (the markers, the shifted positions), not the pooling's.
+    """
+
+    def __init__(self, base):
+        super().__init__()
+        self.table = base.get_input_embeddings()
+
+    def get_input_embeddings(self):
+        return self.table
+
+    def window_hidden_states(self, window_ids=None, window_embeds=None):
+        return self.table(window_ids) if window_embeds is None else window_embeds
+
+
+def layout_check_model(base, tokenizer):
+    """A W = 1 compression model whose slots hold their own tokens' embeddings (``TokenEmbeddingPooler``)."""
+    from hcr.compression.train import PoolerSettings, build_compression_model
+
+    model = build_compression_model(base, tokenizer, 1, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    model.pooler = TokenEmbeddingPooler(base)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def constant_pooling(model, vector: torch.Tensor):
     """Inside the block ``model`` pools every window to ``vector``; its own pooler is back afterwards."""

@@ -42,7 +42,7 @@ class DemoSettings:
     min_steps: int = 6
     max_steps: int = 10
     reasoner: ReasonerSettings = field(default_factory=ReasonerSettings)
-    pooler_steps: int = 200
+    pooler_steps: int = 150
     pooler_layers: int = 2
     pooler_batch_size: int = 16
     pooler_lr: float = 2e-3
@@ -170,7 +170,7 @@ def reasoner_stage(settings: DemoSettings, out: Path, tokenizer, traces, tokens)
     longest = max(len(t.ids) for t in traces)
     model = build_reasoner(len(tokenizer), settings.reasoner, max(256, 2 * longest), tokenizer.pad_token_id,
                            tokens.bos, tokens.eos).to(settings.device)
-    curve = train_reasoner(model, traces, settings.reasoner, tokenizer.pad_token_id, settings.seed)
+    curve = train_reasoner(model, traces, settings.reasoner, tokenizer.pad_token_id, settings.seed, tokens.markers)
     model.save_pretrained(str(folder))
     _save_stage(folder, key, loss_curve=curve)
     return model, curve
@@ -190,22 +190,24 @@ def compressor_stage(settings: DemoSettings, out: Path, window: int, base, token
            "lora_r": settings.lora_r}
     record = _load_stage(folder, key, settings.fresh)
     if record is not None:
-        return CompressionModel.from_pretrained(str(folder), base_model=base).eval(), record["loss_curve"]
+        model = CompressionModel.from_pretrained(str(folder), base_model=base)
+        return model.to(settings.device).eval(), record["loss_curve"]
     torch.manual_seed(settings.seed)
-    model = build_compression_model(base, tokenizer, window, pooler=PoolerSettings(num_hidden_layers=settings.pooler_layers),
-                                    lora=LoraSettings(r=settings.lora_r, alpha=settings.lora_r) if settings.lora_r else None,
-                                    base_model_name_or_path=str(out / "reasoner"))
+    lora = LoraSettings(r=settings.lora_r, alpha=settings.lora_r) if settings.lora_r else None
+    model = build_compression_model(base, tokenizer, window, lora=lora, base_model_name_or_path=str(out / "reasoner"),
+                                    pooler=PoolerSettings(num_hidden_layers=settings.pooler_layers))
     train_settings = TrainSettings(
-        output_dir=str(folder), max_steps=settings.pooler_steps, per_device_train_batch_size=settings.pooler_batch_size,
-        gradient_accumulation_steps=1, learning_rate=settings.pooler_lr, warmup_steps=min(20, settings.pooler_steps // 10),
-        logging_steps=max(1, settings.pooler_steps // 20), save_steps=10**9, save_total_limit=None, report_to="none",
-        seed=settings.seed, extra={"lr_scheduler_type": "cosine", "disable_tqdm": False},
+        output_dir=str(folder), max_steps=settings.pooler_steps, gradient_accumulation_steps=1,
+        per_device_train_batch_size=settings.pooler_batch_size, learning_rate=settings.pooler_lr,
+        warmup_steps=min(20, settings.pooler_steps // 10), logging_steps=max(1, settings.pooler_steps // 20),
+        save_steps=10**9, save_total_limit=None, report_to="none", seed=settings.seed,
+        extra={"lr_scheduler_type": "cosine", "disable_tqdm": False},
     )
     trainer = train_compressor(model, tokenizer, str(out / "data" / "train.jsonl"),
                                examples=ExampleConfig(window=window), settings=train_settings)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     _save_stage(folder, key, loss_curve=curve)
-    return model.eval(), curve
+    return model.to(settings.device).eval(), curve
 
 
 # ---------------------------------------------------------------- the experiment
@@ -246,7 +248,8 @@ def run_demo(settings: DemoSettings, command: str | None = None) -> dict:
             compressors[window], curves[f"W={window}"] = compressor_stage(settings, out, window, base, tokenizer)
     with times("evaluation"):
         results = measure.evaluate_all(settings, base, compressors, tokenizer, tokens, heldout, heldout_traces, traces)
-    results.update(command=command or f"hcr.demo.experiment.run_demo({settings!r})", settings=_settings_dict(settings), machine=machine(), loss_curves=curves,
+    results.update(command=command or f"hcr.demo.experiment.run_demo({settings!r})",
+                   settings=_settings_dict(settings), machine=machine(), loss_curves=curves,
                    stage_seconds=times.seconds, total_seconds=time.perf_counter() - began)
     report.write_outputs(out, results)
     return results

@@ -7,7 +7,8 @@ import statistics
 import torch
 
 from hcr.demo.corpus import needed_value_compressed
-from hcr.demo.evaluate import constant_pooling, generate_compressed, generate_uncompressed, mean_pooled_vector
+from hcr.demo.evaluate import (constant_pooling, generate_compressed, generate_uncompressed, layout_check_model,
+                               mean_pooled_vector)
 from hcr.generation import CompressedGenerator
 
 CONTROL_TRACES = 300  # training traces whose windows make the control's mean pooled vector
@@ -99,6 +100,11 @@ def evaluate_all(settings, base, compressors, tokenizer, tokens, heldout, heldou
     _, plain_correct = plain.accuracy(tokenizer, golds)
     results = {"heldout_items": len(prompts), "max_new_tokens": common["max_new_tokens"],
                "uncompressed": _summary(plain, plain_correct), "compressed": []}
+    check = generate_compressed(CompressedGenerator(layout_check_model(base, tokenizer), tokenizer,
+                                                    keep_last=settings.keep_last[0]),
+                                prompts, desc="layout check (W=1, token embeddings)", **common)
+    results["layout_check"] = {"window": 1, "keep_last": settings.keep_last[0],
+                               **_summary(check, check.accuracy(tokenizer, golds)[1])}
     value_positions = [value_token_positions(tokenizer, task) for task in heldout]
     example = max(range(len(heldout_traces)), key=lambda i: len(heldout_traces[i].ids))
     shape = heldout_traces[example]

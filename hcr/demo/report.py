@@ -22,6 +22,12 @@ def table(results: dict) -> str:
         f"| ∞ (uncompressed, generate()) | | {plain['accuracy']:.3f} | | | | 0 | {plain['mean_peak_cache']:.1f} "
         f"| 1.00× | {plain['tokens_per_second']:.0f} | 1.00× | |",
     ]
+    check = results["layout_check"]
+    lines.append(
+        f"| 1, layout check: each slot its own token's embedding | {check['keep_last']} | {check['accuracy']:.3f} "
+        f"| | | | {check['mean_compressions']:.1f} | {check['mean_peak_cache']:.1f} | | "
+        f"{check['tokens_per_second']:.0f} | | |"
+    )
     for entry in results["compressed"]:
         recompute = entry.get("recompute")
         agrees = f"{recompute['identical_outputs']}/{recompute['items']}" if recompute else ""
@@ -44,7 +50,10 @@ def plot_accuracy(results: dict, path: Path) -> None:
         line, = axis.plot(windows, [e["accuracy"] for e in entries], "o-", label=f"compressed, keep_last={keep_last}")
         axis.plot(windows, [e["control_accuracy"] for e in entries], "s--", color=line.get_color(), alpha=0.6,
                   label=f"control (constant vector), keep_last={keep_last}")
-    windows = sorted({e["window"] for e in results["compressed"]})
+    check = results["layout_check"]
+    axis.plot([1], [check["accuracy"]], "D", color="black",
+              label=f"layout check: W=1, slots hold their tokens' embeddings (keep_last={check['keep_last']})")
+    windows = sorted({1} | {e["window"] for e in results["compressed"]})
     axis.axhline(results["uncompressed"]["accuracy"], color="gray", linestyle=":", label="uncompressed")
     axis.set_xscale("log", base=2)
     axis.set_xticks(windows, [str(w) for w in windows])
@@ -115,6 +124,8 @@ Command: `{results['command']}`
 {table(results)}
 
 - **accuracy**: the final boxed answer equals the gold one.
+- **layout check**: W = 1 with every slot holding its own token's embedding: the compressed layout
+  with nothing lost, so what it costs is the layout's (markers, shifted positions), not the pooling's.
 - **control**: the same generation with every pooled vector replaced by the mean pooled vector of
   the training windows; **carried by the vectors** is accuracy minus control.
 - **needed value compressed**: share of steps whose previous value (the one the step needs) was

@@ -1,0 +1,28 @@
+"""A tiny Qwen2 base saved with the tiny tokenizer, and a traces file: what the CLI tests train on."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def save_tiny_base_and_traces(root: Path, *, hidden_size: int, layers: int, traces: int) -> Path:
+    """``root/base`` (model + tokenizer) and ``root/traces.jsonl`` with ``traces`` arithmetic traces."""
+    import transformers
+
+    from hcr.compression import arithmetic_trace, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(root / "base")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden_size,
+                                      max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(root / "base")
+    with (root / "traces.jsonl").open("w") as f:
+        for i in range(traces):
+            question, answer = arithmetic_trace(random.Random(i))
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    return root
