@@ -142,8 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=1536, help="benchmark: hidden size (default 1536)")
     parser.add_argument("--window", type=int, default=2, help="benchmark: tokens per window (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="benchmark: timed repeats (default 5)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also compile every Triton kernel for sm_80/sm_90 (no GPU needed): registers, spills, "
+                             "shared memory")
     args = parser.parse_args(argv)
     print(report())
+    if args.gpu:
+        from hcr_kernels import triton_aot
+
+        print("\nTriton kernels compiled ahead of time (ptxas -v):")
+        print(triton_aot.format_table(triton_aot.compile_isolated()))
     if args.bench:
         print(f"\npool_scatter forward+backward, fp32, B={args.batch} T={args.length} D={args.dim} W={args.window} "
               f"(median of {args.repeats}):")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hcr_kernels import _dispatch
+from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.causal_conv1d.reference import causal_conv1d_ref
 
@@ -26,6 +26,20 @@ BACKEND_CHECKS = {
     "native": _dispatch.native_cpu_check("causal_conv1d", "cuda"),
     "cuda": _dispatch.cuda_package_check("causal_conv1d", "causal_conv1d", "causal-conv1d"),
 }
+
+
+if _extension.extension_loaded():
+    # Fakes for torch.compile: the kernels' output shapes (csrc/causal_conv1d_cpu.cpp), channels-last fp32.
+
+    @torch.library.register_fake("hcr::causal_conv1d_fwd")
+    def _causal_conv1d_fwd_fake(x, weight, bias, silu):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("hcr::causal_conv1d_bwd")
+    def _causal_conv1d_bwd_fake(grad_out, x, weight, bias, silu):
+        batch, _, channels = x.shape
+        # dweight and dbias are per batch row; the caller sums them.
+        return [torch.empty_like(x), x.new_empty((batch, weight.shape[0], channels)), x.new_empty((batch, channels))]
 
 
 class CausalConv1dFunction(torch.autograd.Function):

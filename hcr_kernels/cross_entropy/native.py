@@ -1,10 +1,17 @@
-"""Host function of the compiled weighted cross entropy (``torch.ops.hcr.weighted_cross_entropy_fwd_``)."""
+"""Host function of the compiled weighted cross entropy (``torch.ops.hcr.weighted_cross_entropy_fwd_``), and its fake."""
 
 from __future__ import annotations
 
 import torch
 
 from hcr_kernels import _extension  # noqa: F401  (loads torch.ops.hcr)
+
+if _extension.extension_loaded():
+
+    @torch.library.register_fake("hcr::weighted_cross_entropy_fwd_")
+    def _weighted_cross_entropy_fwd_fake(logits, labels, weights, ignore_index, losses, grad_logits):
+        """Under torch.compile: the op only writes ``losses`` (and ``grad_logits``) in place."""
+        return None
 
 
 def weighted_cross_entropy_fwd_native(

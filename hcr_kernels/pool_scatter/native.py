@@ -1,10 +1,22 @@
-"""Host functions of the compiled pool-rows kernels (``torch.ops.hcr.pool_rows_*``)."""
+"""Host functions of the compiled pool-rows kernels (``torch.ops.hcr.pool_rows_*``), and their fakes."""
 
 from __future__ import annotations
 
 import torch
 
 from hcr_kernels import _extension  # noqa: F401  (loads torch.ops.hcr)
+
+if _extension.extension_loaded():
+
+    @torch.library.register_fake("hcr::pool_rows_")
+    def _pool_rows_fake(template_, window_of_row, hidden, out):
+        """Under torch.compile: the op only writes ``out`` in place (declared in its schema)."""
+        return None
+
+    @torch.library.register_fake("hcr::pool_rows_backward_")
+    def _pool_rows_backward_fake(grad_out, window_of_row, grad_hidden, grad_template):
+        """Writes ``grad_hidden`` (and ``grad_template``) in place; returns nothing."""
+        return None
 
 
 def pool_rows_fwd_native(template: torch.Tensor | None, window_of_row: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

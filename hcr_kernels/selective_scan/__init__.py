@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hcr_kernels import _dispatch
+from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.selective_scan.reference import selective_scan_ref
 
@@ -37,6 +37,35 @@ BACKEND_CHECKS = {
     "native": _dispatch.native_cpu_check("selective_scan", "cuda"),
     "cuda": _dispatch.cuda_package_check("selective_scan", "mamba_ssm.ops.selective_scan_interface", "mamba-ssm"),
 }
+
+
+if _extension.extension_loaded():
+    # Fakes for torch.compile: the kernels' output shapes (csrc/selective_scan_cpu.cpp), all fp32 like u.
+
+    @torch.library.register_fake("hcr::selective_scan_fwd")
+    def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment):
+        batch, length, channels = u.shape
+        segments = (length + segment - 1) // segment
+        return torch.empty_like(u), u.new_empty((batch, segments, A.shape[1], channels))
+
+    @torch.library.register_fake("hcr::selective_scan_bwd")
+    def _selective_scan_bwd_fake(
+        grad_out, u, delta, A, B, C, D, z, delta_bias, delta_softplus, segment, checkpoints, grad_last_state
+    ):
+        batch, length, channels = u.shape
+        state, groups = A.shape[1], B.shape[1]
+        chunks = (channels // groups + 31) // 32  # channels per task: kChunk = 32 in the kernel
+        dB = u.new_empty((batch, groups, chunks, length, state))
+        return [
+            torch.empty_like(u),
+            torch.empty_like(u),
+            torch.empty_like(u) if z is not None else u.new_empty((0,)),
+            u.new_empty((batch, state, channels)),
+            dB,
+            torch.empty_like(dB),
+            u.new_empty((batch, channels)),
+            u.new_empty((batch, channels)),
+        ]
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
