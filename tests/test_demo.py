@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers")
 
 from hcr.cli import main  # noqa: E402
-from hcr.demo.corpus import ChainTask, apply, needed_value_compressed, random_task, split_corpus  # noqa: E402
+from hcr.demo.corpus import apply, needed_value_compressed, random_task, split_corpus  # noqa: E402
 from hcr.demo.measure import layout_lengths  # noqa: E402
 
 
