@@ -74,16 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """DemoSettings from the flags; with ``--quick`` the flags left at their defaults take the smoke sizes."""
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from hcr.demo.experiment import DemoSettings
 
     parser_defaults = DemoSettings()
     base = DemoSettings.quick() if args.quick else parser_defaults
     changed = {}
-    for name in ("out", "windows", "keep_last", "train_items", "eval_items", "min_steps", "max_steps", "pooler_steps",
-                 "pooler_layers", "pooler_lr", "lora_r", "batch_size", "recompute_items", "device", "threads", "seed",
-                 "fresh"):
+    for name in (f.name for f in fields(DemoSettings) if hasattr(args, f.name) and f.name != "reasoner"):
         if getattr(args, name) != getattr(parser_defaults, name):
             changed[name] = getattr(args, name)
     reasoner = base.reasoner

@@ -115,17 +115,21 @@ def split_corpus(train: int, heldout: int, *, min_steps: int, max_steps: int, se
     return tasks[:train], tasks[train:]
 
 
+def windows_pooled(written: int, window: int, keep_last: int) -> int:
+    """Reasoning windows the generator has pooled once ``written`` reasoning tokens exist.
+
+    It pools the oldest W tokens as soon as W + keep_last are uncompressed, one window per step.
+    """
+    return max(0, (written - keep_last) // window)
+
+
 def needed_value_compressed(value_positions: list[int], window: int, keep_last: int) -> tuple[int, int]:
     """(steps whose previous value was compressed when they were written, steps counted).
 
     ``value_positions``: indices, within the reasoning, of the tokens that write each
-    step's value. Before writing token j the generator has compressed
-    ``max(0, (j - keep_last) // window)`` windows (it pools the oldest W tokens as soon
-    as W + keep_last are uncompressed), so the value at index i is inside the block
-    when ``i < window * that``.
+    step's value. Token j is written after ``windows_pooled(j, ...)`` windows were
+    pooled, so the value at index i is inside the block when ``i < window * that``.
     """
-    hidden = 0
-    for previous, current in zip(value_positions, value_positions[1:]):
-        compressed_windows = max(0, (current - keep_last) // window)
-        hidden += previous < window * compressed_windows
+    hidden = sum(previous < window * windows_pooled(current, window, keep_last)
+                 for previous, current in zip(value_positions, value_positions[1:]))
     return hidden, max(0, len(value_positions) - 1)

@@ -16,6 +16,7 @@ a later run with the same settings (``fresh`` retrains).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -65,22 +66,18 @@ class DemoSettings:
 
 
 class StageTimes:
-    """Wall time of each stage, in the order they ran."""
+    """Wall time of each stage, in the order they ran: ``with times("name"): ...``."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        times = self
-
-        class _Timer:
-            def __enter__(self):
-                self.began = time.perf_counter()
-
-            def __exit__(self, *exc):
-                times.seconds[name] = times.seconds.get(name, 0.0) + time.perf_counter() - self.began
-
-        return _Timer()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
 
 
 def machine() -> dict:

@@ -6,7 +6,7 @@ import statistics
 
 import torch
 
-from hcr.demo.corpus import needed_value_compressed
+from hcr.demo.corpus import needed_value_compressed, windows_pooled
 from hcr.demo.evaluate import (constant_pooling, generate_compressed, generate_uncompressed, layout_check_model,
                                mean_pooled_vector)
 from hcr.generation import CompressedGenerator
@@ -35,7 +35,7 @@ def layout_lengths(prompt: int, reasoning: int, written: int, window: int | None
         if window is None:
             lengths.append(prompt + t)
             continue
-        pooled = max(0, (min(t, reasoning) - keep_last) // window)
+        pooled = windows_pooled(min(t, reasoning), window, keep_last)
         lengths.append(prompt + t - pooled * window + (pooled + 2 if pooled else 0))
     return lengths
 
