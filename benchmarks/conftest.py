@@ -8,17 +8,38 @@ At the end, per group, the summary prints every backend's median, its speedup
 over ``reference`` and, where the group has a ``copy`` entry (a plain tensor copy
 of the same bytes), the fraction of the copy's bandwidth it achieves. Ratios
 taken within one run are what to report: this machine is shared and noisy.
+
+Every benchmark records the CPU and the ISA the native kernels ran with
+(``extra_info["cpu"]``, ``["cpu_isa"]``), and the summary names them: figures from
+an AVX2 machine and an AVX-512 one are not comparable. ``HCR_CPU_ISA=avx2`` (or
+``baseline``) runs the suite with another ISA's kernels on the same machine.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
 import torch
+
+from hcr_kernels import autotune, cpu_isa
+
+
+def machine() -> str:
+    isas = ", ".join(cpu_isa.supported_cpu_isas()) or "-"
+    return (f"{autotune.cpu_model()}, native kernels on {cpu_isa.active_cpu_isa()} (CPU has: {isas}), "
+            f"{torch.get_num_threads()} CPU threads")
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    return f"torch {torch.__version__}, {machine()}"
+
+
+@pytest.fixture(autouse=True)
+def _record_machine(request):
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(cpu=autotune.cpu_model(),
+                                                               cpu_isa=cpu_isa.active_cpu_isa())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -34,7 +55,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     write = terminalreporter.write_line
     write("")
-    write("hcr benchmark ratios (medians of this run)")
+    write(f"hcr benchmark ratios (medians of this run; {machine()})")
     for group, entries in sorted(groups.items()):
         write(f"  {group}")
         reference = entries.get("reference", (None, None))[0]

@@ -10,8 +10,11 @@ as in a real decode step, not one matrix hot in L2):
   1536 x 8960; 82 MB in bf16).
 
 M is the number of input rows (the batch of a decode step). ``bytes`` is what the
-op must stream (the weights; inputs and outputs are tiny), ``copy`` a ``clone()``
-moving as many bytes. The crossover in M is where ``NATIVE_MAX_ROWS`` comes from.
+op must stream (the weights; inputs and outputs are tiny), ``copy`` a warmed ``copy_``
+moving as many bytes (``bandwidth.py``). ``auto`` is the automatic choice (the native
+kernel up to the row count it was measured faster for on this machine, see
+``hcr_kernels.autotune``; measured before timing): it must never be slower than
+``reference``. ``HCR_CPU_ISA=avx2`` (or ``baseline``) times another ISA's kernels.
 
 ``python -m pytest benchmarks/test_bench_decode_linear.py --benchmark-only``
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from bandwidth import warm_copy  # noqa: E402
 
 from hcr_kernels import decode_linear
 
@@ -45,19 +50,22 @@ def layer_stack(shapes, dtype, rows, seed=0):
 
 @pytest.mark.parametrize("weights,dtype,rows", CASES,
                          ids=[f"{w.split()[0]}-{str(d)[6:]}-M{r}" for w, d, r in CASES])
-@pytest.mark.parametrize("backend", ["reference", "native", "copy"])
+@pytest.mark.parametrize("backend", ["reference", "native", "auto", "copy"])
 def test_decode_linear(benchmark, backend, weights, dtype, rows):
     matrices, inputs = layer_stack(WEIGHT_SETS[weights], dtype, rows)
     moved = sum(w.numel() for w in matrices) * matrices[0].element_size()
     benchmark.group = f"decode_linear, {weights} ({moved / 2**20:.0f} MiB), {str(dtype)[6:]}, M={rows} rows"
     benchmark.extra_info.update(backend=backend, bytes=moved)
     if backend == "copy":
-        source = torch.randn(moved // 2 // matrices[0].element_size()).to(dtype)
-        run = source.clone
+        run = warm_copy(moved, dtype)
     else:
+        chosen = None if backend == "auto" else backend
+        for weight in matrices:  # the automatic choice measures each shape once, before the timing
+            decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
+
         def run():
             for weight in matrices:
-                decode_linear(inputs[weight.shape[1]], weight, backend=backend)
+                decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
 
     with torch.inference_mode():
         benchmark.pedantic(run, rounds=20 if weights == "tiny Qwen2" else 7, iterations=1, warmup_rounds=2)

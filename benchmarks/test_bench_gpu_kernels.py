@@ -5,7 +5,7 @@ device, so a GPU figure and a CPU figure describe the same work:
 
 * ``pool_scatter`` forward+backward (grad to the hidden states, frozen template):
   reference, the CUDA kernel of the extension (``native``), Triton, and a
-  ``clone()`` of the same bytes (``copy``) as the bandwidth yardstick.
+  warmed ``copy_`` of the same bytes (``copy``, ``bandwidth.py``) as the bandwidth yardstick.
 * ``weighted_cross_entropy`` forward+backward: reference vs Triton.
 * ``fused_linear_cross_entropy`` forward+backward at the compression trainer's full
   shape (4,096 tokens x 151,936 x 1,536, frozen lm_head): time and peak GPU memory
@@ -25,6 +25,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from bandwidth import warm_copy  # noqa: E402
 from test_bench_cross_entropy import CE_SHAPES, ce_inputs, fused_inputs, fused_step  # noqa: E402
 from test_bench_pool_scatter import bytes_moved, compression_batch  # noqa: E402
 from test_bench_ragged_cache_write import STEPS, decode_step  # noqa: E402
@@ -55,8 +56,7 @@ def test_pool_scatter_forward_backward(benchmark, backend, window, dtype):
     benchmark.group = f"GPU pool_scatter forward+backward {str(dtype)[6:]} W={window}, grad to hidden"
     benchmark.extra_info.update(backend=backend, bytes=moved)
     if backend == "copy":
-        source = torch.randn(moved // 2 // template.element_size(), device=GPU).to(dtype)
-        fn = source.clone
+        fn = warm_copy(moved, dtype, GPU)
     else:
         def fn():
             out = pool_scatter(template, mask, hidden, backend=backend)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bandwidth import warm_copy  # noqa: E402
+
 from hcr_kernels import pool_scatter
 
 DIM = 1536
@@ -50,15 +52,6 @@ def bytes_moved(template, mask, hidden, *, backward: bool, template_grad: bool) 
     return moved
 
 
-def copy_of(moved: int, dtype):
-    """``clone()`` of a tensor of ``moved / 2`` bytes: reads and writes ``moved`` bytes in all.
-
-    Like the ops, it allocates its output on every call (page faults included).
-    """
-    source = torch.randn(moved // 2 // torch.finfo(dtype).bits * 8).to(dtype)
-    return source.clone
-
-
 @pytest.mark.parametrize("window", [2, 10], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("backend", ["reference", "native", "copy"])
 def test_forward(benchmark, backend, window):
@@ -67,7 +60,7 @@ def test_forward(benchmark, backend, window):
     benchmark.group = f"pool_scatter forward fp32 W={window}"
     benchmark.extra_info.update(backend=backend, bytes=moved)
     if backend == "copy":
-        fn = copy_of(moved, template.dtype)
+        fn = warm_copy(moved, template.dtype)
     else:
         def fn():
             return pool_scatter(template, mask, hidden, backend=backend)
@@ -89,7 +82,7 @@ def test_forward_backward(benchmark, backend, window, template_grad):
     benchmark.group = f"pool_scatter forward+backward fp32 W={window}, grad to {what}"
     benchmark.extra_info.update(backend=backend, bytes=moved)
     if backend == "copy":
-        fn = copy_of(moved, template.dtype)
+        fn = warm_copy(moved, template.dtype)
     else:
         def fn():
             out = pool_scatter(template, mask, hidden, backend=backend)

@@ -23,7 +23,7 @@ struct ConvShape {
 };
 
 // pre-activation of one output row t.
-inline void conv_row(const float* x_b, const float* w, const float* bias, const ConvShape& s, int64_t t,
+HCR_INLINE void conv_row(const float* x_b, const float* w, const float* bias, const ConvShape& s, int64_t t,
                      float* pre) {
   for (int64_t c = 0; c < s.channels; ++c) pre[c] = bias[c];
   for (int64_t k = 0; k < s.width; ++k) {
@@ -35,58 +35,63 @@ inline void conv_row(const float* x_b, const float* w, const float* bias, const 
   }
 }
 
-HCR_MULTIVERSION void conv_forward_row(const float* x, const float* w, const float* bias, const ConvShape& s,
-                                       bool silu, int64_t b, float* out) {
-  const float* x_b = x + b * s.length * s.channels;
-  std::vector<float> pre(s.channels), sg(s.channels);
-  for (int64_t t = 0; t < s.length; ++t) {
-    conv_row(x_b, w, bias, s, t, pre.data());
-    float* out_t = out + (b * s.length + t) * s.channels;
-    if (silu) {
-      sigmoid_array(pre.data(), sg.data(), s.channels);
-      for (int64_t c = 0; c < s.channels; ++c) out_t[c] = pre[c] * sg[c];
-    } else {
-      for (int64_t c = 0; c < s.channels; ++c) out_t[c] = pre[c];
-    }
-  }
-}
-
-HCR_MULTIVERSION void conv_backward_row(const float* grad_out, const float* x, const float* w, const float* bias,
-                                        const ConvShape& s, bool silu, int64_t b, float* dx, float* dw,
-                                        float* dbias) {
-  const int64_t C = s.channels;
-  const float* x_b = x + b * s.length * C;
-  float* dx_b = dx + b * s.length * C;
-  float* dw_b = dw + b * s.width * C;
-  float* dbias_b = dbias + b * C;
-  std::vector<float> pre(C), sg(C), g(C);
-  for (int64_t i = 0; i < s.length * C; ++i) dx_b[i] = 0.f;
-  for (int64_t i = 0; i < s.width * C; ++i) dw_b[i] = 0.f;
-  for (int64_t c = 0; c < C; ++c) dbias_b[c] = 0.f;
-  for (int64_t t = 0; t < s.length; ++t) {
-    const float* g_t = grad_out + (b * s.length + t) * C;
-    if (silu) {
+struct ConvForwardRow {
+  template <int Lanes>
+  static HCR_INLINE void run(const float* x, const float* w, const float* bias, const ConvShape& s, bool silu,
+                             int64_t b, float* out) {
+    const float* x_b = x + b * s.length * s.channels;
+    std::vector<float> pre(s.channels), sg(s.channels);
+    for (int64_t t = 0; t < s.length; ++t) {
       conv_row(x_b, w, bias, s, t, pre.data());
-      sigmoid_array(pre.data(), sg.data(), C);
-      for (int64_t c = 0; c < C; ++c) g[c] = g_t[c] * sg[c] * (1.f + pre[c] * (1.f - sg[c]));
-    } else {
-      for (int64_t c = 0; c < C; ++c) g[c] = g_t[c];
-    }
-    for (int64_t c = 0; c < C; ++c) dbias_b[c] += g[c];
-    for (int64_t k = 0; k < s.width; ++k) {
-      const int64_t src = t - (s.width - 1) + k;
-      if (src < 0) continue;
-      const float* x_t = x_b + src * C;
-      const float* w_k = w + k * C;
-      float* dx_t = dx_b + src * C;
-      float* dw_k = dw_b + k * C;
-      for (int64_t c = 0; c < C; ++c) {
-        dw_k[c] += g[c] * x_t[c];
-        dx_t[c] += w_k[c] * g[c];
+      float* out_t = out + (b * s.length + t) * s.channels;
+      if (silu) {
+        SigmoidArray::run<Lanes>(pre.data(), sg.data(), s.channels);
+        for (int64_t c = 0; c < s.channels; ++c) out_t[c] = pre[c] * sg[c];
+      } else {
+        for (int64_t c = 0; c < s.channels; ++c) out_t[c] = pre[c];
       }
     }
   }
-}
+};
+
+struct ConvBackwardRow {
+  template <int Lanes>
+  static HCR_INLINE void run(const float* grad_out, const float* x, const float* w, const float* bias,
+                             const ConvShape& s, bool silu, int64_t b, float* dx, float* dw, float* dbias) {
+    const int64_t C = s.channels;
+    const float* x_b = x + b * s.length * C;
+    float* dx_b = dx + b * s.length * C;
+    float* dw_b = dw + b * s.width * C;
+    float* dbias_b = dbias + b * C;
+    std::vector<float> pre(C), sg(C), g(C);
+    for (int64_t i = 0; i < s.length * C; ++i) dx_b[i] = 0.f;
+    for (int64_t i = 0; i < s.width * C; ++i) dw_b[i] = 0.f;
+    for (int64_t c = 0; c < C; ++c) dbias_b[c] = 0.f;
+    for (int64_t t = 0; t < s.length; ++t) {
+      const float* g_t = grad_out + (b * s.length + t) * C;
+      if (silu) {
+        conv_row(x_b, w, bias, s, t, pre.data());
+        SigmoidArray::run<Lanes>(pre.data(), sg.data(), C);
+        for (int64_t c = 0; c < C; ++c) g[c] = g_t[c] * sg[c] * (1.f + pre[c] * (1.f - sg[c]));
+      } else {
+        for (int64_t c = 0; c < C; ++c) g[c] = g_t[c];
+      }
+      for (int64_t c = 0; c < C; ++c) dbias_b[c] += g[c];
+      for (int64_t k = 0; k < s.width; ++k) {
+        const int64_t src = t - (s.width - 1) + k;
+        if (src < 0) continue;
+        const float* x_t = x_b + src * C;
+        const float* w_k = w + k * C;
+        float* dx_t = dx_b + src * C;
+        float* dw_k = dw_b + k * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dw_k[c] += g[c] * x_t[c];
+          dx_t[c] += w_k[c] * g[c];
+        }
+      }
+    }
+  }
+};
 
 ConvShape check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 3, "hcr::causal_conv1d: x must be [batch, L, channels], got ", x.sizes());
@@ -109,7 +114,7 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   const float *xp = x.const_data_ptr<float>(), *wp = weight.const_data_ptr<float>(), *bp = bias.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) conv_forward_row(xp, wp, bp, s, silu, b, op);
+    for (int64_t b = begin; b < end; ++b) run_for_active_isa<ConvForwardRow>(xp, wp, bp, s, silu, b, op);
   });
   return out;
 }
@@ -126,7 +131,7 @@ std::vector<at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& grad_out, const 
   const float *wp = weight.const_data_ptr<float>(), *bp = bias.const_data_ptr<float>();
   float *dxp = dx.mutable_data_ptr<float>(), *dwp = dw.mutable_data_ptr<float>(), *dbp = dbias.mutable_data_ptr<float>();
   at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) conv_backward_row(gp, xp, wp, bp, s, silu, b, dxp, dwp, dbp);
+    for (int64_t b = begin; b < end; ++b) run_for_active_isa<ConvBackwardRow>(gp, xp, wp, bp, s, silu, b, dxp, dwp, dbp);
   });
   return {dx, dw, dbias};
 }

@@ -14,7 +14,8 @@
 // weight row is loaded once per group of up to 4 input rows, converted to fp32 in
 // registers, and multiplied into 2 accumulators per input row (8 FMA chains for a
 // group of 4). fp32 accumulation for fp32, bf16 and fp16. The hot loop is compiled
-// for AVX-512, AVX2 (+F16C) and the baseline (HCR_MULTIVERSION).
+// for AVX-512, AVX2 (+F16C) and the baseline, each with vectors of its register
+// width (cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,71 +30,70 @@
 namespace hcr {
 namespace {
 
-typedef uint16_t vu16 __attribute__((vector_size(32)));
-typedef uint32_t vu32 __attribute__((vector_size(64)));
+template <int Lanes>
+using vu16 = typename Vec<Lanes>::u16;
+template <int Lanes>
+using vu32 = typename Vec<Lanes>::u32;
 
-inline __attribute__((always_inline)) vfloat bits_to_float(vu32 bits) {
-  vfloat out;
+template <int Lanes>
+HCR_INLINE vfloat<Lanes> bits_to_float(vu32<Lanes> bits) {
+  vfloat<Lanes> out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 
-// 16 IEEE halves to fp32 with integer vector ops only (GCC does not vectorise
+// IEEE halves to fp32 with integer vector ops only (GCC does not vectorise
 // _Float16 conversions on every target): move exponent and mantissa into place and
 // rebias the exponent; halves with exponent 31 (inf, nan) get the fp32 maximum
 // exponent, subnormals are renormalised by one fp32 subtraction.
-inline __attribute__((always_inline)) vfloat halves_to_float(vu16 halves) {
-  const vu32 h = __builtin_convertvector(halves, vu32);
-  const vu32 shifted = (h & 0x7fffu) << 13;  // exponent and mantissa, in fp32 position
-  const vu32 exponent = shifted & (0x7c00u << 13);
-  const vu32 normal = shifted + ((127u - 15u) << 23);
-  const vu32 special = normal + ((128u - 16u) << 23);  // inf / nan
-  const vfloat subnormal = bits_to_float(normal + (1u << 23)) - bits_to_float(vu32{} + (113u << 23));
-  vu32 subnormal_bits;
+template <int Lanes>
+HCR_INLINE vfloat<Lanes> halves_to_float(vu16<Lanes> halves) {
+  using u32 = vu32<Lanes>;
+  const u32 h = __builtin_convertvector(halves, u32);
+  const u32 shifted = (h & 0x7fffu) << 13;  // exponent and mantissa, in fp32 position
+  const u32 exponent = shifted & (0x7c00u << 13);
+  const u32 normal = shifted + ((127u - 15u) << 23);
+  const u32 special = normal + ((128u - 16u) << 23);  // inf / nan
+  const vfloat<Lanes> subnormal = bits_to_float<Lanes>(normal + (1u << 23)) - bits_to_float<Lanes>(u32{} + (113u << 23));
+  u32 subnormal_bits;
   std::memcpy(&subnormal_bits, &subnormal, sizeof(subnormal_bits));
-  const vu32 magnitude = exponent == (0x7c00u << 13) ? special : (exponent == 0u ? subnormal_bits : normal);
-  return bits_to_float(magnitude | ((h & 0x8000u) << 16));
+  const u32 magnitude = exponent == (0x7c00u << 13) ? special : (exponent == 0u ? subnormal_bits : normal);
+  return bits_to_float<Lanes>(magnitude | ((h & 0x8000u) << 16));
 }
 
-// 16 consecutive weights as fp32, from fp32, bf16 (the high half of an fp32) or fp16 storage.
-template <typename T>
-inline __attribute__((always_inline)) vfloat load_as_float(const T* p) {
+// `Lanes` consecutive weights as fp32, from fp32, bf16 (the high half of an fp32) or fp16 storage.
+template <typename T, int Lanes>
+HCR_INLINE vfloat<Lanes> load_as_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
-    return load_v(p);
+    return load_v<Lanes>(p);
   } else {
-    vu16 bits;
+    vu16<Lanes> bits;
     std::memcpy(&bits, p, sizeof(bits));
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      return bits_to_float(__builtin_convertvector(bits, vu32) << 16);
+      return bits_to_float<Lanes>(__builtin_convertvector(bits, vu32<Lanes>) << 16);
     } else {
-      return halves_to_float(bits);
+      return halves_to_float<Lanes>(bits);
     }
   }
-}
-
-inline __attribute__((always_inline)) float lane_sum(vfloat v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
 }
 
 // dots[r] = <w, x[r]> for R input rows x[r] = x + r * K (fp32), one pass over the weight row w.
-template <typename T, int R>
-inline __attribute__((always_inline)) void dot_rows(const T* w, const float* x, int64_t K, float* dots) {
-  vfloat even[R] = {}, odd[R] = {};
+template <typename T, int R, int Lanes>
+HCR_INLINE void dot_rows(const T* w, const float* x, int64_t K, float* dots) {
+  vfloat<Lanes> even[R] = {}, odd[R] = {};
   int64_t k = 0;
-  for (; k + 2 * kLanes <= K; k += 2 * kLanes) {
-    const vfloat w0 = load_as_float(w + k), w1 = load_as_float(w + k + kLanes);
+  for (; k + 2 * Lanes <= K; k += 2 * Lanes) {
+    const vfloat<Lanes> w0 = load_as_float<T, Lanes>(w + k), w1 = load_as_float<T, Lanes>(w + k + Lanes);
     for (int r = 0; r < R; ++r) {
-      even[r] += w0 * load_v(x + r * K + k);
-      odd[r] += w1 * load_v(x + r * K + k + kLanes);
+      even[r] += w0 * load_v<Lanes>(x + r * K + k);
+      odd[r] += w1 * load_v<Lanes>(x + r * K + k + Lanes);
     }
   }
-  for (; k + kLanes <= K; k += kLanes) {
-    const vfloat w0 = load_as_float(w + k);
-    for (int r = 0; r < R; ++r) even[r] += w0 * load_v(x + r * K + k);
+  for (; k + Lanes <= K; k += Lanes) {
+    const vfloat<Lanes> w0 = load_as_float<T, Lanes>(w + k);
+    for (int r = 0; r < R; ++r) even[r] += w0 * load_v<Lanes>(x + r * K + k);
   }
-  for (int r = 0; r < R; ++r) dots[r] = lane_sum(even[r] + odd[r]);
+  for (int r = 0; r < R; ++r) dots[r] = lane_sum<Lanes>(even[r] + odd[r]);
   for (; k < K; ++k) {
     const float wk = static_cast<float>(w[k]);
     for (int r = 0; r < R; ++r) dots[r] += wk * x[r * K + k];
@@ -102,55 +102,44 @@ inline __attribute__((always_inline)) void dot_rows(const T* w, const float* x, 
 
 // out[m, n] (fp32, row stride N) for weight rows n in [n0, n1) and all M input rows.
 template <typename T>
-inline __attribute__((always_inline)) void linear_block(const T* weight, int64_t weight_stride, const float* x,
-                                                        const float* bias, float* out, int64_t M, int64_t N, int64_t K,
-                                                        int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* w = weight + n * weight_stride;
-    const float b = bias != nullptr ? bias[n] : 0.0f;
-    float dots[4];
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) {
-      dot_rows<T, 4>(w, x + m * K, K, dots);
-      for (int r = 0; r < 4; ++r) out[(m + r) * N + n] = dots[r] + b;
-    }
-    for (; m + 2 <= M; m += 2) {
-      dot_rows<T, 2>(w, x + m * K, K, dots);
-      for (int r = 0; r < 2; ++r) out[(m + r) * N + n] = dots[r] + b;
-    }
-    if (m < M) {
-      dot_rows<T, 1>(w, x + m * K, K, dots);
-      out[m * N + n] = dots[0] + b;
+struct LinearBlock {
+  template <int Lanes>
+  static HCR_INLINE void run(const T* weight, int64_t weight_stride, const float* x, const float* bias, float* out,
+                             int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* w = weight + n * weight_stride;
+      const float b = bias != nullptr ? bias[n] : 0.0f;
+      float dots[4];
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        dot_rows<T, 4, Lanes>(w, x + m * K, K, dots);
+        for (int r = 0; r < 4; ++r) out[(m + r) * N + n] = dots[r] + b;
+      }
+      for (; m + 2 <= M; m += 2) {
+        dot_rows<T, 2, Lanes>(w, x + m * K, K, dots);
+        for (int r = 0; r < 2; ++r) out[(m + r) * N + n] = dots[r] + b;
+      }
+      if (m < M) {
+        dot_rows<T, 1, Lanes>(w, x + m * K, K, dots);
+        out[m * N + n] = dots[0] + b;
+      }
     }
   }
-}
-
-// One compiled-for-each-ISA entry point per storage type (target_clones does not apply to templates).
-HCR_MULTIVERSION void linear_block_f32(const float* weight, int64_t weight_stride, const float* x, const float* bias,
-                                       float* out, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  linear_block(weight, weight_stride, x, bias, out, M, N, K, n0, n1);
-}
-HCR_MULTIVERSION void linear_block_bf16(const c10::BFloat16* weight, int64_t weight_stride, const float* x,
-                                        const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t n0,
-                                        int64_t n1) {
-  linear_block(weight, weight_stride, x, bias, out, M, N, K, n0, n1);
-}
-HCR_MULTIVERSION void linear_block_f16(const c10::Half* weight, int64_t weight_stride, const float* x,
-                                       const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t n0,
-                                       int64_t n1) {
-  linear_block(weight, weight_stride, x, bias, out, M, N, K, n0, n1);
-}
+};
 
 void linear_block_any(const at::Tensor& weight, const float* x, const float* bias, float* out, int64_t M, int64_t N,
                       int64_t K, int64_t n0, int64_t n1) {
   const int64_t stride = weight.stride(0);
   switch (weight.scalar_type()) {
     case at::kFloat:
-      return linear_block_f32(weight.const_data_ptr<float>(), stride, x, bias, out, M, N, K, n0, n1);
+      return run_for_active_isa<LinearBlock<float>>(weight.const_data_ptr<float>(), stride, x, bias, out, M, N, K, n0,
+                                                    n1);
     case at::kBFloat16:
-      return linear_block_bf16(weight.const_data_ptr<c10::BFloat16>(), stride, x, bias, out, M, N, K, n0, n1);
+      return run_for_active_isa<LinearBlock<c10::BFloat16>>(weight.const_data_ptr<c10::BFloat16>(), stride, x, bias,
+                                                            out, M, N, K, n0, n1);
     default:
-      return linear_block_f16(weight.const_data_ptr<c10::Half>(), stride, x, bias, out, M, N, K, n0, n1);
+      return run_for_active_isa<LinearBlock<c10::Half>>(weight.const_data_ptr<c10::Half>(), stride, x, bias, out, M,
+                                                        N, K, n0, n1);
   }
 }
 

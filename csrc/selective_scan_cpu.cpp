@@ -9,9 +9,9 @@
 // Work is split into tasks of (batch row, group, chunk of up to 32 channels):
 // the chunk's state [N][32] stays in L1 and the inner loops run over channels,
 // so they vectorise with no horizontal reductions (B_t, C_t are shared by the
-// chunk). exp() is a branch-free polynomial that the compiler vectorises; the
-// hot functions are compiled for AVX-512, AVX2+FMA and baseline x86-64 and
-// picked at load time (target_clones).
+// chunk). exp() is a branch-free polynomial on vectors of the ISA's register
+// width; the hot functions are compiled for AVX-512, AVX2+FMA and baseline x86-64
+// and run for the active ISA (cpu_isa.h).
 //
 // The forward saves the state at the end of every `segment` steps. The backward
 // walks the segments in reverse: it recomputes one segment's states from the
@@ -35,7 +35,6 @@ namespace {
 
 constexpr int64_t kChunk = 32;     // channels per task
 constexpr int64_t kMaxState = 256;  // largest N (mamba-ssm's limit too)
-static_assert(kChunk % kLanes == 0, "a chunk is a whole number of vectors");
 
 struct ScanShape {
   int64_t batch, length, channels, state, groups, segment;
@@ -69,52 +68,46 @@ void gather_A(const ScanInputs& in, const ScanShape& s, const Task& k, float* At
 }
 
 // dt of one step for a chunk, zero-padded delta lanes included: softplus(delta + bias).
-HCR_MULTIVERSION void chunk_dt(const ScanInputs& in, const ScanShape& s, const Task& k, int64_t t, float* dt_pad,
-                               float* raw_pad) {
-  const float* delta_t = in.delta + (k.b * s.length + t) * s.channels + k.c0;
-  for (int64_t c = 0; c < kChunk; ++c) raw_pad[c] = c < k.width ? delta_t[c] + in.bias[k.c0 + c] : 0.f;
-  for (int64_t v = 0; v < kChunk; v += kLanes) {
-    const vfloat raw = load_v(raw_pad + v);
-    store_v(dt_pad + v, in.softplus ? softplus_v(raw) : raw);
+struct ChunkDt {
+  template <int Lanes>
+  static HCR_INLINE void run(const ScanInputs& in, const ScanShape& s, const Task& k, int64_t t, float* dt_pad,
+                             float* raw_pad) {
+    static_assert(kChunk % Lanes == 0, "a chunk is a whole number of vectors");
+    const float* delta_t = in.delta + (k.b * s.length + t) * s.channels + k.c0;
+    for (int64_t c = 0; c < kChunk; ++c) raw_pad[c] = c < k.width ? delta_t[c] + in.bias[k.c0 + c] : 0.f;
+    for (int64_t v = 0; v < kChunk; v += Lanes) {
+      const vfloat<Lanes> raw = load_v<Lanes>(raw_pad + v);
+      store_v<Lanes>(dt_pad + v, in.softplus ? softplus_v<Lanes>(raw) : raw);
+    }
   }
-}
+};
 
 // One recurrence step of a chunk: x <- exp(dt A) x + dt u B; y = <C, x>, on
 // whole vectors of the (zero-padded) chunk; dt is padded to kChunk lanes. kRecord also stores exp(dt A), which
 // the backward's recompute needs.
 template <bool kRecord>
-inline __attribute__((always_inline)) void scan_step_body(const float* __restrict__ At, const float* __restrict__ dt,
-                                                          const float* __restrict__ u_t, const float* __restrict__ B_t,
-                                                          const float* __restrict__ C_t, float* __restrict__ x,
-                                                          float* __restrict__ y, float* __restrict__ decay,
-                                                          int64_t state, int64_t width) {
-  alignas(64) float dtu_pad[kChunk] = {0.f};
-  for (int64_t c = 0; c < width; ++c) dtu_pad[c] = dt[c] * u_t[c];
-  for (int64_t v = 0; v < kChunk; v += kLanes) {
-    const vfloat dtv = load_v(dt + v), dtuv = load_v(dtu_pad + v);
-    vfloat yv = vfloat{};
-    for (int64_t n = 0; n < state; ++n) {
-      const int64_t o = n * kChunk + v;
-      const vfloat a = exp_approx_t<vfloat, vint>(dtv * load_v(At + o));
-      const vfloat xn = a * load_v(x + o) + dtuv * B_t[n];
-      store_v(x + o, xn);
-      yv += xn * C_t[n];
-      if constexpr (kRecord) store_v(decay + o, a);
+struct ScanStep {
+  template <int Lanes>
+  static HCR_INLINE void run(const float* __restrict__ At, const float* __restrict__ dt, const float* __restrict__ u_t,
+                             const float* __restrict__ B_t, const float* __restrict__ C_t, float* __restrict__ x,
+                             float* __restrict__ y, float* __restrict__ decay, int64_t state, int64_t width) {
+    alignas(64) float dtu_pad[kChunk] = {0.f};
+    for (int64_t c = 0; c < width; ++c) dtu_pad[c] = dt[c] * u_t[c];
+    for (int64_t v = 0; v < kChunk; v += Lanes) {
+      const vfloat<Lanes> dtv = load_v<Lanes>(dt + v), dtuv = load_v<Lanes>(dtu_pad + v);
+      vfloat<Lanes> yv = vfloat<Lanes>{};
+      for (int64_t n = 0; n < state; ++n) {
+        const int64_t o = n * kChunk + v;
+        const vfloat<Lanes> a = exp_v<Lanes>(dtv * load_v<Lanes>(At + o));
+        const vfloat<Lanes> xn = a * load_v<Lanes>(x + o) + dtuv * B_t[n];
+        store_v<Lanes>(x + o, xn);
+        yv += xn * C_t[n];
+        if constexpr (kRecord) store_v<Lanes>(decay + o, a);
+      }
+      store_v<Lanes>(y + v, yv);
     }
-    store_v(y + v, yv);
   }
-}
-
-HCR_MULTIVERSION void scan_step(const float* At, const float* dt, const float* u_t, const float* B_t,
-                                const float* C_t, float* x, float* y, int64_t state, int64_t width) {
-  scan_step_body<false>(At, dt, u_t, B_t, C_t, x, y, nullptr, state, width);
-}
-
-HCR_MULTIVERSION void scan_step_recording(const float* At, const float* dt, const float* u_t, const float* B_t,
-                                          const float* C_t, float* x, float* y, float* decay, int64_t state,
-                                          int64_t width) {
-  scan_step_body<true>(At, dt, u_t, B_t, C_t, x, y, decay, state, width);
-}
+};
 
 void store_state(const ScanShape& s, const Task& k, const float* x, float* dst_bnd /* [N][channels] */) {
   for (int64_t n = 0; n < s.state; ++n)
@@ -135,12 +128,13 @@ void forward_task(const ScanInputs& in, const ScanShape& s, const Task& k, float
     const int64_t row = (k.b * s.length + t) * s.channels + k.c0;
     const int64_t bc = ((k.b * s.groups + k.g) * s.length + t) * s.state;
     const float* u_t = in.u + row;
-    chunk_dt(in, s, k, t, dt, raw);
-    scan_step(At.data(), dt, u_t, in.B + bc, in.C + bc, x.data(), y, s.state, k.width);
+    run_for_active_isa<ChunkDt>(in, s, k, t, dt, raw);
+    run_for_active_isa<ScanStep<false>>(At.data(), dt, u_t, in.B + bc, in.C + bc, x.data(), y, nullptr, s.state,
+                                        k.width);
     float* out_t = out + row;
     if (in.z) {
       const float* z_t = in.z + row;
-      sigmoid_array(z_t, gate, k.width);
+      run_for_active_isa<SigmoidArray>(z_t, gate, k.width);
       for (int64_t c = 0; c < k.width; ++c) out_t[c] = (y[c] + D[c] * u_t[c]) * z_t[c] * gate[c];
     } else {
 #pragma omp simd
@@ -157,35 +151,37 @@ struct ScanGrads {
 
 // The adjoint of one step, for a chunk: consumes carry = exp(dt_{t+1} A) * h_{t+1}
 // and leaves carry = exp(dt_t A) * h_t, where h_t = dL/dx_t.
-HCR_MULTIVERSION void adjoint_step(const float* __restrict__ At, const float* __restrict__ dt,
-                                   const float* __restrict__ u_t, const float* __restrict__ gy,
-                                   const float* __restrict__ B_t, const float* __restrict__ C_t,
-                                   const float* __restrict__ x_t, const float* __restrict__ x_prev,
-                                   const float* __restrict__ decay, float* __restrict__ carry,
-                                   float* __restrict__ du, float* __restrict__ ddt, float* __restrict__ dA,
-                                   float* __restrict__ dB_t, float* __restrict__ dC_t, int64_t state, int64_t width) {
-  float dtu[kChunk];
-  for (int64_t c = 0; c < width; ++c) dtu[c] = dt[c] * u_t[c];
-  for (int64_t n = 0; n < state; ++n) {
-    const float Bn = B_t[n], Cn = C_t[n];
-    const int64_t o = n * kChunk;
-    float dBn = 0.f, dCn = 0.f;
+struct AdjointStep {
+  template <int Lanes>
+  static HCR_INLINE void run(const float* __restrict__ At, const float* __restrict__ dt, const float* __restrict__ u_t,
+                             const float* __restrict__ gy, const float* __restrict__ B_t, const float* __restrict__ C_t,
+                             const float* __restrict__ x_t, const float* __restrict__ x_prev,
+                             const float* __restrict__ decay, float* __restrict__ carry, float* __restrict__ du,
+                             float* __restrict__ ddt, float* __restrict__ dA, float* __restrict__ dB_t,
+                             float* __restrict__ dC_t, int64_t state, int64_t width) {
+    float dtu[kChunk];
+    for (int64_t c = 0; c < width; ++c) dtu[c] = dt[c] * u_t[c];
+    for (int64_t n = 0; n < state; ++n) {
+      const float Bn = B_t[n], Cn = C_t[n];
+      const int64_t o = n * kChunk;
+      float dBn = 0.f, dCn = 0.f;
 #pragma omp simd reduction(+ : dBn, dCn)
-    for (int64_t c = 0; c < width; ++c) {
-      const float h = carry[o + c] + gy[c] * Cn;
-      const float a = decay[o + c];
-      const float xp = x_prev ? x_prev[o + c] : 0.f;
-      du[c] += h * dt[c] * Bn;
-      ddt[c] += h * (u_t[c] * Bn + xp * At[o + c] * a);
-      dA[o + c] += h * xp * dt[c] * a;
-      dBn += h * dtu[c];
-      dCn += gy[c] * x_t[o + c];
-      carry[o + c] = a * h;
+      for (int64_t c = 0; c < width; ++c) {
+        const float h = carry[o + c] + gy[c] * Cn;
+        const float a = decay[o + c];
+        const float xp = x_prev ? x_prev[o + c] : 0.f;
+        du[c] += h * dt[c] * Bn;
+        ddt[c] += h * (u_t[c] * Bn + xp * At[o + c] * a);
+        dA[o + c] += h * xp * dt[c] * a;
+        dBn += h * dtu[c];
+        dCn += gy[c] * x_t[o + c];
+        carry[o + c] = a * h;
+      }
+      dB_t[n] = dBn;
+      dC_t[n] = dCn;
     }
-    dB_t[n] = dBn;
-    dC_t[n] = dCn;
   }
-}
+};
 
 void backward_task(const ScanInputs& in, const ScanShape& s, const Task& k, const float* grad_out,
                    const float* checkpoints, const float* grad_last_state, const ScanGrads& grads) {
@@ -210,9 +206,9 @@ void backward_task(const ScanInputs& in, const ScanShape& s, const Task& k, cons
       const int64_t i = t - t0;
       const int64_t row = (k.b * s.length + t) * s.channels + k.c0;
       const int64_t bc = ((k.b * s.groups + k.g) * s.length + t) * N;
-      chunk_dt(in, s, k, t, dts.data() + i * W, raws.data() + i * W);
-      scan_step_recording(At.data(), dts.data() + i * W, in.u + row, in.B + bc, in.C + bc, x.data(), ys.data() + i * W,
-                decays.data() + i * N * W, N, k.width);
+      run_for_active_isa<ChunkDt>(in, s, k, t, dts.data() + i * W, raws.data() + i * W);
+      run_for_active_isa<ScanStep<true>>(At.data(), dts.data() + i * W, in.u + row, in.B + bc, in.C + bc, x.data(),
+                                         ys.data() + i * W, decays.data() + i * N * W, N, k.width);
       std::memcpy(xs.data() + i * N * W, x.data(), N * W * sizeof(float));
     }
     // Reverse scan over the segment.
@@ -221,7 +217,7 @@ void backward_task(const ScanInputs& in, const ScanShape& s, const Task& k, cons
       const int64_t row = (k.b * s.length + t) * s.channels + k.c0;
       const int64_t bc = ((k.b * s.groups + k.g) * s.length + t) * N;
       const float* u_t = in.u + row;
-      if (in.z) sigmoid_array(in.z + row, gate, k.width);
+      if (in.z) run_for_active_isa<SigmoidArray>(in.z + row, gate, k.width);
       for (int64_t c = 0; c < k.width; ++c) {
         const float g = grad_out[row + c];
         const float Dc = in.D[k.c0 + c];
@@ -238,10 +234,10 @@ void backward_task(const ScanInputs& in, const ScanShape& s, const Task& k, cons
         ddt[c] = 0.f;
       }
       const float* x_prev = i > 0 ? xs.data() + (i - 1) * N * W : x0.data();
-      adjoint_step(At.data(), dts.data() + i * W, u_t, gy, in.B + bc, in.C + bc, xs.data() + i * N * W, x_prev,
-                   decays.data() + i * N * W, carry.data(), du, ddt, dA.data(), grads.dB + part + t * N,
-                   grads.dC + part + t * N, N, k.width);
-      if (in.softplus) sigmoid_array(raws.data() + i * W, gate, k.width);  // d softplus / d raw
+      run_for_active_isa<AdjointStep>(At.data(), dts.data() + i * W, u_t, gy, in.B + bc, in.C + bc,
+                                      xs.data() + i * N * W, x_prev, decays.data() + i * N * W, carry.data(), du, ddt,
+                                      dA.data(), grads.dB + part + t * N, grads.dC + part + t * N, N, k.width);
+      if (in.softplus) run_for_active_isa<SigmoidArray>(raws.data() + i * W, gate, k.width);  // d softplus / d raw
       for (int64_t c = 0; c < k.width; ++c) {
         const float dd = in.softplus ? ddt[c] * gate[c] : ddt[c];
         grads.ddelta[row + c] = dd;

@@ -9,11 +9,10 @@
 // Parallel over tokens (at::parallel_for); per token three passes over the row
 // (max, exp + sum, scale), the row staying in L2. fp32 accumulation for fp32,
 // fp16 and bf16 (fp16/bf16 rows are converted to a per-thread fp32 buffer), fp64
-// for fp64. The fp32 inner loops are plain loops over 16 independent lanes that
-// the compiler vectorises; the build has no -march flag, so on x86-64 with GCC
-// they are compiled for AVX-512, AVX2 and the baseline (HCR_MULTIVERSION) and the
-// loader picks the best the CPU has. exp() is vec_math.h's polynomial (about
-// 2 ulp; exactly 0 below exp(-87.3), i.e. for -inf logits).
+// for fp64. The fp32 inner loops run on vectors of the ISA's register width; the
+// build has no -march flag, so they are compiled for AVX-512, AVX2 and the
+// baseline and run for the active ISA (cpu_isa.h). exp() is vec_math.h's
+// polynomial (about 2 ulp; exactly 0 below exp(-87.3), i.e. for -inf logits).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -30,43 +29,51 @@
 namespace hcr {
 namespace {
 
-HCR_MULTIVERSION float row_max_f32(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  if (n >= kLanes) {
-    vfloat acc = load_v(x);
-    for (j = kLanes; j + kLanes <= n; j += kLanes) {
-      const vfloat v = load_v(x + j);
-      acc = v > acc ? v : acc;
+struct RowMax {
+  template <int Lanes>
+  static HCR_INLINE float run(const float* x, int64_t n) {
+    float m = -std::numeric_limits<float>::infinity();
+    int64_t j = 0;
+    if (n >= Lanes) {
+      vfloat<Lanes> acc = load_v<Lanes>(x);
+      for (j = Lanes; j + Lanes <= n; j += Lanes) {
+        const vfloat<Lanes> v = load_v<Lanes>(x + j);
+        acc = v > acc ? v : acc;
+      }
+      for (int k = 0; k < Lanes; ++k) m = acc[k] > m ? acc[k] : m;
     }
-    for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
+    for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
   }
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
+};
 
 // sum_j exp(x[j] - m); when out is not null it also stores exp(x[j] - m) (out may alias x).
-HCR_MULTIVERSION float exp_sum_f32(const float* x, float* out, int64_t n, float m) {
-  vfloat acc = vfloat{};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const vfloat v = exp_approx_t<vfloat, vint>(load_v(x + j) - m);
-    if (out != nullptr) store_v(out + j, v);
-    acc += v;
+struct ExpSum {
+  template <int Lanes>
+  static HCR_INLINE float run(const float* x, float* out, int64_t n, float m) {
+    vfloat<Lanes> acc = vfloat<Lanes>{};
+    int64_t j = 0;
+    for (; j + Lanes <= n; j += Lanes) {
+      const vfloat<Lanes> v = exp_v<Lanes>(load_v<Lanes>(x + j) - m);
+      if (out != nullptr) store_v<Lanes>(out + j, v);
+      acc += v;
+    }
+    float total = 0.0f;
+    for (; j < n; ++j) {
+      const float v = exp_approx(x[j] - m);
+      if (out != nullptr) out[j] = v;
+      total += v;
+    }
+    return total + lane_sum<Lanes>(acc);
   }
-  float total = 0.0f;
-  for (; j < n; ++j) {
-    const float v = exp_approx(x[j] - m);
-    if (out != nullptr) out[j] = v;
-    total += v;
-  }
-  for (int k = 0; k < kLanes; ++k) total += acc[k];
-  return total;
-}
+};
 
-HCR_MULTIVERSION void scale_f32(float* y, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) y[j] *= a;
-}
+struct Scale {
+  template <int Lanes>
+  static HCR_INLINE void run(float* y, int64_t n, float a) {
+    for (int64_t j = 0; j < n; ++j) y[j] *= a;
+  }
+};
 
 // Tokens per parallel task: enough elements per task to amortise scheduling.
 int64_t grain_tokens(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)); }
@@ -104,12 +111,12 @@ void ce_rows_f32(const scalar_t* logits, const int64_t* labels, const float* wei
         g = grad_row != nullptr ? buffer.data() : nullptr;
       }
       const float picked = x[label];  // read before g (possibly x itself) is overwritten
-      const float m = row_max_f32(x, vocab);
-      const float sum = exp_sum_f32(x, g, vocab, m);
+      const float m = run_for_active_isa<RowMax>(x, vocab);
+      const float sum = run_for_active_isa<ExpSum>(x, g, vocab, m);
       losses[i] = m + std::log(sum) - picked;
       if (g == nullptr) continue;
       const float w = weights[i];
-      scale_f32(g, vocab, w / sum);
+      run_for_active_isa<Scale>(g, vocab, w / sum);
       g[label] -= w;
       if constexpr (!is_f32) {
         for (int64_t j = 0; j < vocab; ++j) grad_row[j] = static_cast<scalar_t>(buffer[j]);

@@ -5,6 +5,7 @@ everywhere), a ``native`` path in the compiled extension ``hcr_kernels._C`` and,
 where it pays, a ``triton`` path for GPUs. See ``python -m hcr_kernels.info``.
 """
 
+from hcr_kernels import cpu_isa as _cpu_isa
 from hcr_kernels._dispatch import BACKEND_ENV_VAR, BACKENDS
 from hcr_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from hcr_kernels.cross_entropy import (
@@ -19,6 +20,8 @@ from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
 from hcr_kernels.mamba_patch import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
 from hcr_kernels.selective_scan import selective_scan, selective_scan_ref
+
+_cpu_isa.apply_env()
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from hcr_kernels import _dispatch, _extension
+from hcr_kernels import _dispatch, _extension, autotune, cpu_isa
 from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
 from hcr_kernels.decode_linear import BACKEND_CHECKS as DECODE_LINEAR_BACKENDS
@@ -71,7 +71,13 @@ def collect() -> dict:
         "extension_cpu": build["cpu"],
         "extension_cuda": build["cuda"],
         "extension_cuda_runtime": build.get("cuda_runtime_version"),
-        "env": {name: os.environ.get(name) for name in (_dispatch.BACKEND_ENV_VAR, "TRITON_INTERPRET")},
+        "cpu_isa": cpu_isa.active_cpu_isa(),
+        "cpu_isas_supported": list(cpu_isa.supported_cpu_isas()),
+        "autotune": autotune.enabled(),
+        "autotune_cache": str(autotune.cache_path()),
+        "autotune_decisions": autotune.cached_decisions(),
+        "env": {name: os.environ.get(name) for name in (_dispatch.BACKEND_ENV_VAR, cpu_isa.CPU_ISA_ENV_VAR,
+                                                         autotune.AUTOTUNE_ENV_VAR, "TRITON_INTERPRET")},
         "backends": {
             op: {device.type: _backend_for(op, checks, device) for device in devices} for op, checks in OPS.items()
         },
@@ -91,6 +97,10 @@ def report() -> str:
         f"  extension _C    {'loaded' if info['extension_loaded'] else 'NOT LOADED: ' + str(info['extension_error'])}",
         f"    CPU kernels   {'yes' if info['extension_cpu'] else 'no'}",
         f"    CUDA kernels  {'yes (CUDA runtime %d.%d)' % (cuda_rt // 1000, cuda_rt % 1000 // 10) if info['extension_cuda'] else 'no'}",
+        f"    CPU ISA       {info['cpu_isa'] or '-'} (this CPU: {', '.join(info['cpu_isas_supported']) or '-'}; "
+        f"{cpu_isa.CPU_ISA_ENV_VAR} chooses)",
+        f"  autotune        {'on' if info['autotune'] else 'off'}, {len(info['autotune_decisions'])} measured "
+        f"choices cached for this machine in {info['autotune_cache']}",
         "  environment     " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in info["env"].items()),
         "  backend per op (automatic choice):",
     ]

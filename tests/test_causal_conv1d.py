@@ -14,6 +14,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("batch,channels,length,width,activation,with_bias", CASES)
 def test_native_matches_reference(batch, channels, length, width, activation, with_bias):
     x = torch.randn(batch, channels, length)

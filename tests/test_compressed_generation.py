@@ -236,8 +236,16 @@ RAGGED8 = (5, 9, 3, 12, 1, 6, 8, 4)
 
 
 def test_decode_kernels_in_fp32_give_the_same_tokens(base, tokenizer, monkeypatch):
-    """fp32 is where the native decode_linear runs (in float64, as above, every layer takes F.linear)."""
+    """fp32 is where the native decode_linear runs (in float64, as above, every layer takes F.linear).
+
+    Whether it is faster than F.linear for this tiny model is measured per machine; here it is
+    made to win every measurement, so the kernel's tokens are what is compared.
+    """
+    from hcr_kernels import autotune
     from hcr_kernels.decode_linear import patch
+
+    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    autotune.forget()
 
     native_calls = []
 
@@ -257,6 +265,7 @@ def test_decode_kernels_in_fp32_give_the_same_tokens(base, tokenizer, monkeypatc
     assert not native_calls
     assert torch.equal(routed.sequences, plain.sequences) and routed.layouts == plain.layouts
     assert not any("forward" in vars(m) for m in model.modules())  # every layer has its own forward back
+    autotune.forget()
 
 
 def test_time_split_is_disjoint_and_outputs_are_plain_tensors(base, tokenizer):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
-from hcr_kernels.decode_linear import NATIVE_MAX_ROWS, native_row_limit
+from hcr_kernels import autotune
+from hcr_kernels.decode_linear import ROW_LADDER, native_row_limit
 from param_sets import tolerance
 
 NATIVE_DTYPES = [
@@ -60,6 +61,7 @@ def oracle(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
 @pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
@@ -70,6 +72,7 @@ def test_native_forward_matches_oracle(rows, out_features, in_features, dtype, w
     assert_matches_oracle(out, oracle(x, weight, bias), dtype, in_features)
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
 def test_native_takes_nd_and_strided_inputs(dtype):
     """A [B, T, K] input, a non-contiguous input, a weight whose rows sit in a wider matrix."""
@@ -96,6 +99,7 @@ def test_native_empty_shapes():
     assert decode_linear(torch.randn(2, 4), torch.randn(0, 4), backend="native").shape == (2, 0)
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_gradients_match_reference(dtype, with_bias):
@@ -116,16 +120,57 @@ def test_gradients_match_reference(dtype, with_bias):
         assert_matches_oracle(a, b, dtype, 21, what=name)  # the longest reduction: 21 output features
 
 
-def test_automatic_choice_is_native_only_for_few_rows():
+@pytest.fixture
+def native_wins_up_to_4_rows(monkeypatch):
+    """Measurements replaced by a rule: the native kernel wins for at most 4 rows; the classes asked are recorded."""
+    asked = []
+
+    def decide(op, shape_class, fast, reference):
+        asked.append(shape_class)
+        return int(shape_class.rsplit("rows=", 1)[1]) <= 4
+
+    monkeypatch.setattr(autotune, "fast_path_wins", decide)
+    autotune.forget()
+    yield asked
+    autotune.forget()
+
+
+def test_automatic_choice_takes_native_up_to_the_measured_row_count(native_wins_up_to_4_rows):
     weight = torch.randn(24, 16)
-    assert native_row_limit(weight) == NATIVE_MAX_ROWS[torch.float32] > 0
+    assert native_row_limit(weight) == 4
+    assert native_wins_up_to_4_rows == [f"float32 N=24 K=16 rows={rows}" for rows in (1, 2, 4, 8)]  # stops at a loss
     assert native_row_limit(weight.double()) == 0  # no native fp64
     assert native_row_limit(weight.t().contiguous().t()) == 0  # rows not contiguous: no per-call copy
     assert native_row_limit(weight, "reference") == 0
-    many = torch.randn(NATIVE_MAX_ROWS[torch.float32] + 1, 16)
+    many = torch.randn(5, 16)
     assert torch.equal(decode_linear(many, weight), F.linear(many, weight))  # the reference, bit for bit
     few = many[:2]
     assert torch.equal(decode_linear(few, weight), decode_linear(few, weight, backend="native"))
+
+
+def test_automatic_choice_never_takes_a_slower_native_kernel(monkeypatch):
+    weight = torch.randn(24, 16)
+    autotune.forget()
+    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: False)
+    assert native_row_limit(weight) == 0
+    autotune.forget()
+    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    assert native_row_limit(weight) == ROW_LADDER[-1]
+    autotune.forget()
+
+
+def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
+    """Unpatched: both paths run on this machine, and the decisions land in the cache file."""
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
+    autotune.forget()
+    limit = native_row_limit(torch.randn(40, 24))
+    assert limit in (0, *ROW_LADDER)
+    decisions = autotune.cached_decisions()
+    measured = [key for key in decisions if key.startswith("decode_linear | float32 N=40 K=24")]
+    assert len(measured) == min(len(ROW_LADDER), ROW_LADDER.index(limit) + 2 if limit else 1)
+    assert all(decisions[key]["fast_s"] > 0 and decisions[key]["reference_s"] > 0 for key in measured)
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV_VAR, "0")  # off: the reference, whatever was measured
+    assert native_row_limit(torch.randn(40, 24)) == 0
 
 
 def test_backend_env_var_selects_reference(monkeypatch):
@@ -165,7 +210,8 @@ def test_fake_kernels_for_torch_compile():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.usefixtures("cpu_isa")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 9),
     out_features=st.integers(1, 70),
@@ -192,7 +238,7 @@ def small_model():
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8, bias=False), Scaled(8, 4))
 
 
-def test_decode_linears_routes_plain_linears_and_restores(monkeypatch):
+def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wins_up_to_4_rows):
     from hcr_kernels.decode_linear import patch
 
     routed = []
@@ -208,8 +254,7 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch):
     with decode_linears(model):
         assert [("forward" in vars(m)) for m in model] == [True, False, True, False]
         inside = model(x)
-    limit = NATIVE_MAX_ROWS[torch.float32]
-    assert routed == [((32, 16), limit), ((8, 32), limit)]  # the two plain layers; the subclass kept its forward
+    assert routed == [((32, 16), 4), ((8, 32), 4)]  # the two plain layers; the subclass kept its forward
     torch.testing.assert_close(inside, expected, atol=1e-6, rtol=1e-6)
     assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
     assert torch.equal(model(x), expected)

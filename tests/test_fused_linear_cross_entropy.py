@@ -55,6 +55,7 @@ def run(fn, hidden, weight, bias, labels, weights, *, train_head=True, scale=1.5
     return loss.detach(), grads
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("reduction", ["mean", "weighted"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,dim,vocab,chunk,case,interpretable", SHAPES)

@@ -24,6 +24,7 @@ def tiny_mamba(seed=0, layers=2):
     return transformers.MambaForCausalLM(config)
 
 
+@pytest.mark.usefixtures("cpu_isa")
 def test_same_logits_and_gradients():
     model = tiny_mamba()
     patched = apply_hcr_kernels_to_mamba(copy.deepcopy(model))

@@ -61,6 +61,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("kwargs,softplus", CASES)
 def test_native_matches_reference(kwargs, softplus):
     inputs = make_inputs(**kwargs)

@@ -55,6 +55,7 @@ def run(fn, logits, labels, weights, scale=GRAD_OUTPUT):
     return loss.detach(), logits.grad, weights.grad
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,vocab,case,interpretable", SHAPES)
 @pytest.mark.parametrize("backend,device", FAST_BACKENDS)

@@ -24,7 +24,9 @@ how the next-token logits are computed:
 Both run under ``torch.inference_mode`` and, by default (``decode_kernels``), with
 the model's ``nn.Linear`` layers routed through ``hcr_kernels.decode_linear``: on CPU
 the few-row matmuls of a decode step are bound by how fast the weights stream, which
-the native kernel does several times faster than the BLAS ``F.linear`` calls.
+the native kernel does faster than the BLAS ``F.linear`` calls on most CPUs; each
+layer takes it only at row counts where it was measured faster on this machine
+(``hcr_kernels.autotune``), so the routing never makes a step slower.
 
 With ``compile_decode=True`` every forward of ``"cache"`` (prefill, decode,
 re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model a

@@ -2,12 +2,12 @@
 
 A decode step pushes one row per sequence through every linear layer, so each layer
 reads all its weights to do two flops per weight: its speed is how fast the weights
-stream. On this project's machines (AMD EPYC) the BLAS call ``F.linear`` makes for
-one row (MKL's sgemv) streams them at about a third of what a plain vectorised loop
-gets (``benchmarks/test_bench_decode_linear.py``); the native kernel is that loop,
-parallel over output features, fp32 accumulation. With more rows the BLAS GEMM
-wins, so the automatic choice takes the native kernel only up to
-``NATIVE_MAX_ROWS`` rows (per dtype, measured here; fp16 only when asked for).
+stream. The BLAS calls ``F.linear`` makes for few rows stream them well below what
+a plain vectorised loop gets on this project's machines
+(``benchmarks/test_bench_decode_linear.py``); the native kernel is that loop,
+parallel over output features, fp32 accumulation. Where it stops winning depends
+on the CPU and the dtype, so the automatic choice measures it on this machine
+(``measured_row_limit``, cached) and takes it only up to the row count it won at.
 
 Backends: ``reference`` (``F.linear``, what ``nn.Linear`` computes: the oracle and
 the fallback), ``native`` (the compiled extension, CPU; fp32, bf16, fp16). No GPU
@@ -19,13 +19,14 @@ through this op for the duration of a ``with`` block.
 from hcr_kernels.decode_linear.op import (
     BACKEND_CHECKS,
     NATIVE_DTYPES,
-    NATIVE_MAX_ROWS,
+    ROW_LADDER,
     apply_decode_linear,
     decode_linear,
+    measured_row_limit,
     native_row_limit,
 )
 from hcr_kernels.decode_linear.patch import decode_linears
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "apply_decode_linear", "native_row_limit",
-           "BACKEND_CHECKS", "NATIVE_DTYPES", "NATIVE_MAX_ROWS"]
+           "measured_row_limit", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]

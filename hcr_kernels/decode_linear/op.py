@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from hcr_kernels import _dispatch
+from hcr_kernels import _dispatch, autotune
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from hcr_kernels.decode_linear.native import decode_linear_native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
@@ -17,14 +17,11 @@ BACKEND_CHECKS = {
 }
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to how many rows the automatic choice takes the native kernel: where it beat
-# F.linear in benchmarks/test_bench_decode_linear.py on this project's CPU (medians,
-# native vs F.linear): fp32 2.8x at 1 row, 3.0x at 4, 1.1x at 8, 0.9x at 16; bf16 2.2x
-# at 1, 1.5x at 4, 1.1x at 8 on the tiny model but 0.55x at 8 on a 1.5B MLP; fp16 0.6x
-# at 1 row (F.linear has a fast fp16 one-row path), so fp16 takes the native kernel
-# only when asked for.
-NATIVE_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 0}
-
+# Row counts at which the automatic choice measures the native kernel against F.linear.
+# Which wins depends on the CPU: on an AVX2-only EPYC the native kernel was 1.3-4.8x
+# F.linear in fp32/bf16 but 0.7x for one fp16 row (F.linear has a fast fp16 one-row
+# path there); a limit tuned on one CPU was slower than F.linear on another.
+ROW_LADDER = (1, 2, 4, 8, 16, 32)
 
 class DecodeLinearFunction(torch.autograd.Function):
     """The native forward; the backward is two matmuls and a sum in plain PyTorch (training never decodes)."""
@@ -55,9 +52,10 @@ def decode_linear(
     """``input @ weight.T + bias`` (``F.linear``'s contract): ``[..., K]``, ``[N, K]``, ``[N]`` -> ``[..., N]``.
 
     Differentiable. ``backend``: None (``HCR_BACKEND`` or the automatic choice: native
-    for CPU tensors of a native dtype with at most ``NATIVE_MAX_ROWS`` rows and weight
-    rows contiguous, else reference), ``"reference"`` or ``"native"`` (any row count;
-    a dtype it lacks is an error).
+    for CPU tensors of a native dtype with weight rows contiguous and at most as many
+    rows as the native kernel was measured faster for on this machine, see
+    ``measured_row_limit``; else reference), ``"reference"`` or ``"native"`` (any row
+    count; a dtype it lacks is an error).
     """
     _check_args(input, weight, bias)
     return apply_decode_linear(input, weight, bias, native_row_limit(weight, backend))
@@ -75,11 +73,34 @@ def native_row_limit(weight: torch.Tensor, backend: str | None = None) -> int:
         return 0
     if backend is None:  # automatic or HCR_BACKEND: native only where it is the faster path
         contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
-        return NATIVE_MAX_ROWS.get(weight.dtype, 0) if contiguous_rows else 0
+        return measured_row_limit(weight) if contiguous_rows and weight.dtype in NATIVE_DTYPES else 0
     if weight.dtype not in NATIVE_DTYPES:
         raise TypeError(f"decode_linear: backend 'native' supports {NATIVE_DTYPES}, got {weight.dtype}; "
                         "use backend='reference'")
     return sys.maxsize
+
+
+def measured_row_limit(weight: torch.Tensor) -> int:
+    """The largest row count of ``ROW_LADDER`` up to which the native kernel beat F.linear on this weight's shape.
+
+    Measured on this machine at first use (``hcr_kernels.autotune``, cached per CPU, ISA,
+    thread count and shape), from one row up, stopping at the first count where it did not
+    win: 0 when it never did or when autotuning is off.
+    """
+    return autotune.remembered(("decode_linear", weight.dtype, *weight.shape), lambda: _measure_row_limit(weight))
+
+
+def _measure_row_limit(weight: torch.Tensor) -> int:
+    out_features, in_features = weight.shape
+    limit = 0
+    for rows in ROW_LADDER:
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
+        shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
+        if not autotune.fast_path_wins("decode_linear", shape_class, lambda: decode_linear_native(x, weight, None),
+                                       lambda: decode_linear_ref(x, weight, None)):
+            break
+        limit = rows
+    return limit
 
 
 def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:

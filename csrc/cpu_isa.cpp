@@ -1,0 +1,72 @@
+// The active ISA of the CPU kernels (see cpu_isa.h): detected once, switchable by name.
+#include "cpu_isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+namespace hcr {
+namespace {
+
+bool cpu_has(Isa isa) {
+#if HCR_HAS_ISA_VARIANTS
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("x86-64-v4");
+    case Isa::avx2:
+      return __builtin_cpu_supports("x86-64-v3");
+    default:
+      return true;
+  }
+#else
+  return isa == Isa::baseline;
+#endif
+}
+
+Isa best_isa() {
+  for (Isa isa : {Isa::avx512, Isa::avx2})
+    if (cpu_has(isa)) return isa;
+  return Isa::baseline;
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> value{static_cast<int>(best_isa())};
+  return value;
+}
+
+}  // namespace
+
+Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+std::vector<std::string> supported_isa_names() {
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::baseline})
+    if (cpu_has(isa)) names.emplace_back(isa_name(isa));
+  return names;
+}
+
+void set_active_isa(const std::string& name) {
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::baseline}) {
+    if (name != isa_name(isa)) continue;
+    std::string supported;
+    for (const std::string& n : supported_isa_names()) supported += (supported.empty() ? "" : ", ") + n;
+    TORCH_CHECK_VALUE(cpu_has(isa), "CPU ISA '", name, "' is not available on this CPU (or this build); it supports: ",
+                      supported);
+    active().store(static_cast<int>(isa), std::memory_order_relaxed);
+    return;
+  }
+  TORCH_CHECK_VALUE(false, "CPU ISA must be one of avx512, avx2, baseline, got '", name, "'");
+}
+
+}  // namespace hcr

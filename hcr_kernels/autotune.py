@@ -1,0 +1,150 @@
+"""Measured choices: whether a fast path beats its reference on *this* machine.
+
+Where the faster of two equivalent paths depends on the CPU (its ISA, caches,
+core count, the BLAS torch was built with), a threshold tuned on one machine was
+measured slower than plain PyTorch on another. So such choices are measured here,
+at first use: both paths run interleaved a few times and the fast path is taken
+only if its median time is below ``MARGIN`` times the reference's. A tie or a
+loss keeps the reference, so a measured choice is never slower than not having
+the fast path (up to the noise of a short measurement).
+
+Decisions are cached per machine (CPU model, active ISA, thread count, torch
+version) and per shape class: in memory, and in ``autotune.json`` under
+``HCR_CACHE_DIR`` (default ``~/.cache/hcr``) so the next process does not
+measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every machine-dependent
+choice then takes the reference path. ``python -m hcr_kernels.info`` lists the
+cached decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hcr_kernels import cpu_isa
+
+AUTOTUNE_ENV_VAR = "HCR_AUTOTUNE"
+CACHE_DIR_ENV_VAR = "HCR_CACHE_DIR"
+MARGIN = 0.95  # the fast path must save at least 5 % to be chosen: below that, noise could decide
+ROUNDS = 7  # timed calls of each path (after one warm-up call each), interleaved
+
+_decisions: dict[tuple[str, str, str], bool] = {}
+_derived: dict[tuple, object] = {}
+
+
+def enabled() -> bool:
+    """False when ``HCR_AUTOTUNE`` is 0/false/off/no."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a measured decision depends on besides the shape."""
+    return (f"{cpu_model()} | isa {cpu_isa.active_cpu_isa()} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__}")
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "hcr")
+    return Path(root) / "autotune.json"
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_path(), encoding="utf-8") as file:
+            data = json.load(file)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # no cache yet, or a damaged one: measure again
+        return {}
+
+
+def _write_cache(machine: str, key: str, record: dict) -> None:
+    """Add one decision to the cache file (atomically replaced; a lost race only costs a re-measurement)."""
+    path = cache_path()
+    data = _read_cache()
+    data.setdefault(machine, {})[key] = record
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", suffix=".json",
+                                         delete=False, encoding="utf-8") as file:
+            json.dump(data, file, indent=1, sort_keys=True)
+        os.replace(file.name, path)
+    except OSError:  # a read-only home: the decision still holds for this process
+        pass
+
+
+def measure(fast: Callable[[], object], reference: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, float]:
+    """Median seconds of ``fast`` and ``reference``: one warm-up call each, then ``rounds`` alternating calls."""
+    times: dict[Callable, list[float]] = {fast: [], reference: []}
+    fast()
+    reference()
+    for i in range(rounds):
+        for run in ((fast, reference) if i % 2 == 0 else (reference, fast)):
+            start = time.perf_counter()
+            run()
+            times[run].append(time.perf_counter() - start)
+    return statistics.median(times[fast]), statistics.median(times[reference])
+
+
+def fast_path_wins(op: str, shape_class: str, fast: Callable[[], object], reference: Callable[[], object]) -> bool:
+    """Whether ``fast`` is measurably faster than ``reference`` for ``op`` at ``shape_class`` on this machine.
+
+    Measured once per machine and shape class (then cached); False without measuring when
+    autotuning is off. ``fast`` and ``reference`` are calls of the two paths on inputs of that class.
+    """
+    if not enabled():
+        return False
+    machine = machine_key()
+    memo_key = (machine, op, shape_class)
+    if memo_key in _decisions:
+        return _decisions[memo_key]
+    key = f"{op} | {shape_class}"
+    record = _read_cache().get(machine, {}).get(key)
+    if not isinstance(record, dict) or not isinstance(record.get("fast"), bool):
+        with torch.no_grad():
+            fast_s, reference_s = measure(fast, reference)
+        record = {"fast": fast_s < MARGIN * reference_s, "fast_s": fast_s, "reference_s": reference_s}
+        _write_cache(machine, key, record)
+    _decisions[memo_key] = record["fast"]
+    return record["fast"]
+
+
+def cached_decisions() -> dict[str, dict]:
+    """This machine's cached decisions, ``"op | shape class" -> {"fast": bool, "fast_s", "reference_s"}``."""
+    return dict(_read_cache().get(machine_key(), {}))
+
+
+def remembered(key: tuple, derive: Callable[[], object]) -> object:
+    """``derive()`` (a value computed from measured decisions, e.g. a row limit), computed once per
+    ``key`` on this machine with autotuning on or off, until ``forget``: per-call choices cost one lookup."""
+    # The CPU model and torch version cannot change within a process: ISA, threads and the switch can.
+    full_key = (cpu_isa.active_cpu_isa(), torch.get_num_threads(), os.environ.get(AUTOTUNE_ENV_VAR), *key)
+    if full_key not in _derived:
+        _derived[full_key] = derive()
+    return _derived[full_key]
+
+
+def forget() -> None:
+    """Drop the in-memory decisions (the cache file stays): the next choice reads the file or measures."""
+    _decisions.clear()
+    _derived.clear()

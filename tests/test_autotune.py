@@ -1,0 +1,109 @@
+"""Measured backend choices: the rule (faster by a margin, else the reference), the caches and the off switch."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from hcr_kernels import autotune, cpu_isa
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty cache folder and no decisions in memory; ``timings`` sets what a measurement returns."""
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
+    monkeypatch.delenv(autotune.AUTOTUNE_ENV_VAR, raising=False)
+    autotune.forget()
+    calls = []
+    timings = {"value": (1.0, 1.0)}
+
+    def fake_measure(fast, reference):
+        calls.append((fast, reference))
+        return timings["value"]
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    yield calls, timings
+    autotune.forget()
+
+
+def noop():
+    return None
+
+
+@pytest.mark.parametrize("fast_s,reference_s,expected", [
+    (0.5, 1.0, True),
+    (0.949, 1.0, True),
+    (0.96, 1.0, False),  # within the margin: noise could have decided it, so the reference stays
+    (1.0, 1.0, False),
+    (2.0, 1.0, False),
+])
+def test_fast_path_only_when_clearly_faster(fresh, fast_s, reference_s, expected):
+    calls, timings = fresh
+    timings["value"] = (fast_s, reference_s)
+    assert autotune.fast_path_wins("op", "shape", noop, noop) is expected
+    assert len(calls) == 1
+
+
+def test_decisions_are_cached_in_memory_and_on_disk(fresh):
+    calls, timings = fresh
+    timings["value"] = (0.1, 1.0)
+    assert autotune.fast_path_wins("op", "a", noop, noop)
+    assert autotune.fast_path_wins("op", "a", noop, noop)
+    assert len(calls) == 1
+    autotune.forget()  # as a new process: the file answers
+    timings["value"] = (5.0, 1.0)
+    assert autotune.fast_path_wins("op", "a", noop, noop)
+    assert len(calls) == 1
+    assert not autotune.fast_path_wins("op", "b", noop, noop)  # another shape class is measured
+    assert len(calls) == 2
+    stored = json.loads(autotune.cache_path().read_text())[autotune.machine_key()]
+    assert stored["op | a"] == {"fast": True, "fast_s": 0.1, "reference_s": 1.0}
+    assert stored["op | b"]["fast"] is False
+    assert autotune.cached_decisions() == stored
+
+
+def test_each_isa_is_measured_for_itself(fresh):
+    isas = cpu_isa.supported_cpu_isas()
+    if len(isas) < 2:
+        pytest.skip("this CPU (or build) runs one ISA only")
+    calls, _ = fresh
+    for isa in isas:
+        with cpu_isa.use_cpu_isa(isa):
+            assert f"isa {isa}" in autotune.machine_key()
+            autotune.fast_path_wins("op", "a", noop, noop)
+    assert len(calls) == len(isas)
+
+
+def test_off_switch_takes_the_reference_without_measuring(fresh, monkeypatch):
+    calls, timings = fresh
+    timings["value"] = (0.1, 1.0)
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV_VAR, "0")
+    assert not autotune.fast_path_wins("op", "a", noop, noop)
+    assert calls == [] and not autotune.cache_path().exists()
+
+
+def test_a_damaged_cache_is_measured_again(fresh):
+    calls, timings = fresh
+    autotune.cache_path().write_text("{not json")
+    timings["value"] = (0.1, 1.0)
+    assert autotune.fast_path_wins("op", "a", noop, noop)
+    assert len(calls) == 1
+    assert json.loads(autotune.cache_path().read_text())[autotune.machine_key()]["op | a"]["fast"] is True
+
+
+def test_measure_times_both_paths_interleaved():
+    order = []
+
+    def fast():
+        order.append("fast")
+        time.sleep(0.001)
+
+    def reference():
+        order.append("reference")
+        time.sleep(0.02)
+
+    fast_s, reference_s = autotune.measure(fast, reference, rounds=3)
+    assert fast_s < reference_s
+    assert order == ["fast", "reference", "fast", "reference", "reference", "fast", "fast", "reference"]
