@@ -28,9 +28,9 @@ _EXPORTS = {
     "CompressionConfig": "hcr.compression.model",
     "build_compression_model": "hcr.compression.train",
     "train_compressor": "hcr.compression.train",
-    "LoraSettings": "hcr.compression.train",
-    "PoolerSettings": "hcr.compression.train",
-    "TrainSettings": "hcr.compression.train",
+    "LoraSettings": "hcr.compression.settings",
+    "PoolerSettings": "hcr.compression.settings",
+    "TrainSettings": "hcr.compression.settings",
     "CompressedGenerator": "hcr.generation.generator",
     "GenerationOutput": "hcr.generation.generator",
 }

@@ -9,6 +9,7 @@ from hcr_kernels import cpu_isa as _cpu_isa
 from hcr_kernels._dispatch import BACKEND_ENV_VAR, BACKENDS
 from hcr_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
 from hcr_kernels.cross_entropy import (
+    IGNORE_INDEX,
     answer_loss_weights,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
@@ -28,10 +29,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
+    "IGNORE_INDEX",
     "answer_loss_weights",
     "apply_hcr_kernels_to_mamba",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "decode_linear",
+    "decode_linear_ref",
+    "decode_linears",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
     "weighted_cross_entropy",

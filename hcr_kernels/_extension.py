@@ -7,9 +7,32 @@ available, and asking for it explicitly raises an error that says how to rebuild
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 REBUILD_COMMAND = 'pip install --no-build-isolation -e ".[test]"'
+
+BUILD_REPORT = Path(__file__).with_name("_build.json")  # written by setup.py next to _C
+
+
+def build_report() -> dict:
+    """What ``setup.py`` recorded about the last build (torch version, why CUDA was skipped); {} if none."""
+    try:
+        return json.loads(BUILD_REPORT.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _explain_import_error(error: ImportError) -> ImportError:
+    """Name the torch the extension was built against when it differs from the one importing it."""
+    built_with = build_report().get("torch_version")
+    if built_with and built_with != torch.__version__:
+        return ImportError(f"{error} (hcr_kernels._C was built against torch {built_with}, this is torch "
+                           f"{torch.__version__}: rebuild with {REBUILD_COMMAND})")
+    return error
+
 
 try:
     from hcr_kernels import _C  # noqa: F401  (registers torch.ops.hcr)
@@ -17,7 +40,7 @@ try:
     _IMPORT_ERROR: BaseException | None = None
 except ImportError as error:  # not built, or built against another torch
     _C = None
-    _IMPORT_ERROR = error
+    _IMPORT_ERROR = _explain_import_error(error)
 
 
 def extension_loaded() -> bool:
@@ -37,8 +60,13 @@ def _info() -> dict:
     """What ``_C`` was built with, read once per ``_C``: the backend checks ask on every op call."""
     global _cached_info
     if _cached_info[0] is not _C:
-        _cached_info = (_C, _NO_EXTENSION if _C is None else dict(_C.build_info()))
+        info = dict(_NO_EXTENSION) if _C is None else dict(_C.build_info())
+        info["cuda_skipped_reason"] = None if info["cuda"] else build_report().get("cuda_skipped_reason")
+        _cached_info = (_C, info)
     return _cached_info[1]
+
+
+_info()  # read now: a first op call under torch.compile must not trace into _C.build_info()
 
 
 def build_info() -> dict:
@@ -59,6 +87,9 @@ def require_native(device: torch.device) -> None:
         reason = f"the compiled extension hcr_kernels._C could not be imported ({_IMPORT_ERROR})"
     else:
         reason = f"hcr_kernels._C was built without {device.type.upper()} kernels"
+        skipped = _info().get("cuda_skipped_reason") if device.type == "cuda" else None
+        if skipped:
+            reason += f" ({skipped})"
     hint = ""
     if device.type == "cuda":
         hint = " with a CUDA build of torch and nvcc on the PATH (or FORCE_CUDA=1)"

@@ -71,6 +71,7 @@ def collect() -> dict:
         "extension_cpu": build["cpu"],
         "extension_cuda": build["cuda"],
         "extension_cuda_runtime": build.get("cuda_runtime_version"),
+        "extension_cuda_skipped": build.get("cuda_skipped_reason"),
         "cpu_isa": cpu_isa.active_cpu_isa(),
         "cpu_isas_supported": list(cpu_isa.supported_cpu_isas()),
         "autotune": autotune.enabled(),
@@ -96,7 +97,8 @@ def report() -> str:
         f"  cpu threads     {info['cpu_threads']}",
         f"  extension _C    {'loaded' if info['extension_loaded'] else 'NOT LOADED: ' + str(info['extension_error'])}",
         f"    CPU kernels   {'yes' if info['extension_cpu'] else 'no'}",
-        f"    CUDA kernels  {'yes (CUDA runtime %d.%d)' % (cuda_rt // 1000, cuda_rt % 1000 // 10) if info['extension_cuda'] else 'no'}",
+        f"    CUDA kernels  {'yes (CUDA runtime %d.%d)' % (cuda_rt // 1000, cuda_rt % 1000 // 10) if info['extension_cuda'] else 'no'}"
+        f"{' (skipped at build: ' + info['extension_cuda_skipped'] + ')' if info['extension_cuda_skipped'] else ''}",
         f"    CPU ISA       {info['cpu_isa'] or '-'} (this CPU: {', '.join(info['cpu_isas_supported']) or '-'}; "
         f"{cpu_isa.CPU_ISA_ENV_VAR} chooses)",
         f"  autotune        {'on' if info['autotune'] else 'off'}, {len(info['autotune_decisions'])} measured "
@@ -153,15 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=2, help="benchmark: tokens per window (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="benchmark: timed repeats (default 5)")
     parser.add_argument("--gpu", action="store_true",
-                        help="also compile every Triton kernel for sm_80/sm_90 (no GPU needed): registers, spills, "
-                             "shared memory")
+                        help="also compile every Triton kernel for sm_80/sm_90 and read the CUDA extension's cubins "
+                             "(no GPU needed): registers, spills, shared memory")
     args = parser.parse_args(argv)
     print(report())
     if args.gpu:
-        from hcr_kernels import triton_aot
+        from hcr_kernels import cuda_resources, triton_aot
 
         print("\nTriton kernels compiled ahead of time (ptxas -v):")
         print(triton_aot.format_table(triton_aot.compile_isolated()))
+        print("\nCUDA extension kernels (cuobjdump --dump-resource-usage):")
+        reason = cuda_resources.unavailable_reason()
+        if reason is None:
+            try:
+                print(cuda_resources.format_table(cuda_resources.collect()))
+            except RuntimeError as error:  # e.g. a cuobjdump older than the nvcc that built the cubins
+                reason = str(error).splitlines()[0]
+        if reason is not None:
+            print(f"  none: {reason}")
     if args.bench:
         print(f"\npool_scatter forward+backward, fp32, B={args.batch} T={args.length} D={args.dim} W={args.window} "
               f"(median of {args.repeats}):")

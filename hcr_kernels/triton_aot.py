@@ -69,7 +69,7 @@ def _probe_pool_scatter(module) -> None:
 def _probe_cross_entropy(module) -> None:
     """As ``weighted_cross_entropy`` / ``fused_linear_cross_entropy`` call the wrapper, over vocab sizes
     that reach every block size the wrapper can pick (powers of two up to twice its cap, plus an odd one)."""
-    from hcr_kernels.cross_entropy.reference import accumulation_dtype
+    from hcr_kernels.cross_entropy.reference import IGNORE_INDEX, accumulation_dtype
 
     tokens = 8
     vocabs = [2**k for k in range((2 * module.MAX_BLOCK).bit_length())] + [50257]
@@ -78,7 +78,7 @@ def _probe_cross_entropy(module) -> None:
         weights = _meta(tokens, dtype=accumulation_dtype(dtype))
         for vocab in vocabs:
             for want_grad in (True, False):
-                module.weighted_cross_entropy_fwd_triton(_meta(tokens, vocab, dtype=dtype), labels, weights, -100,
+                module.weighted_cross_entropy_fwd_triton(_meta(tokens, vocab, dtype=dtype), labels, weights, IGNORE_INDEX,
                                                          want_grad)
 
 
@@ -270,13 +270,18 @@ def problems(result: dict) -> list[str]:
     return found
 
 
+def aligned_columns(head: tuple[str, ...], body: list[tuple]) -> list[str]:
+    """Plain-text table lines, each column as wide as its widest cell (the resource reports share it)."""
+    cells = [tuple(map(str, row)) for row in [head, *body]]
+    widths = [max(len(x) for x in col) for col in zip(*cells)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells]
+
+
 def format_table(result: dict) -> str:
     rows = result["rows"]
-    head = ("kernel", "config", "arch", "regs", "spills", "shared")
-    body = [(r["kernel"], r["config"], r["arch"], str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]))
-            for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    lines = aligned_columns(("kernel", "config", "arch", "regs", "spills", "shared"),
+                            [(r["kernel"], r["config"], r["arch"], r["registers"], r["spill_bytes"], r["shared_bytes"])
+                             for r in rows])
     lines.append(f"{len(rows)} compilations; registers per thread, spill bytes (stores + loads), "
                  f"shared memory bytes per block (limits: "
                  + ", ".join(f"sm_{a} {b // 1024} KiB" for a, b in ARCHS.items()) + ")")

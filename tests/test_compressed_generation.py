@@ -302,6 +302,83 @@ def test_compiled_decode_equals_recompute_oracle(base, tokenizer):
                                                            **dict(kwargs, max_new_tokens=25)).sequences)
 
 
+def test_compile_options_graph_decode_steps_on_cuda_only():
+    from hcr.generation.generator import _compile_options, _uses_cuda_graphs
+
+    cpu, cuda = _compile_options(torch.device("cpu")), _compile_options(torch.device("cuda", 0))
+    assert cpu == {"dynamic": True} and not _uses_cuda_graphs(cpu)
+    assert cuda == {"mode": "reduce-overhead"} and _uses_cuda_graphs(cuda)
+
+
+def test_graphed_decode_steps_keep_their_shapes_and_cache(base, tokenizer, monkeypatch):
+    """The CUDA-graph path's static-shape logic, run on the CPU: with the CUDA options forced and torch.compile
+    replaced by a recorder (a CPU has no graph to record), every decode step feeds the same shapes, attends over
+    the whole cache and writes to the same static-address cache tensors; the tokens are still the oracle's."""
+    from torch._dynamo.utils import get_static_address_type
+
+    from hcr.generation import generator as generator_module
+
+    cuda_options = generator_module._compile_options(torch.device("cuda"))
+    monkeypatch.setattr(generator_module, "_compile_options", lambda device: cuda_options)
+    calls = []
+
+    def recording_compile(fn, **options):
+        def forward(base, embeds, positions, mask, cache):
+            tensors = (*cache.keys, *cache.values)
+            calls.append({"options": options, "shapes": (embeds.shape, positions.shape, mask.shape),
+                          "span": cache.get_seq_length(), "slots": cache.slots,
+                          "addresses": [t.data_ptr() for t in tensors],
+                          "static": all(get_static_address_type(t) == "unguarded" for t in tensors)})
+            return fn(base, embeds, positions, mask, cache)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = compression_model(base, tokenizer, 3)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1, compile_decode=True)
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=2)
+    kwargs = dict(max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)
+    graphed = generator.generate(ids, mask, **kwargs)
+    oracle = generator.generate(ids, mask, strategy="recompute", **kwargs)
+    assert torch.equal(graphed.sequences, oracle.sequences)
+    assert graphed.layouts == oracle.layouts and min(graphed.compressions) > 0
+    decode = [call for call in calls if call["options"] == cuda_options]
+    others = [call for call in calls if call["options"] != cuda_options]  # prefill and re-encode
+    assert len(decode) > 10 and others and all(call["options"] == {"dynamic": True} for call in others)
+    first = decode[0]
+    assert first["shapes"][0][1] == 1 and first["span"] == first["slots"] == first["shapes"][2][-1]
+    assert all(call["shapes"] == first["shapes"] and call["span"] == first["span"] for call in decode)
+    assert all(call["static"] and call["addresses"] == first["addresses"] for call in calls)
+
+
+@pytest.mark.gpu
+def test_compiled_decode_on_gpu_replays_cuda_graphs(base, tokenizer, monkeypatch):
+    """compile_decode on CUDA: the decode steps are recorded as CUDA graphs once and replayed (nothing
+    skipped), and the tokens are the oracle's."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    recorded = []
+    record = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def spy(self, new_inputs, function_id):
+        recorded.append(function_id)
+        return record(self, new_inputs, function_id)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", spy)
+    model = compression_model(copy.deepcopy(base), tokenizer, 3).to("cuda")
+    generator = CompressedGenerator(model, tokenizer, keep_last=1, compile_decode=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=2)
+    kwargs = dict(max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True)
+    graphed = generator.generate(ids.cuda(), mask.cuda(), **kwargs)
+    oracle = generator.generate(ids.cuda(), mask.cuda(), strategy="recompute", **kwargs)
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert 0 < len(recorded) <= 4  # one graph for the decode steps (about 30 of them), replayed
+    assert torch.equal(graphed.sequences, oracle.sequences)
+    assert graphed.layouts == oracle.layouts and min(graphed.compressions) > 0
+
+
 @pytest.mark.gpu
 def test_fast_path_equals_recompute_oracle_on_gpu(base, tokenizer):
     """The same equality on CUDA, where the ragged cache write is the extension's CUDA kernel."""

@@ -41,7 +41,8 @@ def test_cuda_kernels_built_when_toolkit_present():
     if torch.version.cuda is None or shutil.which("nvcc") is None:
         pytest.skip("torch has no CUDA or nvcc is not on the PATH: the CUDA sources are not built")
     info = _extension.build_info()
-    assert info["cuda"], "torch has CUDA and nvcc is on the PATH, but _C was built without its CUDA kernels"
+    assert info["cuda"], ("torch has CUDA and nvcc is on the PATH, but _C was built without its CUDA kernels: "
+                          f"{info.get('cuda_skipped_reason')}")
     major, minor = (int(part) for part in torch.version.cuda.split(".")[:2])
     assert info["cuda_runtime_version"] // 1000 == major, (info, torch.version.cuda)
     for op in OPS:
@@ -76,6 +77,44 @@ def test_explicit_native_without_extension_names_the_rebuild(monkeypatch):
     monkeypatch.setattr(_extension, "_IMPORT_ERROR", ImportError("no _C"))
     with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation -e"):
         _extension.require_native(torch.device("cpu"))
+
+
+class _CpuOnlyExtension:
+    """Stands in for a ``_C`` whose CUDA part was skipped at build time."""
+
+    @staticmethod
+    def build_info():
+        return {"cpu": True, "cuda": False, "cuda_runtime_version": None, "openmp": True, "torch_version": "x"}
+
+
+def _write_build_report(tmp_path, monkeypatch, text: str):
+    report = tmp_path / "_build.json"
+    report.write_text(text)
+    monkeypatch.setattr(_extension, "BUILD_REPORT", report)
+
+
+def test_build_report_is_read_and_a_damaged_one_ignored(tmp_path, monkeypatch):
+    _write_build_report(tmp_path, monkeypatch, '{"torch_version": "2.0.0", "cuda_skipped_reason": "why"}')
+    assert _extension.build_report() == {"torch_version": "2.0.0", "cuda_skipped_reason": "why"}
+    _write_build_report(tmp_path, monkeypatch, "{not json")
+    assert _extension.build_report() == {}
+
+
+def test_missing_cuda_kernels_error_says_why_the_build_skipped_them(tmp_path, monkeypatch):
+    _write_build_report(tmp_path, monkeypatch, '{"cuda_skipped_reason": "the CUDA sources failed to build (X)"}')
+    monkeypatch.setattr(_extension, "_C", _CpuOnlyExtension())
+    assert _extension.build_info()["cuda_skipped_reason"] == "the CUDA sources failed to build (X)"
+    with pytest.raises(RuntimeError, match=r"without CUDA kernels \(the CUDA sources failed to build \(X\)\)"):
+        _extension.require_native(torch.device("cuda"))
+
+
+def test_import_error_names_the_torch_the_extension_was_built_against(tmp_path, monkeypatch):
+    _write_build_report(tmp_path, monkeypatch, '{"torch_version": "0.0.1"}')
+    explained = _extension._explain_import_error(ImportError("undefined symbol: _ZN3c10"))
+    assert f"built against torch 0.0.1, this is torch {torch.__version__}" in str(explained)
+    assert "undefined symbol" in str(explained)
+    _write_build_report(tmp_path, monkeypatch, f'{{"torch_version": "{torch.__version__}"}}')
+    assert str(_extension._explain_import_error(ImportError("other"))) == "other"
 
 
 def test_info_report_runs():

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from hcr.argtypes import non_negative_int, positive_float, positive_int
+from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int
 
 __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hcr.compression.examples import ExampleConfig
+    from hcr.compression.settings import LoraSettings, PoolerSettings, TrainSettings
+
+    examples, pooler = field_defaults(ExampleConfig), field_defaults(PoolerSettings)
+    lora, train = field_defaults(LoraSettings), field_defaults(TrainSettings)
     parser.add_argument("--base", required=True,
                         help="base causal LM: a local path or a hub name (DeepSeek-R1-Distill-Qwen style)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the base's)")
@@ -23,29 +28,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-column", default="answer", help="answers with <think>...</think>")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--window", type=positive_int, default=10, help="tokens per compressed vector (default 10)")
-    parser.add_argument("--every-nth", type=positive_int, default=1, help="keep stages 1, 1+n, 1+2n, ... of each trace")
+    parser.add_argument("--every-nth", type=positive_int, default=examples.every_nth,
+                        help="keep stages 1, 1+n, 1+2n, ... of each trace")
     parser.add_argument("--compress-answer", action="store_true", help="continue compressing into the answer")
-    parser.add_argument("--pooler-layers", type=positive_int, default=None, help="pooler depth (default: the base's)")
+    parser.add_argument("--pooler-layers", type=positive_int, default=pooler.num_hidden_layers,
+                        help="pooler depth (default: the base's)")
     parser.add_argument("--no-own-embeddings", action="store_true",
-                        help="pool the base's embeddings instead of the pooler's own table (seed V1)")
-    parser.add_argument("--projection", action="store_true", help="extra hidden x hidden projection (seed V3)")
+                        help="pool the base's embeddings instead of the pooler's own table")
+    parser.add_argument("--projection", action="store_true",
+                        help="extra hidden x hidden projection after the pooler's layers")
     parser.add_argument("--random-init", action="store_true", help="do not copy the base's weights into the pooler")
-    parser.add_argument("--lora-r", type=non_negative_int, default=16, help="LoRA rank (0: train the pooler fully)")
-    parser.add_argument("--lora-alpha", type=positive_int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--epochs", type=positive_float, default=1.0)
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--grad-accum", type=positive_int, default=4)
-    parser.add_argument("--lr", type=positive_float, default=1e-4)
-    parser.add_argument("--save-steps", type=positive_int, default=500)
-    parser.add_argument("--logging-steps", type=positive_int, default=10)
-    parser.add_argument("--report-to", default="wandb", help="wandb (offline without an API key) or none")
+    parser.add_argument("--lora-r", type=non_negative_int, default=lora.r, help="LoRA rank (0: train the pooler fully)")
+    parser.add_argument("--lora-alpha", type=positive_int, default=lora.alpha)
+    parser.add_argument("--lora-dropout", type=float, default=lora.dropout)
+    parser.add_argument("--max-steps", type=int, default=train.max_steps)
+    parser.add_argument("--epochs", type=positive_float, default=train.num_train_epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=train.per_device_train_batch_size)
+    parser.add_argument("--grad-accum", type=positive_int, default=train.gradient_accumulation_steps)
+    parser.add_argument("--lr", type=positive_float, default=train.learning_rate)
+    parser.add_argument("--save-steps", type=positive_int, default=train.save_steps)
+    parser.add_argument("--logging-steps", type=positive_int, default=train.logging_steps)
+    parser.add_argument("--report-to", default=train.report_to, help="wandb (offline without an API key) or none")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--resume", nargs="?", const=True, default=None,
+    parser.add_argument("--resume", nargs="?", const=True, default=train.resume_from_checkpoint,
                         help="resume from the last checkpoint in --output-dir, or from the given one")
     parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenizing the traces")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=train.seed)
 
 
 def main(args: argparse.Namespace) -> int:

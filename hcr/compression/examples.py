@@ -9,7 +9,7 @@ aligned views of it:
 
 plus ``labels`` aligned with ``compressed_input_ids``. With ``compress_answer`` the
 stages go on after the whole reasoning is compressed, into a second block after
-``</think>`` (as the seed did). Labels supervise what the model writes (the
+``</think>``. Labels supervise what the model writes (the
 uncompressed reasoning tail, ``</think>``, the answer, EOS) and never the prompt,
 a placeholder or a marker.
 
@@ -27,8 +27,7 @@ import numpy as np
 
 from hcr.compression.tokens import CompressionTokens
 from hcr.compression.traces import TokenizedTrace
-
-IGNORE_INDEX = -100
+from hcr_kernels import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class ExampleConfig:
 
     ``window``: tokens per compressed vector (W). ``compress_answer``: continue into
     the answer after the reasoning is compressed. ``every_nth``: keep stages 1,
-    1 + n, 1 + 2n, ... of each trace (the seed kept every 20th). ``pad_last_window``:
+    1 + n, 1 + 2n, ... of each trace (fewer, less correlated examples per trace). ``pad_last_window``:
     a last partial window becomes one more stage, padded to W with ``pad_id``
     (the pooler learns a "nothing here" embedding for it); off by default, since at
     inference only full windows are ever compressed.
@@ -125,7 +124,7 @@ class _Builder:
 
 
 def window_tokens(replaced, original, placeholder: int, window: int, *, slots: int | None = None, context: str = ""):
-    """The real tokens under the placeholders of ``replaced`` (the seed's aligned views), as ``[N, W]``.
+    """The real tokens under the placeholders of ``replaced`` (two aligned views of a stage), as ``[N, W]``.
 
     Works on numpy arrays and torch tensors alike. ``slots``, when given, is the number
     of windows the tokens must make; otherwise they must make whole windows.

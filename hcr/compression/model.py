@@ -4,7 +4,7 @@
 with every placeholder slot replaced by its pooled window (one fused
 ``hcr_kernels.pool_scatter``: mean over the pooler's last hidden states and the
 scatter in one pass) and the block markers taken from the pooler's own table
-(seed V2; from the base's table for a pooler without one). The loss is
+(for a pooler with its own table; from the base's table for a pooler without one). The loss is
 ``hcr_kernels.fused_linear_cross_entropy`` on the base's last hidden states, so the
 ``[tokens, vocab]`` logits never exist during training.
 
@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hcr.compression.examples import window_tokens
 from hcr.compression.pooler import EmbedPooler
 from hcr.compression.tokens import CompressionTokens
-from hcr_kernels import fused_linear_cross_entropy, pool_scatter, window_mean_pool
+from hcr_kernels import IGNORE_INDEX, fused_linear_cross_entropy, pool_scatter, window_mean_pool
 
 POOLER_DIR, ADAPTER_DIR = "pooler", "pooler_adapter"
 CONFIG_FILE = "config.json"  # written last: its presence marks a complete save
@@ -83,7 +83,7 @@ class CompressionModel(PreTrainedModel):
         return self.pooler.get_input_embeddings() or self.base.get_input_embeddings()
 
     def _window_hidden_states(self, window_ids: torch.Tensor) -> torch.Tensor:
-        if self.pooler.get_input_embeddings() is None:  # V1: the base's embeddings of the window tokens
+        if self.pooler.get_input_embeddings() is None:  # a pooler without its own table: the base's embeddings of the window tokens
             return self.pooler.window_hidden_states(window_embeds=self.base.get_input_embeddings()(window_ids))
         return self.pooler.window_hidden_states(window_ids)
 
@@ -100,24 +100,24 @@ class CompressionModel(PreTrainedModel):
             slot_mask = input_ids == self.config.placeholder_id
         template = self.base.get_input_embeddings()(input_ids)
         markers = (input_ids == self.config.block_start_id) | (input_ids == self.config.block_end_id)
-        if markers.any():
-            marker_embeds = self._marker_table()(input_ids[markers]).to(template.dtype)
-            if template.requires_grad:  # e.g. gradient checkpointing's input hook: no in-place write then
-                template = template.index_put((markers,), marker_embeds)
-            else:
-                template[markers] = marker_embeds
+        # Branch-free (no `if markers.any()`, no boolean indexing): a data-dependent branch or size would break
+        # a torch.compile graph, and one more [B, T] gather is cheap next to the base model. Non-marker tokens
+        # look up a marker id, so the marker table needs no rows beyond the markers; torch.where is exact.
+        marker_ids = torch.where(markers, input_ids, self.config.block_start_id)
+        marker_embeds = self._marker_table()(marker_ids).to(template.dtype)
+        template = torch.where(markers.unsqueeze(-1), marker_embeds, template)
         hidden = self._window_hidden_states(window_ids).to(template.dtype)
         return pool_scatter(template, slot_mask, hidden)
 
     def windows_from_aligned(self, replaced_original_tokens: torch.Tensor, original_tokens: torch.Tensor) -> torch.Tensor:
-        """The seed's format: the real tokens under the placeholders of ``replaced_original_tokens``."""
+        """From the aligned views: the real tokens under the placeholders of ``replaced_original_tokens``."""
         return window_tokens(replaced_original_tokens, original_tokens, self.config.placeholder_id, self.config.window)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, slot_mask=None, window_ids=None,
                 compressed_input_ids=None, replaced_original_tokens=None, original_tokens=None,
                 return_logits: bool | None = None, num_items_in_batch=None, **kwargs):
-        """A compressed batch (``input_ids``, ``window_ids``, optional ``slot_mask``) or the seed's three
-        aligned sequences. With ``labels`` the loss is computed without materialising the logits unless
+        """A compressed batch (``input_ids``, ``window_ids``, optional ``slot_mask``) or the three aligned
+        sequences (``compressed_input_ids``, ``replaced_original_tokens``, ``original_tokens``). With ``labels`` the loss is computed without materialising the logits unless
         ``return_logits``; without labels the logits are returned.
 
         The loss is the mean over this batch's supervised tokens, or, with ``num_items_in_batch``
@@ -148,7 +148,7 @@ class CompressionModel(PreTrainedModel):
             bias=head.bias,
         )
         if num_items_in_batch is not None:  # mean over this batch -> its share of the step's mean
-            kept = (labels[:, 1:] != -100).sum().to(loss.dtype)
+            kept = (labels[:, 1:] != IGNORE_INDEX).sum().to(loss.dtype)
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(device=loss.device, dtype=loss.dtype)
             loss = loss * kept / num_items_in_batch

@@ -1,13 +1,13 @@
 """The embed pooler: a small Qwen2 stack that turns each window of W tokens into one vector.
 
 It embeds the window's tokens, runs them through its decoder layers and
-mean-pools the last hidden states. The seed's variants are options of one
-class, not copies of it:
+mean-pools the last hidden states. Its variants are options of one class, not
+copies of it:
 
-* ``own_embeddings`` (seed V2, default): the pooler has its own (trainable) token
-  table; without it (V1) the caller passes the base model's embeddings.
-* ``projection`` (V3): an extra bias-free ``hidden x hidden`` map after the stack.
-* ``num_hidden_layers`` of the pooler's own config (V5): fewer layers than the base.
+* ``own_embeddings`` (default): the pooler has its own (trainable) token table;
+  without it the caller passes the base model's embeddings.
+* ``projection``: an extra bias-free ``hidden x hidden`` map after the stack.
+* ``num_hidden_layers`` of the pooler's own config: fewer layers than the base.
 
 ``EmbedPooler.from_base`` initialises it from a base model's weights (its first
 layers and its embedding table).
@@ -77,7 +77,7 @@ class EmbedPooler(Qwen2PreTrainedModel):
 
     def window_hidden_states(self, window_ids: torch.Tensor | None = None,
                              window_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden states ``[N, W, H]`` of the windows (ids ``[N, W]``, or embeddings with V1)."""
+        """Last hidden states ``[N, W, H]`` of the windows (ids ``[N, W]``, or the base's embeddings of them)."""
         if (window_ids is None) == (window_embeds is None):
             raise ValueError("pass exactly one of window_ids and window_embeds")
         if window_embeds is None:

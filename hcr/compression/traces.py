@@ -148,9 +148,6 @@ def tokenize_trace(tokenizer, question: str, answer: str, tokens: CompressionTok
     return trace
 
 
-TRACE_COLUMNS = ("input_ids", "content_kinds", "reasoning_start", "reasoning_end", "answer_start", "answer_end")
-
-
 def tokenize_dataset(dataset, tokenizer, *, question_column="question", answer_column="answer", num_proc=None):
     """Tokenize a ``datasets.Dataset`` of traces; returns (tokenized dataset, skipped rows by reason).
 

@@ -6,9 +6,9 @@ import argparse
 import shlex
 import sys
 
-from hcr.argtypes import non_negative_int, positive_float, positive_int
+from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "int_list", "main", "settings_from_args"]
 
 
 def int_list(minimum: int):
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hcr.demo.experiment import DemoSettings
     from hcr.demo.reasoner import ReasonerSettings
 
-    d, r = DemoSettings(), ReasonerSettings()
+    d, r = field_defaults(DemoSettings), field_defaults(ReasonerSettings)
     parser.add_argument("--out", default=d.out, help=f"output folder; trained stages are reused from it (default {d.out})")
     parser.add_argument("--windows", type=int_list(1), default=d.windows,
                         help=f"windows W to train a compressor for (default {','.join(map(str, d.windows))})")

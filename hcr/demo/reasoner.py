@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hcr.compression.traces import TokenizedTrace
-
-IGNORE_INDEX = -100
+from hcr_kernels import IGNORE_INDEX
 
 
 @dataclass

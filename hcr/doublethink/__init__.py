@@ -3,7 +3,8 @@
 Modules: ``tasks`` (operations, values, texts), ``tokenizer`` (built-in word-level
 tokenizer, the one-token-per-word check), ``data`` (tensors), ``curriculum``,
 ``trainer`` (``ReasoningTrainer`` and its losses), ``evaluation``, ``models``,
-``report``, ``experiment`` (``run_experiment``), ``command`` (``hcr doublethink``).
+``report``, ``config`` (``DoublethinkConfig``), ``experiment`` (``run_experiment``),
+``command`` (``hcr doublethink``).
 Names are imported lazily so that ``hcr --help`` does not load transformers.
 """
 
@@ -20,7 +21,7 @@ _EXPORTS = {
     "accuracy_bar": "evaluation", "evaluate_lengths": "evaluation",
     "build_model": "models", "cut_layers": "models", "load_pretrained_cut": "models",
     "RunReport": "report",
-    "DoublethinkConfig": "experiment", "run_experiment": "experiment",
+    "DoublethinkConfig": "config", "run_experiment": "experiment",
 }
 
 __all__ = sorted(_EXPORTS)

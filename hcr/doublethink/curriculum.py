@@ -1,22 +1,22 @@
 """The length curriculum: sample task lengths the model has not mastered yet.
 
-The seed's curriculum, with its choices made explicit:
+Its choices, made explicit:
 
 * lengths ``1 … limit`` are candidates; a candidate length ``k`` drawn uniformly is
   accepted with probability ``1 - f * recent_accuracy(k)`` (rejection sampling), so
   ``P(k) ∝ 1 - f * recent_accuracy(k)``. ``recent_accuracy`` is the mean of the last
   ``history`` evaluations at that length (default 20); ``f`` (default 0.95) keeps
   mastered lengths in the mix at rate ``1 - f`` relative to unsolved ones;
-* a length that enters the curriculum starts with one evaluation of accuracy 0 (the
-  seed's ``[False]``), so it is sampled at full rate until evaluated;
+* a length that enters the curriculum starts with one evaluation of accuracy 0, so it
+  is sampled at full rate until evaluated;
 * after each round every length up to the limit is evaluated; a length is **solved**
   when its accuracy is ``>= solved_threshold`` (default 0.9: with the experiment's 20
   items per length, at most two wrong; chance level for the hidden value is 0.2). One
-  evaluation decides, as in the seed, so a lucky round can raise the limit early: the
-  20-evaluation history then keeps sampling that length until it is really learnt.
-  The limit becomes ``longest solved length + 1`` (at least ``start_limit``, at most ``max_length``). As in
-  the seed the longest solved length counts even if a shorter one is not solved, and
-  lengths beyond a lowered limit lose their history;
+  evaluation decides, so a lucky round can raise the limit early: the 20-evaluation
+  history then keeps sampling that length until it is really learnt. The limit becomes
+  ``longest solved length + 1`` (at least ``start_limit``, at most ``max_length``). The
+  longest solved length counts even if a shorter one is not solved, and lengths beyond
+  a lowered limit lose their history;
 * the curriculum is ``finished`` once ``max_length`` is solved.
 """
 

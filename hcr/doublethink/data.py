@@ -19,10 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from hcr.doublethink.tasks import Task, task_texts
 from hcr.doublethink.tokenizer import answer_marker_id
+from hcr_kernels import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "TaskBatch", "TaskDataset", "collate", "encode_tasks"]
-
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TaskBatch", "TaskDataset", "collate", "doublethink_answer_targets", "encode_tasks"]
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Evaluation: teacher-forced argmax per length, and the seed's accuracy bar.
+"""Evaluation: teacher-forced argmax per length, and the per-length accuracy bar.
 
 Why teacher-forced: the model is fed the true sequence and each scored position's
-argmax is compared with the true next token, so one forward pass scores a whole batch
-(the seed does the same, one example at a time). An item counts as solved only if
+argmax is compared with the true next token, so one forward pass scores a whole batch.
+An item counts as solved only if
 *every* scored token is right (``TaskBatch.answer_targets``: for doublethink the overt
 reasoning, the second newline and the hidden result; for direct every hidden value).
 """
@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from hcr.doublethink.data import IGNORE_INDEX, TaskBatch, encode_tasks
 from hcr.doublethink.tasks import TaskGenerator
 
-__all__ = ["SHADES", "accuracy_bar", "evaluate_lengths", "items_solved"]
+__all__ = ["SHADES", "accuracy_bar", "evaluate_lengths", "items_solved", "solve_batch"]
 
 #: accuracy bar characters: index ``min(4, floor(4 * accuracy))``, so ``█`` is 100%,
 #: ``▓`` [75%, 100%), ``▒`` [50%, 75%), ``░`` [25%, 50%) and a blank below 25%.

@@ -1,92 +1,36 @@
 """One doublethink experiment: curriculum rounds of training and evaluation, logged and reported.
 
-Why this shape (the seed's loop): each round samples ``batch_size * steps_per_round``
-task lengths from the curriculum, trains on fresh tasks of those lengths, evaluates
-every length up to the limit on fresh tasks, and moves the limit. The run stops when
-the curriculum solves ``max_length`` or after ``max_examples`` training examples.
-Training and evaluation tasks come from two generators seeded from ``seed``, so a run
-is reproducible from its config (saved in ``report.json``).
+The loop: each round samples ``batch_size * steps_per_round`` task lengths from the
+curriculum, trains on fresh tasks of those lengths, evaluates every length up to the
+limit on fresh tasks, and moves the limit. The run stops when the curriculum solves
+``max_length`` or after ``max_examples`` training examples. Training and evaluation
+tasks come from two generators seeded from ``seed``, so a run is reproducible from its
+config (saved in ``report.json``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hcr.doublethink.config import DEFAULT_ANSWER_WEIGHT, DoublethinkConfig
 from hcr.doublethink.curriculum import Curriculum
 from hcr.doublethink.data import encode_tasks
 from hcr.doublethink.evaluation import accuracy_bar, evaluate_lengths
-from hcr.doublethink.models import ARCHITECTURES, build_model
+from hcr.doublethink.models import build_model
 from hcr.doublethink.report import RoundRecord, RunReport, WandbLogger
-from hcr.doublethink.tasks import TASK_KINDS, TaskGenerator
+from hcr.doublethink.tasks import TaskGenerator
 from hcr.doublethink.tokenizer import answer_marker_id, load_tokenizer
 from hcr.doublethink.trainer import ReasoningTrainer, make_training_arguments
 
 __all__ = ["DEFAULT_ANSWER_WEIGHT", "DoublethinkConfig", "run_experiment"]
 
-DEFAULT_ANSWER_WEIGHT = 0.5
 EVAL_SEED_OFFSET = 1_000_003  # evaluation tasks: a different stream than the training tasks
-
-
-@dataclass
-class DoublethinkConfig:
-    """Everything a run depends on; the CLI flags map one to one (``--max-examples`` -> ``max_examples``)."""
-
-    arch: str = "mamba"
-    layers: int = 2
-    task: str = "doublethink"
-    answer_weight: float | None = None  # doublethink only; None -> DEFAULT_ANSWER_WEIGHT
-    max_examples: int = 100_000
-    max_length: int = 30
-    batch_size: int = 64
-    steps_per_round: int = 1
-    learning_rate: float = 1e-3
-    hidden: int = 64
-    eval_per_length: int = 20
-    solved_threshold: float = 0.9
-    flatten_factor: float = 0.95
-    history: int = 20
-    seed: int = 0
-    out: str | None = None  # None -> runs/doublethink-<arch>-l<layers>-<task>
-    report_to: str = "wandb"
-    pretrained: str | None = None
-    tokenizer: str | None = None  # None -> the built-in word-level tokenizer
-    hcr_kernels: bool = True
-    device: str | None = None  # None -> cuda if available, else cpu
-    save_model: bool = False
-    save_every_s: float = 30.0
-
-    def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
-        if self.task not in TASK_KINDS:
-            raise ValueError(f"task must be one of {TASK_KINDS}, got {self.task!r}")
-        if self.task == "direct" and self.answer_weight is not None:
-            raise ValueError("answer_weight (--answer-weight) applies to --task doublethink only; the direct task "
-                             "weighs every hidden value equally")
-        if self.task == "doublethink" and self.answer_weight is None:
-            self.answer_weight = DEFAULT_ANSWER_WEIGHT
-        if self.answer_weight is not None and not 0.0 <= self.answer_weight <= 1.0:
-            raise ValueError(f"answer_weight (--answer-weight) must be in [0, 1], got {self.answer_weight}")
-        for name in ("layers", "max_examples", "max_length", "batch_size", "steps_per_round", "hidden", "eval_per_length", "history"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
-        if self.report_to not in ("none", "wandb"):
-            raise ValueError(f"report_to (--report-to) must be 'none' or 'wandb', got {self.report_to!r}")
-        if self.out is None:
-            self.out = f"runs/doublethink-{self.arch}-l{self.layers}-{self.task}"
-
-    @property
-    def run_name(self) -> str:
-        weight = f"-c{self.answer_weight}" if self.task == "doublethink" else ""
-        return f"{self.arch}-l{self.layers}-{self.task}{weight}-s{self.seed}"
 
 
 def run_experiment(config: DoublethinkConfig, *, progress: bool = True) -> RunReport:

@@ -1,7 +1,7 @@
 """Doublethink models: tiny Mamba / GPT-2 from a config, or a local checkpoint cut to its first N layers.
 
-Why cut: the seed trains mamba-130m cut to a few of its 24 layers and gpt2 cut the
-same way, to see how much hidden computation a shallow model manages. Checkpoints are
+Why cut: a pretrained mamba-130m (24 layers) or gpt2 cut to a few of its layers shows
+how much hidden computation a shallow model manages. Checkpoints are
 loaded with ``from_pretrained(path)`` (no hub here: give a local folder). On CPU the
 Mamba mixers run ``hcr_kernels``' native selective scan and causal conv
 (``apply_hcr_kernels_to_mamba``); on a GPU transformers' own path is left alone (it uses
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
+from hcr.doublethink.config import ARCHITECTURES
 from hcr_kernels import apply_hcr_kernels_to_mamba
 
 __all__ = ["ARCHITECTURES", "build_model", "cut_layers", "load_pretrained_cut", "tiny_gpt2", "tiny_mamba"]
-
-ARCHITECTURES = ("mamba", "transformer")
 
 #: (attribute path of the block list, config fields holding the layer count)
 _LAYER_LISTS = (

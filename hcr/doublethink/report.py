@@ -1,7 +1,7 @@
 """What a doublethink run writes: every round as CSV and JSON, the accuracy plot, wandb.
 
 Why all three: the CSV is for a spreadsheet or pandas, the JSON keeps the config next
-to the rounds (the run can be re-made from it), the PNG is the seed's per-length
+to the rounds (the run can be re-made from it), the PNG is the per-length
 accuracy plot extended over training: a heatmap of accuracy by task length (y) and
 examples seen (x) with the curriculum limit drawn on it, and the mean of the last 20
 evaluations per length as bars. wandb is optional: offline unless ``WANDB_API_KEY`` is set.

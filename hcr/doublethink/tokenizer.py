@@ -1,8 +1,8 @@
 """Tokenizers for the doublethink tasks: a built-in word-level one, local HF ones, and the check.
 
 Why a check: the experiment measures computation per token, so every operation, every
-value and the newline marker must be exactly one token, whatever tokenizer is used
-(the seed checks GPT-NeoX the same way). The built-in tokenizer needs no hub; GPT-2 /
+value and the newline marker must be exactly one token, whatever tokenizer is used.
+The built-in tokenizer needs no hub; GPT-2 /
 GPT-NeoX tokenizers are loaded from a local path only (no machine here reaches a hub).
 """
 
@@ -28,7 +28,7 @@ __all__ = [
 
 ANSWER_MARKER = "\n"
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
-CHECK_LENGTH = 99  # the seed's check length
+CHECK_LENGTH = 99  # operations in the sample task that ``check_tokenizer`` encodes
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,7 +51,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The built-in tokenizer (``path`` None or ``"builtin"``) or a local one (a GPT-2 / GPT-NeoX folder).
 
-    A tokenizer without a pad token pads with its eos token (as the seed does); right
+    A tokenizer without a pad token pads with its eos token; right
     padding is forced, since the losses find each example's last real token from the mask.
     The result is checked with ``check_tokenizer``.
     """

@@ -2,14 +2,13 @@
 
 Why a custom loss: the model is scored only on what it writes after the answer marker,
 and the final (hidden) answer can be given its own weight ``c`` against the overt
-reasoning (``1 - c``), the seed's "fancy loss". The seed loops over the batch in Python
-and takes the padded last position as the final answer of every shorter example; here
-the weights come from ``hcr_kernels.answer_loss_weights`` (vectorised, the last *real*
-token is the final answer) and the loss from ``hcr_kernels.weighted_cross_entropy``
+reasoning (``1 - c``). The weights come from ``hcr_kernels.answer_loss_weights``
+(vectorised over the batch; the final answer is each row's last *real* token, not the
+padded last position) and the loss from ``hcr_kernels.weighted_cross_entropy``
 (one pass over the logits on the native/Triton backends).
 
-The direct task (no chain of thought) is scored on every hidden value with equal weight
-(the seed's ``DirectReasoningTrainer``, without its padding counted as targets).
+The direct task (no chain of thought) is scored on every hidden value with equal weight;
+padding is never a target.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ class ReasoningTrainer(Trainer):
     ``answer_weight``: the final answer's share ``c`` in ``[0, 1]``;
     ``loss_backend``: forwarded to ``weighted_cross_entropy`` (None: automatic).
 
-    Rounds are short (the seed: one step of 64 examples between evaluations), so two
+    Rounds are short (by default one step of 64 examples between evaluations), so two
     per-call costs of ``Trainer.train`` matter: the printed metrics (the printer and
     progress callbacks are removed; the experiment has its own progress bar) and the
     ``gc.collect()`` that ``accelerate`` runs at the end of every ``train()``, which walks
@@ -113,7 +112,7 @@ class ReasoningTrainer(Trainer):
         """One pass over ``batch`` (one optimizer step per ``per_device_train_batch_size`` rows); mean loss.
 
         The optimizer (and its Adam moments) persists across rounds: it is created by the
-        first call and reused by the next ones (the seed re-created it every round).
+        first call and reused by the next ones, rather than re-created every round.
         """
         self.train_dataset = TaskDataset(batch)
         return float(self.train().training_loss)

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import argparse
 
-from hcr.argtypes import non_negative_int, positive_float, positive_int, unit_float
+from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int, unit_float
 
 __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hcr.evaluation.runner import EvalSettings
+
+    d = field_defaults(EvalSettings)
     parser.add_argument("--dataset", required=True,
                         help="questions and gold answers: a .jsonl file or a folder saved with save_to_disk")
-    parser.add_argument("--question-field", default="question", help="field of the question (default question)")
-    parser.add_argument("--answer-field", default="answer",
+    parser.add_argument("--question-field", default=d.question_field,
+                        help=f"field of the question (default {d.question_field})")
+    parser.add_argument("--answer-field", default=d.answer_field,
                         help="field of the gold answer: plain, or an R1 output whose last \\boxed{} is taken")
-    parser.add_argument("--split", default=None, help="split of a saved DatasetDict (default: test, or the only one)")
+    parser.add_argument("--split", default=d.split, help="split of a saved DatasetDict (default: test, or the only one)")
     parser.add_argument("--base", required=True, help="base causal LM: a local path or a hub name")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the base's)")
-    parser.add_argument("--compressor", default=None,
+    parser.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer path or name (default: the base's)")
+    parser.add_argument("--compressor", default=d.compressor,
                         help="a CompressionModel.save_pretrained folder: generate compressing the reasoning")
-    parser.add_argument("--window", type=positive_int, default=None,
+    parser.add_argument("--window", type=positive_int, default=d.window,
                         help="tokens per compressed vector (default: the compressor's)")
-    parser.add_argument("--keep-last", type=non_negative_int, default=4,
-                        help="reasoning tokens kept uncompressed after the last window (default 4)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=1024, help="default 1024")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="items generated together (default 8)")
+    parser.add_argument("--keep-last", type=non_negative_int, default=d.keep_last,
+                        help=f"reasoning tokens kept uncompressed after the last window (default {d.keep_last})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
+                        help=f"default {d.max_new_tokens}")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                        help=f"items generated together (default {d.batch_size})")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample (default 1.0)")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="with --do-sample")
-    parser.add_argument("--top-p", type=unit_float, default=None, help="with --do-sample")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (per batch: seed + its first index)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items only")
+    parser.add_argument("--temperature", type=positive_float, default=d.temperature,
+                        help=f"with --do-sample (default {d.temperature})")
+    parser.add_argument("--top-k", type=positive_int, default=d.top_k, help="with --do-sample")
+    parser.add_argument("--top-p", type=unit_float, default=d.top_p, help="with --do-sample")
+    parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per batch: seed + its first index)")
+    parser.add_argument("--limit", type=positive_int, default=d.limit, help="evaluate the first N items only")
     parser.add_argument("--out", required=True,
                         help="folder for results.jsonl (one record per item; a rerun skips those done) "
                              "and summary.json")

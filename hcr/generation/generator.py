@@ -18,8 +18,8 @@ how the next-token logits are computed:
   to its end marker and re-encodes only ``v(m+1)``, the end marker and the kept
   tail. Positions stay contiguous, exactly as in a full re-encode. The 4D mask
   and the position ids are built once per step, for all rows at once.
-* ``"recompute"``: re-encodes every row's whole layout every step (the seed's
-  approach with its slips fixed): slow, simple, the correctness oracle.
+* ``"recompute"``: re-encodes every row's whole layout every step: slow,
+  simple, the correctness oracle.
 
 Both run under ``torch.inference_mode`` and, by default (``decode_kernels``), with
 the model's ``nn.Linear`` layers routed through ``hcr_kernels.decode_linear``: on CPU
@@ -33,6 +33,9 @@ re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model 
 decode step is mostly Python and per-op overhead, which compilation removes. Dynamic
 shapes let every attention span and cache size share a graph (three per batch size:
 prefill, decode, re-encode); compiling them costs tens of seconds once per process.
+On a CUDA model the decode steps run as CUDA graphs instead (``_compile_options``):
+they attend over the whole preallocated cache, so that every decode step of a
+``generate`` call has the same shapes and addresses and replays one graph.
 
 The generator never writes a compression token (placeholder, block start, block
 end): their logits are masked before sampling. A prompt may not hold them either
@@ -56,6 +59,28 @@ from hcr.generation.cache import RaggedStaticCache
 from hcr_kernels import decode_linears
 
 STRATEGIES = ("cache", "recompute")
+
+
+DYNAMIC = {"dynamic": True}  # torch.compile options of the forwards whose shapes change every step
+
+
+def _compile_options(device: torch.device) -> dict:
+    """``torch.compile`` options of a decode step's forward on ``device``.
+
+    CUDA: ``mode="reduce-overhead"`` (CUDA graphs), as a small model's decode step is bound by kernel
+    launches. A graph replays only the input shapes, and the addresses written in place, it was recorded
+    with: so graphed decode steps attend over all the cache's slots (the mask hides the unwritten ones)
+    and the cache tensors are marked static addresses (cudagraph trees do not graph in-place writes to
+    other inputs); automatic dynamic shapes then give one graph per cache size. CPU: no graphs to
+    replay; dynamic shapes let every attention span share one compiled graph.
+    """
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    return dict(DYNAMIC)
+
+
+def _uses_cuda_graphs(options: dict) -> bool:
+    return options.get("mode") == "reduce-overhead"
 
 
 def _decoder_forward(base, embeds, positions, mask, cache):
@@ -127,7 +152,7 @@ class CompressedGenerator:
         self.compress_answer = compress_answer
         self.decode_kernels = decode_kernels
         self.compile_decode = compile_decode
-        self._compiled_forward = torch.compile(_decoder_forward, dynamic=True) if compile_decode else None
+        self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
 
     # ----------------------------------------------------------------- public
 
@@ -215,6 +240,9 @@ class CompressedGenerator:
             longest = max(len(r.prompt) for r in rows)
             # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
             cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 4)
+            if self._graphed_decode:  # written in place by the graphs: their addresses must not change
+                for tensor in (*cache.keys, *cache.values):
+                    torch._dynamo.mark_static_address(tensor)
         logits = self._first_logits(rows, cache, split)
         for _ in range(max_new_tokens):
             chosen = sample(logits).tolist()
@@ -358,6 +386,22 @@ class CompressedGenerator:
 
     # ----------------------------------------------------------------- logits
 
+    @property
+    def _graphed_decode(self) -> bool:
+        """Whether decode steps run as CUDA graphs: static shapes (the whole cache attended), static cache."""
+        return self.compile_decode and _uses_cuda_graphs(_compile_options(self.model.device))
+
+    def _forward(self, decode: bool):
+        """The forward of a cached step: eager, or compiled (a decode step with ``_compile_options``,
+        prefill and re-encode, whose lengths change from step to step, with dynamic shapes)."""
+        if not self.compile_decode:
+            return _decoder_forward
+        options = _compile_options(self.model.device) if decode else DYNAMIC
+        key = tuple(sorted(options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(_decoder_forward, **options)
+        return self._compiled[key]
+
     def _first_logits(self, rows, cache, split):
         return self._timed(split, "prefill", lambda: self._recompute(rows, split) if cache is None else
                            self._cached_step(rows, [(0, [] if row.done else list(row.prompt), [], []) for row in rows],
@@ -430,7 +474,9 @@ class CompressedGenerator:
         windows = [window for _, _, chunk_windows, _ in chunks for window in chunk_windows]
         markers = self.tokens.markers
         pooled = bool(windows) or any(token in markers for _, chunk, _, _ in chunks for token in chunk)
-        span = max(f + n for f, n in zip(firsts, lengths))  # attention reads slots [0, span)
+        decode = steps == 1
+        # attention reads slots [0, span); a CUDA graph needs the same span at every decode step: all slots
+        span = cache.slots if decode and self._graphed_decode else max(f + n for f, n in zip(firsts, lengths))
         if pooled:
             began = time.perf_counter()
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -449,7 +495,7 @@ class CompressedGenerator:
             ~visible, torch.finfo(embeds.dtype).min
         )[:, None]
         cache.begin_step(starts, counts, span)
-        logits = (self._compiled_forward or _decoder_forward)(self.model.base, embeds, positions, mask, cache)
+        logits = self._forward(decode)(self.model.base, embeds, positions, mask, cache)
         for row, (first, chunk, _, _) in zip(rows, chunks):
             if chunk:
                 row.hold(first, chunk)

@@ -16,7 +16,7 @@ from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.causal_conv1d.reference import causal_conv1d_ref
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "BACKEND_CHECKS", "ACTIVATIONS"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "BACKEND_CHECKS", "ACTIVATIONS", "CausalConv1dFunction"]
 
 ACTIVATIONS = (None, "silu", "swish")
 

@@ -5,6 +5,7 @@
 * ``answer_loss_weights``: the weights of the doublethink loss (reasoning vs final answer).
 * ``fused_linear_cross_entropy``: ``lm_head`` projection + CE in chunks of tokens, so the
   ``[N, V]`` logits never exist in full.
+* ``IGNORE_INDEX`` (-100): the label the losses skip unless told another.
 
 Backends: ``reference`` (plain PyTorch, fp32, the oracle), ``native`` (the compiled
 extension, CPU), ``triton`` (CUDA tensors; CPU under ``TRITON_INTERPRET=1``).
@@ -15,11 +16,16 @@ from __future__ import annotations
 
 from hcr_kernels.cross_entropy.answer_weights import answer_loss_weights
 from hcr_kernels.cross_entropy.fused_linear import fused_linear_cross_entropy
-from hcr_kernels.cross_entropy.reference import fused_linear_cross_entropy_ref, weighted_cross_entropy_ref
+from hcr_kernels.cross_entropy.reference import (
+    IGNORE_INDEX,
+    fused_linear_cross_entropy_ref,
+    weighted_cross_entropy_ref,
+)
 from hcr_kernels.cross_entropy.weighted import BACKEND_CHECKS, weighted_cross_entropy
 
 __all__ = [
     "BACKEND_CHECKS",
+    "IGNORE_INDEX",
     "answer_loss_weights",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",

@@ -1,12 +1,11 @@
-"""Per-token weights of the doublethink loss (the seed's "fancy loss", vectorised, padding-aware).
+"""Per-token weights of the doublethink loss, vectorised and padding-aware.
 
-The seed (sneaky-mamba ``compute_loss``) shifts the labels, drops the task part,
-and mixes two ``CrossEntropyLoss`` means: one over the reasoning tokens, one over
-the final answer token of each example, weighted ``1 - c`` and ``c``. It loops
-over the batch in Python and, on a right-padded batch, takes the last *padded*
-position as every example's final answer. These weights reproduce the loss as
-``weighted_cross_entropy(logits[:, :-1], input_ids[:, 1:], weights)`` with the final
-answer at the last *real* token, and no loop over the batch.
+The loss shifts the labels, drops the task part, and mixes two ``CrossEntropyLoss``
+means: one over the reasoning tokens, one over the final answer token of each example,
+weighted ``1 - c`` and ``c``. These weights express it as
+``weighted_cross_entropy(logits[:, :-1], input_ids[:, 1:], weights)``, with no loop over
+the batch and the final answer at each row's last *real* token (on a right-padded batch
+the last position of a shorter row is a pad).
 """
 
 from __future__ import annotations
@@ -32,17 +31,17 @@ def answer_loss_weights(
     ``real = attention_mask[:, 1:]`` (all ones when ``attention_mask`` is None), per row:
 
     * ``a`` = the first ``j`` with ``input_ids[:, 1:][j] == answer_token_id`` and ``real[j]``
-      (the seed's ``answer_index``: the prediction *of* the marker is a reasoning term);
+      (the prediction *of* the marker is a reasoning term);
     * ``f`` = the last ``j`` with ``real[j]``: the prediction of the last real token, the
-      final answer (the seed's ``[-1:]``, which on padded rows would be a pad);
+      final answer (not the last position, which on padded rows is a pad);
     * reasoning positions ``a <= j < f`` with ``real[j]`` each get ``(1 - c) / R``, where
       ``R`` is the number of reasoning positions in the whole batch; ``f`` gets ``c / B``;
       everything else (the task before the marker, padding) gets 0.
 
     So ``weighted_cross_entropy`` of these weights is ``(1 - c) * mean(reasoning CE) +
-    c * mean(final-answer CE)``, the two means taken across the batch as the seed's two
-    ``CrossEntropyLoss`` calls do. If no row has a reasoning position (``R = 0``) the first
-    term is 0 (the seed's empty mean would be NaN). Rows without the marker raise a
+    c * mean(final-answer CE)``, the two means taken across the batch as two
+    ``CrossEntropyLoss`` calls would. If no row has a reasoning position (``R = 0``) the first
+    term is 0, not the NaN of an empty mean. Rows without the marker raise a
     ``ValueError`` that names them.
     """
     check_tensor("input_ids", input_ids, dim=2)

@@ -19,7 +19,12 @@ from torch.autograd.function import once_differentiable
 
 from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
-from hcr_kernels.cross_entropy.reference import accumulation_dtype, fused_linear_cross_entropy_ref, mean_over_kept
+from hcr_kernels.cross_entropy.reference import (
+    IGNORE_INDEX,
+    accumulation_dtype,
+    fused_linear_cross_entropy_ref,
+    mean_over_kept,
+)
 from hcr_kernels.cross_entropy.weighted import (
     BACKEND_CHECKS,
     check_ignore_index,
@@ -30,7 +35,7 @@ from hcr_kernels.cross_entropy.weighted import (
     scale_saved_grad,
 )
 
-__all__ = ["fused_linear_cross_entropy", "default_chunk_size", "CHUNK_ELEMENTS"]
+__all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropyFunction", "default_chunk_size", "CHUNK_ELEMENTS"]
 
 # Logits elements per chunk when chunk_size is not given: 2**25 (128 MiB in fp32), so
 # 220 tokens at V = 151,936. Measured on the 2-core CPU at 1,024 x 151,936 x 1,536
@@ -112,7 +117,7 @@ def fused_linear_cross_entropy(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,

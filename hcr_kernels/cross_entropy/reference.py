@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The label of a position the loss skips: the value torch's cross entropy and transformers' models use,
+# so labels made for either work with these ops unchanged.
+IGNORE_INDEX = -100
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/fp16/bf16, fp64 for fp64: the precision every backend accumulates in."""
@@ -16,7 +20,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def weighted_cross_entropy_ref(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """``sum_i weights[i] * CE(logits[i], labels[i])`` over tokens whose label is not ``ignore_index``."""
     acc = accumulation_dtype(logits.dtype)
@@ -36,7 +40,7 @@ def fused_linear_cross_entropy_ref(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``logits = hidden @ lm_head_weight.T (+ bias)`` in full, then the (weighted) cross entropy.

@@ -15,9 +15,10 @@ from torch.autograd.function import once_differentiable
 
 from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_tensor
-from hcr_kernels.cross_entropy.reference import accumulation_dtype, weighted_cross_entropy_ref
+from hcr_kernels.cross_entropy.reference import IGNORE_INDEX, accumulation_dtype, weighted_cross_entropy_ref
 
-__all__ = ["weighted_cross_entropy", "BACKEND_CHECKS", "forward_function", "check_labels", "scale_saved_grad"]
+__all__ = ["weighted_cross_entropy", "WeightedCrossEntropyFunction", "BACKEND_CHECKS", "forward_function",
+           "check_labels", "check_token_weights", "check_ignore_index", "kept_weights", "scale_saved_grad"]
 
 
 BACKEND_CHECKS = {
@@ -45,7 +46,10 @@ def scale_saved_grad(grad: torch.Tensor | None, grad_output: torch.Tensor) -> to
     """
     if grad is None:
         return None
-    if torch.equal(grad_output, torch.ones_like(grad_output)):
+    # Under torch.compile the data-dependent test would break the graph; multiplying by exactly 1 is exact,
+    # so always multiplying gives the same bits (the compiler may fuse it). Eager keeps the copy-free skip: the
+    # saved gradient can be a [V, H] lm_head one.
+    if not torch.compiler.is_compiling() and torch.equal(grad_output, torch.ones_like(grad_output)):
         return grad
     return grad * grad_output.to(grad.dtype)
 
@@ -88,6 +92,11 @@ def check_labels(labels, tokens: int, vocab: int, ignore_index: int) -> None:
     if labels.shape[0] != tokens:
         raise ValueError(f"labels has {labels.shape[0]} tokens but there are N={tokens} rows of logits/hidden")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if torch.compiler.is_compiling():
+        # Reading `bad` out would break the graph: an in-graph assert keeps the check (RuntimeError on CPU, a
+        # device-side assert on CUDA), without the offending values, which only a host read could show.
+        torch._assert_async(~bad.any(), f"labels must be in [0, V) or equal ignore_index={ignore_index}")
+        return
     if labels.device.type != "meta" and bool(bad.any()):
         where = bad.nonzero().flatten()[:5].tolist()
         shown = ", ".join(f"labels[{i}] = {int(labels[i])}" for i in where)
@@ -111,7 +120,7 @@ def weighted_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     weights: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:

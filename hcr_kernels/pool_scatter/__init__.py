@@ -21,7 +21,8 @@ from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from hcr_kernels.pool_scatter.reference import pool_scatter_ref, window_mean_pool_ref
 
-__all__ = ["window_mean_pool", "pool_scatter", "window_mean_pool_ref", "pool_scatter_ref", "BACKEND_CHECKS"]
+__all__ = ["window_mean_pool", "pool_scatter", "window_mean_pool_ref", "pool_scatter_ref", "PoolRowsFunction",
+           "BACKEND_CHECKS"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -107,10 +108,7 @@ def pool_scatter(
     check_same_device(template=template, slot_mask=slot_mask, hidden=hidden)
     check_same_dtype(hidden=hidden, template=template)
     window_of_row, slots = _window_of_row(slot_mask)
-    if slots != hidden.shape[0]:
-        raise ValueError(
-            f"slot_mask has {slots} True slots but hidden has N={hidden.shape[0]} windows; they must be equal"
-        )
+    _check_slot_count(slots, hidden.shape[0])
     chosen = _dispatch.choose_backend("pool_scatter", template.device, backend, BACKEND_CHECKS)
     if chosen == "reference":
         return pool_scatter_ref(template, slot_mask, hidden)
@@ -120,9 +118,22 @@ def pool_scatter(
     return out.view(batch, length, dim)
 
 
-def _window_of_row(slot_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Row-major rank of each True slot (its window index), -1 elsewhere; and the slot count."""
+def _window_of_row(slot_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major rank of each True slot (its window index), -1 elsewhere; and the slot count, a 0-d tensor
+    (left on the device, so that tracing needs no data-dependent size: the caller knows N from ``hidden``)."""
     flat = slot_mask.reshape(-1)
     rank = torch.cumsum(flat, dim=0, dtype=torch.int64)
-    slots = int(rank[-1]) if flat.numel() else 0
+    slots = rank[-1:].sum()  # the last rank, or 0 for an empty mask, without a branch
     return torch.where(flat, rank - 1, torch.full_like(rank, -1)), slots
+
+
+def _check_slot_count(slots: torch.Tensor, windows: int) -> None:
+    """One window per slot. Eager raises ValueError naming both counts. Under torch.compile reading ``slots``
+    out would break the graph, so the check becomes an in-graph assert (raises RuntimeError on CPU, a
+    device-side assert on CUDA) with a message that cannot show the data-dependent count."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(slots == windows, "slot_mask's True slots must equal hidden's N windows (pool_scatter)")
+    elif int(slots) != windows:
+        raise ValueError(
+            f"slot_mask has {int(slots)} True slots but hidden has N={windows} windows; they must be equal"
+        )

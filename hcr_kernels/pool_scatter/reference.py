@@ -1,6 +1,6 @@
 """Plain PyTorch window mean-pool + masked scatter: the oracle of the fast paths.
 
-The same computation as the seed's training step: mean over each window of the
+The computation of the compression model's training step: mean over each window of the
 pooler's last hidden states (in at least fp32), then ``masked_scatter`` into the template
 of input embeddings at the placeholder slots.
 """

@@ -26,7 +26,8 @@ from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_tensor
 from hcr_kernels.selective_scan.reference import selective_scan_ref
 
-__all__ = ["selective_scan", "selective_scan_ref", "BACKEND_CHECKS", "MAX_STATE", "CHECKPOINT_SEGMENT"]
+__all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFunction", "BACKEND_CHECKS", "MAX_STATE",
+           "CHECKPOINT_SEGMENT"]
 
 MAX_STATE = 256
 CHECKPOINT_SEGMENT = 64  # steps between saved states: memory L/64 states, one recompute
@@ -170,6 +171,14 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias) -> None:
     check_same_device(**present)
 
 
+def _refuse_last_state_gradient(grad: torch.Tensor) -> None:
+    """mamba-ssm's backward ignores the last state's gradient: fail rather than train on a wrong one."""
+    if bool(grad.any()):
+        raise RuntimeError(
+            "selective_scan backend 'cuda' (mamba_ssm.selective_scan_fn) does not propagate the gradient of the "
+            "returned last state, and this loss depends on it; use backend='reference', or detach the last state")
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -187,7 +196,8 @@ def selective_scan(
     """``mamba_ssm.selective_scan_fn`` semantics: ``u, delta, z [batch, channels, L]``, ``A [channels, N]``,
     ``B, C [batch, (G,) N, L]``, ``D, delta_bias [channels]``. Returns ``out [batch, channels, L]`` in
     ``u.dtype`` and, with ``return_last_state``, the fp32 state ``[batch, channels, N]`` after the last step.
-    Differentiable in every tensor input (the last state's gradient included)."""
+    Differentiable in every tensor input (the last state's gradient included; the ``cuda`` backend raises
+    in backward when the last state gets a non-zero gradient, which mamba-ssm would drop)."""
     _check_args(u, delta, A, B, C, D, z, delta_bias)
     chosen = _dispatch.choose_backend("selective_scan", u.device, backend, BACKEND_CHECKS)
     if chosen == "reference":
@@ -195,6 +205,9 @@ def selective_scan(
     if chosen == "cuda":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        result = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if return_last_state and result[1].requires_grad:
+            result[1].register_hook(_refuse_last_state_gradient)
+        return result
     out, last_state = SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last_state) if return_last_state else out
