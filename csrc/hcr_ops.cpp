@@ -12,7 +12,7 @@
 
 #ifdef HCR_WITH_CUDA
 namespace hcr {
-int cuda_runtime_version();  // from pool_rows_cuda.cu
+int cuda_runtime_version();  // build_info_cuda.cu
 }
 #endif
 

@@ -11,8 +11,6 @@
 
 namespace hcr {
 
-int cuda_runtime_version() { return CUDART_VERSION; }
-
 namespace {
 
 constexpr int kThreads = 256;

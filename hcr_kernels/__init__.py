@@ -3,6 +3,14 @@
 Every op has a plain PyTorch reference (the oracle of the tests and the fallback
 everywhere), a ``native`` path in the compiled extension ``hcr_kernels._C`` and,
 where it pays, a ``triton`` path for GPUs. See ``python -m hcr_kernels.info``.
+
+Every op package has the same files: ``reference.py`` (the oracle: torch only, nothing
+from the fast paths), ``native.py`` (the only caller of its ``torch.ops.hcr`` ops, and
+their fakes), ``triton_kernels.py`` where there are Triton kernels (launchers with
+``native.py``'s names and signatures), ``op.py`` (the autograd Function, which
+allocates every buffer, the public function, its argument checks and
+``BACKEND_CHECKS``) and an ``__init__.py`` that only re-exports. Model patches are
+``patches.py``.
 """
 
 from hcr_kernels import cpu_isa as _cpu_isa
@@ -18,7 +26,7 @@ from hcr_kernels.cross_entropy import (
 )
 from hcr_kernels.decode_linear import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
-from hcr_kernels.mamba_patch import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
+from hcr_kernels.patches import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
 from hcr_kernels.selective_scan import selective_scan, selective_scan_ref
 

@@ -3,6 +3,10 @@
 Importing it registers the ``torch.ops.hcr.*`` operators. A missing or broken
 build never breaks ``import hcr_kernels``: the ``native`` backend is simply not
 available, and asking for it explicitly raises an error that says how to rebuild.
+
+The one loader of ``_C``: each op's ``native.py`` imports this module, registers its
+fakes with ``register_fake`` and is the only caller of its ``torch.ops.hcr`` ops; the
+module-level functions of ``_C`` (ISA choice, build info) are reached as ``_extension._C``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ except ImportError as error:  # not built, or built against another torch
 
 def extension_loaded() -> bool:
     return _C is not None
+
+
+def register_fake(op_name: str):
+    """``torch.library.register_fake("hcr::<op_name>")`` for torch.compile, when ``_C`` (which defines it) is loaded.
+
+    The one way a ``native.py`` declares its ops' fakes: without ``_C`` there is no op to register against.
+    """
+
+    def register(fake):
+        if _C is not None:
+            torch.library.register_fake(f"hcr::{op_name}")(fake)
+        return fake
+
+    return register
 
 
 def import_error() -> BaseException | None:

@@ -55,21 +55,23 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def _probe_pool_scatter(module) -> None:
-    """As ``pool_scatter`` / ``window_mean_pool`` call the wrappers: with and without template, both backwards."""
+    """As ``PoolRowsFunction`` calls the launchers: with and without template, both backwards."""
     rows, windows, window, dim = 24, 8, 2, 1536
     window_of_row = _meta(rows, dtype=torch.int64)
     for dtype in FLOAT_DTYPES:
         hidden = _meta(windows, window, dim, dtype=dtype)
         for template in (_meta(rows, dim, dtype=dtype), None):
-            module.pool_rows_fwd_triton(template, window_of_row, hidden)
-        for template_grad in (True, False):
-            module.pool_rows_bwd_triton(_meta(rows, dim, dtype=dtype), window_of_row, hidden.shape, template_grad)
+            module.pool_rows_(template, window_of_row, hidden, _meta(rows, dim, dtype=dtype))
+        for grad_template in (_meta(rows, dim, dtype=dtype), None):
+            module.pool_rows_backward_(_meta(rows, dim, dtype=dtype), window_of_row, torch.empty_like(hidden),
+                                       grad_template)
 
 
 def _probe_cross_entropy(module) -> None:
-    """As ``weighted_cross_entropy`` / ``fused_linear_cross_entropy`` call the wrapper, over vocab sizes
-    that reach every block size the wrapper can pick (powers of two up to twice its cap, plus an odd one)."""
-    from hcr_kernels.cross_entropy.reference import IGNORE_INDEX, accumulation_dtype
+    """As ``weighted_cross_entropy`` / ``fused_linear_cross_entropy`` call the launcher, over vocab sizes
+    that reach every block size it can pick (powers of two up to twice its cap, plus an odd one)."""
+    from hcr_kernels.cross_entropy import IGNORE_INDEX
+    from hcr_kernels.cross_entropy.common import accumulation_dtype
 
     tokens = 8
     vocabs = [2**k for k in range((2 * module.MAX_BLOCK).bit_length())] + [50257]
@@ -77,9 +79,10 @@ def _probe_cross_entropy(module) -> None:
     for dtype in FLOAT_DTYPES:
         weights = _meta(tokens, dtype=accumulation_dtype(dtype))
         for vocab in vocabs:
-            for want_grad in (True, False):
-                module.weighted_cross_entropy_fwd_triton(_meta(tokens, vocab, dtype=dtype), labels, weights, IGNORE_INDEX,
-                                                         want_grad)
+            logits = _meta(tokens, vocab, dtype=dtype)
+            for grad_logits in (torch.empty_like(logits), None):
+                module.weighted_cross_entropy_fwd_(logits, labels, weights, IGNORE_INDEX, torch.empty_like(weights),
+                                                   grad_logits)
 
 
 # triton_kernels module -> the calls of its wrappers that reach every launch configuration.

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -531,6 +533,79 @@ def test_layout_length_counts_the_layout(base, tokenizer):
             generated = list(range(40, 60))
             if think_at is not None:
                 generated[think_at] = tokens.think_end
-            row = RowState(prompt=[30, 31, 32], generated=generated, windows=windows, think_at=think_at,
+            row = RowState(prompt=[30, 31, 32], generated=generated, reasoning_windows=windows, think_at=think_at,
                            answer_windows=answer_windows)
             assert generator._layout_length(row) == len(generator.layout(row))
+
+
+@pytest.fixture(scope="module")
+def models_by_window(base, tokenizer):
+    return {window: compression_model(base, tokenizer, window) for window in (1, 2, 3)}
+
+
+@settings(max_examples=80, deadline=None)
+@given(window=st.sampled_from((1, 2, 3)), keep_last=st.integers(0, 3), compress_answer=st.booleans(),
+       prompt=st.integers(1, 4), written=st.lists(st.integers(0, 6), min_size=1, max_size=40))
+def test_compress_decision_returns_the_slot_the_layout_changed_from(models_by_window, tokenizer, window, keep_last,
+                                                                     compress_answer, prompt, written):
+    """The crop slot a compression returns is the first position where the layout differs from the one
+    the cache would hold had the token only been decoded; no compression, no difference."""
+    from hcr.generation.generator import RowState
+
+    generator = CompressedGenerator(models_by_window[window], tokenizer, keep_last=keep_last,
+                                    compress_answer=compress_answer)
+    row = RowState(prompt=list(range(30, 30 + prompt)))
+    for choice in written:
+        token = generator.tokens.think_end if choice == 0 else 40 + choice
+        decoded = generator.layout(row) + [token]
+        row.generated.append(token)
+        crop = generator._write(row, token, eos=-1, max_new_tokens=10**6)
+        layout = generator.layout(row)
+        if crop is None:
+            assert layout == decoded
+        else:
+            changed = next(i for i, (a, b) in enumerate(zip(layout, decoded)) if a != b)
+            assert crop == changed <= len(decoded) - 1  # within what the cache holds: all but the new token
+
+
+def sliding_base(tokenizer, sliding_window):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=256, use_sliding_window=sliding_window is not None,
+                                      sliding_window=sliding_window, max_window_layers=1)
+    return transformers.Qwen2ForCausalLM(config).double().eval()
+
+
+def test_sliding_window_layers_attend_within_their_window(tokenizer):
+    """A config with sliding-attention layers: the cached path builds their windowed mask, as the model
+    itself does in the recompute oracle, and the window changes what is generated."""
+    sliding = sliding_base(tokenizer, 5)
+    assert sliding.config.layer_types == ["full_attention", "sliding_attention"]
+    generator = CompressedGenerator(compression_model(sliding, tokenizer, 2), tokenizer, keep_last=1)
+    assert generator.layer_types == ("full_attention", "sliding_attention")
+    ids, mask = prompts((6, 9, 3), len(tokenizer), seed=4)
+    kwargs = dict(max_new_tokens=24, eos_token_id=-1, return_dict_in_generate=True)
+    fast = generator.generate(ids, mask, strategy="cache", **kwargs)
+    oracle = generator.generate(ids, mask, strategy="recompute", **kwargs)
+    assert torch.equal(fast.sequences, oracle.sequences) and fast.layouts == oracle.layouts
+    full = sliding_base(tokenizer, None)
+    full.load_state_dict(sliding.state_dict())
+    unwindowed = CompressedGenerator(compression_model(full, tokenizer, 2), tokenizer, keep_last=1)
+    assert unwindowed.layer_types == ("full_attention",)
+    assert not torch.equal(unwindowed.generate(ids, mask, strategy="cache", **kwargs).sequences, fast.sequences)
+
+
+def test_attention_kinds_without_a_mask_here_are_refused():
+    from types import SimpleNamespace
+
+    from hcr.generation.generator import attention_layer_types
+
+    assert attention_layer_types(SimpleNamespace()) is None  # transformers < 4.53: the one 4D mask
+    assert attention_layer_types(SimpleNamespace(layer_types=["full_attention"] * 3)) == ("full_attention",)
+    with pytest.raises(ValueError, match=r"chunked_attention.*builds masks for"):
+        attention_layer_types(SimpleNamespace(layer_types=["full_attention", "chunked_attention"]))
+    with pytest.raises(ValueError, match="no sliding_window"):
+        attention_layer_types(SimpleNamespace(layer_types=["sliding_attention"], sliding_window=None))
+    with pytest.raises(ValueError, match="layer_types"):
+        attention_layer_types(SimpleNamespace(use_sliding_window=True, sliding_window=8))

@@ -188,7 +188,7 @@ def compression(tmp_path_factory):
 def test_compiled_compression_splice_training_step_matches_eager(compression):
     """Pooler + pool_rows_ splice + the base's own loss in one fullgraph graph: the splice alone, without
     ``pool_scatter``'s checks or the marker rows, so that a failure of the whole-model test below is localised."""
-    from hcr_kernels.pool_scatter import PoolRowsFunction, _window_of_row
+    from hcr_kernels.pool_scatter.op import PoolRowsFunction, _window_of_row
 
     torch._dynamo.reset()
     model, batch = compression

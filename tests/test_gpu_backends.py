@@ -165,7 +165,7 @@ def test_causal_conv1d_cuda_matches_reference(batch, channels, length, width, ac
 
 
 def test_the_cuda_scan_guard_lets_zero_last_state_gradients_pass_and_refuses_others():
-    from hcr_kernels.selective_scan import _refuse_last_state_gradient
+    from hcr_kernels.selective_scan.op import _refuse_last_state_gradient
 
     _refuse_last_state_gradient(torch.zeros(2, 3, 4))
     with pytest.raises(RuntimeError, match="use backend='reference', or detach the last state"):

@@ -9,6 +9,7 @@ from hcr.compression.examples import (
     build_compression_examples,
     stage_count,
 )
+from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tiny_tokenizer import arithmetic_trace, tiny_tokenizer
 from hcr.compression.tokens import CompressionTokens, MissingTokenError, add_compression_tokens
 from hcr.compression.traces import (
@@ -22,6 +23,7 @@ from hcr.compression.traces import (
 __all__ = [
     "IGNORE_INDEX",
     "CompressionCollator",
+    "CompressedLayout",
     "CompressionExampleDataset",
     "CompressionTokens",
     "Content",
@@ -33,6 +35,8 @@ __all__ = [
     "arithmetic_trace",
     "build_compression_example",
     "build_compression_examples",
+    "compressed_layout",
+    "compressed_length",
     "stage_count",
     "tiny_tokenizer",
     "tokenize_dataset",

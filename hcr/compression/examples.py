@@ -1,7 +1,8 @@
 """Training examples of compressed reasoning: every stage of every trace, built lazily.
 
-Stage k of a trace compresses the first k windows of W reasoning tokens. Three
-aligned views of it:
+Stage k of a trace compresses the first k windows of W reasoning tokens: its
+``compressed_layout`` (``hcr.compression.layout``, the one the generator feeds the
+model). Three aligned views of that layout:
 
 * ``compressed_input_ids``: prefix, ``<|vision_start|>``, k placeholders, ``<|vision_end|>``, the rest
 * ``replaced_original_tokens``: the same with k·W placeholders (one per compressed token)
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hcr.compression.layout import CompressedLayout, compressed_layout, filled
 from hcr.compression.tokens import CompressionTokens
 from hcr.compression.traces import TokenizedTrace
 from hcr_kernels import IGNORE_INDEX
@@ -75,52 +77,29 @@ def kept_stages(trace: TokenizedTrace, config: ExampleConfig) -> int:
     return -(-stage_count(trace, config) // config.every_nth)
 
 
-class _Builder:
-    """Assembles the pieces of the three views; one stage is a handful of numpy concatenations."""
+def stage_layout(trace: TokenizedTrace, stage: int, tokens: CompressionTokens,
+                 config: ExampleConfig) -> CompressedLayout:
+    """The compressed layout of stage ``stage``: the reasoning's windows first, then the answer's."""
+    reasoning_windows = min(stage, config.windows(trace.reasoning_end - trace.reasoning_start))
+    return compressed_layout(trace.ids, reasoning_start=trace.reasoning_start, reasoning_end=trace.reasoning_end,
+                             answer_start=trace.answer_start, answer_end=trace.answer_end,
+                             reasoning_windows=reasoning_windows, answer_windows=stage - reasoning_windows,
+                             window=config.window, tokens=tokens, pad_id=config.pad_id)
 
-    def __init__(self, tokens: CompressionTokens, config: ExampleConfig):
-        self.tokens, self.config = tokens, config
-        self.start = np.array([tokens.block_start], dtype=np.int64)
-        self.end = np.array([tokens.block_end], dtype=np.int64)
 
-    def block(self, part: np.ndarray, windows: int):
-        """(compressed, replaced, original, rest) of one compressed block over ``part``."""
-        W, tokens = self.config.window, self.tokens
-        if windows == 0:  # nothing compressed here: no (empty) block either
-            return part[:0], part[:0], part[:0], part
-        covered = windows * W
-        real = part[:covered]
-        if len(real) < covered:  # the padded last window
-            real = np.concatenate([real, np.full(covered - len(real), self.config.pad_id, dtype=np.int64)])
-        compressed = np.concatenate([self.start, np.full(windows, tokens.placeholder, dtype=np.int64), self.end])
-        replaced = np.concatenate([self.start, np.full(covered, tokens.placeholder, dtype=np.int64), self.end])
-        original = np.concatenate([self.start, real, self.end])
-        return compressed, replaced, original, part[covered:]
-
-    def build(self, trace: TokenizedTrace, stage: int) -> dict[str, np.ndarray]:
-        ids = trace.ids
-        reasoning_windows = self.config.windows(trace.reasoning_end - trace.reasoning_start)
-        k = min(stage, reasoning_windows)
-        j = stage - k
-        prefix = ids[: trace.reasoning_start]
-        r_comp, r_repl, r_orig, r_rest = self.block(ids[trace.reasoning_start : trace.reasoning_end], k)
-        think_end = ids[trace.reasoning_end : trace.answer_start]
-        answer, tail = ids[trace.answer_start : trace.answer_end], ids[trace.answer_end :]
-        a_comp, a_repl, a_orig, answer_written = self.block(answer, j)
-        answer_views = (a_comp, a_repl, a_orig)
-        written = (r_rest, think_end)
-        after = (answer_written, tail)
-        views = {}
-        for name, r_view, a_view in zip(
-            ("compressed_input_ids", "replaced_original_tokens", "original_tokens"), (r_comp, r_repl, r_orig), answer_views
-        ):
-            views[name] = np.concatenate((prefix, r_view) + written + (a_view,) + after)
-        labels = views["compressed_input_ids"].copy()
-        labels[: len(prefix) + len(r_comp)] = IGNORE_INDEX
-        answer_block = len(prefix) + len(r_comp) + len(r_rest) + len(think_end)
-        labels[answer_block : answer_block + len(answer_views[0])] = IGNORE_INDEX
-        views["labels"] = labels
-        return views
+def _build(trace: TokenizedTrace, stage: int, tokens: CompressionTokens,
+           config: ExampleConfig) -> dict[str, np.ndarray]:
+    """The three views and the labels of a stage, all from its layout."""
+    layout = stage_layout(trace, stage, tokens, config)
+    labels = layout.ids.copy()
+    labels[: layout.reasoning_block.stop] = IGNORE_INDEX  # the prompt and the reasoning block
+    labels[layout.answer_block] = IGNORE_INDEX
+    return {
+        "compressed_input_ids": layout.ids,
+        "replaced_original_tokens": layout.expand(filled(layout.windows.shape, tokens.placeholder)),
+        "original_tokens": layout.expand(layout.windows),
+        "labels": labels,
+    }
 
 
 def window_tokens(replaced, original, placeholder: int, window: int, *, slots: int | None = None, context: str = ""):
@@ -146,13 +125,13 @@ def build_compression_example(trace: TokenizedTrace, stage: int, tokens: Compres
     total = stage_count(trace, config)
     if not 1 <= stage <= total:
         raise ValueError(f"stage must be in [1, {total}] for this trace and window {config.window}, got {stage}")
-    return _Builder(tokens, config).build(trace, stage)
+    return _build(trace, stage, tokens, config)
 
 
 def build_compression_examples(trace: TokenizedTrace, tokens: CompressionTokens, config: ExampleConfig):
     """All kept stages of one trace (eager: fine for one trace, use the dataset for many)."""
-    builder = _Builder(tokens, config)
-    return [builder.build(trace, stage) for stage in range(1, stage_count(trace, config) + 1, config.every_nth)]
+    stages = range(1, stage_count(trace, config) + 1, config.every_nth)
+    return [_build(trace, stage, tokens, config) for stage in stages]
 
 
 class CompressionExampleDataset:
@@ -166,7 +145,6 @@ class CompressionExampleDataset:
 
     def __init__(self, traces, tokens: CompressionTokens, config: ExampleConfig):
         self.tokens, self.config = tokens, config
-        self._builder = _Builder(tokens, config)
         self.traces = _as_traces(traces)
         counts = [kept_stages(trace, config) for trace in self.traces]
         self._ends = np.cumsum(counts, dtype=np.int64).tolist()
@@ -186,7 +164,7 @@ class CompressionExampleDataset:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         trace, stage = self.locate(index)
-        return self._builder.build(self.traces[trace], stage)
+        return _build(self.traces[trace], stage, self.tokens, self.config)
 
 
 def _as_traces(traces) -> list[TokenizedTrace]:

@@ -16,7 +16,6 @@ a later run with the same settings (``fresh`` retrains).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import time
@@ -27,6 +26,7 @@ import torch
 
 from hcr.demo.corpus import split_corpus
 from hcr.demo.reasoner import ReasonerSettings
+from hcr.timing import StageClock
 
 STAGE_FILE = "hcr-stage.json"
 
@@ -63,21 +63,6 @@ class DemoSettings:
                                                steps=20, batch_size=16, warmup_steps=5),
                      pooler_steps=4, pooler_layers=1, pooler_batch_size=4, recompute_items=4, batch_size=12)
         return cls(**{**small, **overrides})
-
-
-class StageTimes:
-    """Wall time of each stage, in the order they ran: ``with times("name"): ...``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
 
 
 def machine() -> dict:
@@ -226,7 +211,7 @@ def run_demo(settings: DemoSettings, command: str | None = None) -> dict:
             raise ValueError(f"windows must be >= 1, got {window}")
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    times = StageTimes()
+    times = StageClock()
     began = time.perf_counter()
 
     with times("corpus and tokenizer"):

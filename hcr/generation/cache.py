@@ -15,6 +15,8 @@ explicit ``position_ids`` and a ready mask, so nothing else is asked of it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from hcr_kernels import ragged_cache_write_
@@ -27,6 +29,7 @@ class RaggedStaticCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots = slots
+        self.model_keyword = "past_key_values"  # the name the model's forward takes a cache by (for_model)
         self._start = self._count = None
         self._span = 0
 
@@ -35,14 +38,20 @@ class RaggedStaticCache:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, batch, kv_heads, slots, head_dim, dtype=model.dtype, device=model.device)
+        cache = cls(config.num_hidden_layers, batch, kv_heads, slots, head_dim, dtype=model.dtype, device=model.device)
+        # transformers renamed ``past_key_values`` to ``cache`` (5.2x; the old name goes in 5.40)
+        if "cache" in inspect.signature(model.forward).parameters:
+            cache.model_keyword = "cache"
+        return cache
 
     def begin_step(self, start: torch.Tensor, count: torch.Tensor, span: int) -> None:
         """Row b writes its ``count[b]`` new states at ``start[b]``; attention reads slots ``[0, span)``."""
         check_write_bounds(start, count, steps=int(count.max()) if len(count) else 0, slots=self.slots)
         self._start, self._count, self._span = start, count, span
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # the extra arguments (``cache_kwargs`` in older transformers, ``kwargs=`` in newer) say nothing a
+        # static ragged cache needs: where to write was set by ``begin_step``
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         ragged_cache_write_(keys, values, key_states, value_states, self._start, self._count, check_bounds=False)
         return keys[:, :, : self._span], values[:, :, : self._span]

@@ -1,23 +1,33 @@
 """CompressedGenerator: batched generation that compresses its own reasoning as it goes.
 
-Layout (the training builder's, ``hcr.compression.examples``): a row is its prompt,
-then, once something is compressed, one block ``<|vision_start|> v1 … vm <|vision_end|>``,
-then the uncompressed tail of what it generated. Whenever the tail holds at least
-``W + k`` tokens (``k = keep_last``), its oldest W tokens are pooled into v(m+1).
-Writing ``</think>`` ends the reasoning. By default compression stops there. With
-``compress_answer`` (the builder's option of the same name) the full windows still
-in the reasoning tail are pooled at once (so the reasoning ends as in the
-builder's last reasoning stage, ``r // W`` windows), and the answer is compressed
-by the same rule into a second block after ``</think>``.
+Layout (``hcr.compression.layout``, the one the training examples are built from):
+a row is its prompt, then, once something is compressed, one block
+``<|vision_start|> v1 … vm <|vision_end|>``, then the uncompressed tail of what it
+generated. Whenever the tail holds at least ``W + k`` tokens (``k = keep_last``),
+its oldest W tokens are pooled into v(m+1). Writing ``</think>`` ends the
+reasoning. By default compression stops there. With ``compress_answer`` (the
+builder's option of the same name) the full windows still in the reasoning tail
+are pooled at once (so the reasoning ends as in the builder's last reasoning
+stage, ``r // W`` windows), and the answer is compressed by the same rule into a
+second block after ``</think>``.
 
-Strategies share every decision (sampling, when to compress) and differ only in
-how the next-token logits are computed:
+The algorithm, in named stages (``GenerationOutput.time_split`` times them):
 
-* ``"cache"`` (default): a static KV cache with per-row lengths. An ordinary step
-  decodes one token per row against the cache; a compression crops that row back
-  to its end marker and re-encodes only ``v(m+1)``, the end marker and the kept
-  tail. Positions stay contiguous, exactly as in a full re-encode. The 4D mask
-  and the position ids are built once per step, for all rows at once.
+* **prefill**: encode every row's prompt; the logits of its first token.
+* then, per step: sample one token per active row and write it (``_write``); the
+  **compress** decision may pool a window, and then returns the cache slot the
+  row's layout changed from (its block's end marker, or where a block opens);
+* **decode**: a row whose layout only grew by that token feeds just that token;
+* **re-encode**: a row that compressed is cropped back to its slot and fed its
+  layout from there: the new vector, the end marker, the kept tail. Positions
+  stay contiguous, exactly as in a full re-encode. **pooling** is the pooler's
+  share of prefill and re-encode.
+
+Two strategies (``CachedSteps``, ``RecomputedSteps``) share every decision and differ
+only in how a step's logits are computed, each with ``prefill()`` and ``step(crops)``:
+
+* ``"cache"`` (default): a static KV cache with per-row lengths; the 4D mask and the
+  position ids are built once per step, for all rows at once.
 * ``"recompute"``: re-encodes every row's whole layout every step: slow,
   simple, the correctness oracle.
 
@@ -54,12 +64,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
 from hcr.generation.cache import RaggedStaticCache
+from hcr.timing import StageClock
 from hcr_kernels import decode_linears
 
 STRATEGIES = ("cache", "recompute")
-
+STAGES = ("prefill", "decode", "pooling", "re-encode")  # GenerationOutput.time_split's keys, with "other"
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")  # the attention kinds whose mask is built here
 
 DYNAMIC = {"dynamic": True}  # torch.compile options of the forwards whose shapes change every step
 
@@ -83,18 +96,63 @@ def _uses_cuda_graphs(options: dict) -> bool:
     return options.get("mode") == "reduce-overhead"
 
 
+def attention_layer_types(config) -> tuple[str, ...] | None:
+    """The kinds of attention layer of a decoder config, each of which gets its own mask.
+
+    transformers >= 4.53 reads ``attention_mask`` as a dict keyed by ``config.layer_types``
+    (``{"full_attention": …, "sliding_attention": …}`` for Qwen2) when it is given a dict;
+    older versions have no ``layer_types`` and take the one 4D mask (None here). A kind
+    this generator cannot mask (chunked, linear attention) is refused rather than given a
+    full causal mask it would misread.
+    """
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+            raise ValueError("a sliding-window model config without layer_types (transformers < 4.53) is not "
+                             "supported: upgrade transformers")
+        return None
+    if "sliding_attention" in types and not getattr(config, "sliding_window", None):
+        raise ValueError("the model config has sliding_attention layers but no sliding_window")
+    unknown = sorted(set(types) - set(MASKED_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"the model has attention layers of kind {unknown}; CompressedGenerator builds masks "
+                         f"for {list(MASKED_LAYER_TYPES)} only")
+    return tuple(sorted(set(types)))
+
+
 def _decoder_forward(base, embeds, positions, mask, cache):
-    """One forward of the base model against the ragged cache (explicit positions, a ready 4D mask): the logits."""
-    return base(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                attention_mask={"full_attention": mask, "sliding_attention": mask}).logits
+    """One forward of the base model against the ragged cache (explicit positions, ready 4D masks): the logits.
+
+    ``mask`` is the causal additive mask ``[B, 1, steps, span]``; ``layer_masks`` derives each layer kind's.
+    """
+    return base(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{cache.model_keyword: cache},
+                attention_mask=layer_masks(base.config, mask, positions)).logits
+
+
+def layer_masks(config, causal: torch.Tensor, positions: torch.Tensor):
+    """The ``attention_mask`` argument of a step: the causal mask per kind of attention layer (cache slot i
+    holds position i, so a sliding-attention layer also hides slots ``<= position - sliding_window``), or
+    the one causal mask where the config has no ``layer_types``."""
+    kinds = attention_layer_types(config)
+    if kinds is None:
+        return causal
+    masks = {}
+    for kind in kinds:
+        if kind == "sliding_attention":
+            slot = torch.arange(causal.shape[-1], device=causal.device)
+            outside = slot[None, None, :] <= positions[:, :, None] - config.sliding_window
+            masks[kind] = causal.masked_fill(outside[:, None], torch.finfo(causal.dtype).min)
+        else:
+            masks[kind] = causal
+    return masks
 
 
 @dataclass
 class RowState:
     prompt: list[int]
     generated: list[int] = field(default_factory=list)
-    windows: int = 0  # m: reasoning windows compressed so far
-    answer_windows: int = 0  # windows of the answer (compress_answer only)
+    reasoning_windows: int = 0  # m: windows of the reasoning compressed so far
+    answer_windows: int = 0  # windows of the answer compressed so far (compress_answer only)
     think_at: int | None = None  # index of </think> in ``generated``
     done: bool = False
     stop_reason: str | None = None  # "eos", "max_new_tokens" or "context", once done
@@ -105,11 +163,26 @@ class RowState:
     def cache_length(self) -> int:
         return len(self.cached_ids)
 
+    @property
+    def compressions(self) -> int:
+        return self.reasoning_windows + self.answer_windows
+
     def hold(self, first: int, ids: list[int]) -> None:
         """Record that the cache now holds what it held before slot ``first``, then ``ids`` (in place: O(len(ids)))."""
         del self.cached_ids[first:]
         self.cached_ids.extend(ids)
         self.peak_cache_length = max(self.peak_cache_length, len(self.cached_ids))
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What one cached forward feeds a row: its layout's ``ids`` from cache slot ``first`` on, of which
+    those at offsets ``slots`` are pooled vectors, of the tokens ``windows`` (one list of W per slot)."""
+
+    first: int
+    ids: list[int]
+    windows: list[list[int]] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +225,7 @@ class CompressedGenerator:
         self.compress_answer = compress_answer
         self.decode_kernels = decode_kernels
         self.compile_decode = compile_decode
+        self.layer_types = attention_layer_types(model.base.config)
         self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
 
     # ----------------------------------------------------------------- public
@@ -181,7 +255,6 @@ class CompressedGenerator:
         eos = self.tokens.eos if eos_token_id is None else eos_token_id
         if pad_token_id is None:  # a pad id of 0 is a real id, not a missing one
             pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        split = dict.fromkeys(("prefill", "decode", "pooling", "re-encode", "other"), 0.0)
         # A written <|vision_start|> (or end marker, or placeholder) would have its embedding swapped for
         # the pooler's marker row (the training convention), silently changing what the model reads;
         # untrained or badly trained models do write them. -inf in 3 columns of a vocabulary that also
@@ -192,10 +265,12 @@ class CompressedGenerator:
             return self._sample(logits.index_fill_(-1, reserved, float("-inf")), do_sample, temperature, top_k,
                                 top_p, generator)
 
+        clock = StageClock(STAGES)
         began = time.perf_counter()
         kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
         with torch.inference_mode(), kernels:
-            for row, token in self._steps(rows, strategy, max_new_tokens, eos, split, sample):
+            steps = (CachedSteps if strategy == "cache" else RecomputedSteps)(self, rows, max_new_tokens, clock)
+            for row, token in self._loop(rows, steps, max_new_tokens, eos, sample):
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
         if streamer is not None:
@@ -205,13 +280,13 @@ class CompressedGenerator:
             warnings.warn(f"{stopped} of {len(rows)} rows stopped at the model's context "
                           f"(max_position_embeddings={self._context})", stacklevel=2)
         seconds = time.perf_counter() - began
-        split["other"] = max(0.0, seconds - sum(split.values()))
+        split = dict(clock.seconds, other=max(0.0, seconds - sum(clock.seconds.values())))
         sequences = self._pad([row.generated for row in rows], pad_token_id)  # outside inference mode: usable with autograd
         if not return_dict_in_generate:
             return sequences
         return GenerationOutput(
             sequences=sequences,
-            compressions=[row.windows + row.answer_windows for row in rows],
+            compressions=[row.compressions for row in rows],
             peak_cache_length=[row.peak_cache_length for row in rows],
             final_cache_length=[row.cache_length for row in rows],
             layouts=[self.layout(row) for row in rows],
@@ -219,6 +294,101 @@ class CompressedGenerator:
             time_split=split,
             stop_reasons=[row.stop_reason for row in rows],
         )
+
+    def layout(self, row: RowState) -> list[int]:
+        """A row's compressed layout, placeholders standing for the pooled vectors."""
+        return self._layout(row).ids.tolist()
+
+    # ----------------------------------------------------------------- the loop and its decisions
+
+    def _loop(self, rows, steps, max_new_tokens, eos, sample):
+        """Prefill, then sample, write and step until every row is done; yields ``(row, token)`` for every
+        token a row writes, in order."""
+        if not max_new_tokens or all(row.done for row in rows):
+            for row in rows:
+                row.stop_reason = row.stop_reason or "max_new_tokens"
+            return
+        logits = steps.prefill()
+        for _ in range(max_new_tokens):
+            chosen = sample(logits).tolist()
+            crops = {}  # row index -> the cache slot its layout changed from, for the rows that compressed
+            for index, row in enumerate(rows):
+                if row.done:
+                    continue
+                token = chosen[index]
+                row.generated.append(token)
+                yield row, token
+                crop = self._write(row, token, eos, max_new_tokens)
+                if crop is not None:
+                    crops[index] = crop
+            if all(row.done for row in rows):
+                return
+            logits = steps.step(crops)
+
+    def _write(self, row: RowState, token: int, eos: int, max_new_tokens: int) -> int | None:
+        """Update a row after it wrote ``token`` (appended to ``row.generated``): ``</think>``, the stop
+        rules, the compress decision. Returns the cache slot its layout changed from if it compressed,
+        None if the layout only grew by ``token`` (or the row is done)."""
+        W, due = self.window, self.window + self.keep_last
+        before = row.reasoning_windows, row.answer_windows
+        crop = None
+        if token == self.tokens.think_end and row.think_at is None:
+            row.think_at = len(row.generated) - 1
+            if self.compress_answer:  # the reasoning ends with all its full windows pooled
+                crop = self._compress(row, "reasoning", (row.think_at - row.reasoning_windows * W) // W)
+        if token == eos or len(row.generated) >= max_new_tokens:
+            row.done, row.stop_reason = True, "eos" if token == eos else "max_new_tokens"
+            return None
+        if row.think_at is None:
+            if len(row.generated) - row.reasoning_windows * W >= due:
+                crop = self._compress(row, "reasoning", 1)
+        elif self.compress_answer:
+            if len(row.generated) - (row.think_at + 1) - row.answer_windows * W >= due:
+                crop = self._compress(row, "answer", 1)
+        limit = self._context
+        if limit is not None and self._layout_length(row) + 1 > limit:
+            # the next token would sit at position >= limit. Like every row that stops, this one leaves
+            # its last token uncompressed (it is never fed back): the layout it ends with fits, since
+            # the previous step's check left room for this token
+            row.reasoning_windows, row.answer_windows = before
+            row.done, row.stop_reason = True, "context"
+            return None
+        return crop
+
+    def _compress(self, row: RowState, part: str, count: int) -> int | None:
+        """Pool the next ``count`` windows of the row's ``"reasoning"`` or ``"answer"``; the slot of the
+        layout the change starts at (a block's end marker, where the new slots go, or where a new block
+        opens), from which the cache must be re-encoded. None for ``count`` 0."""
+        if count <= 0:
+            return None
+        if part == "reasoning":
+            block, pooled = len(row.prompt), row.reasoning_windows
+            row.reasoning_windows += count
+        else:  # the answer's block follows the prompt, the reasoning block and tail, and </think>
+            reasoning_block = row.reasoning_windows + 2 if row.reasoning_windows else 0
+            block = (len(row.prompt) + reasoning_block + row.think_at - row.reasoning_windows * self.window + 1)
+            pooled = row.answer_windows
+            row.answer_windows += count
+        return block + 1 + pooled if pooled else block
+
+    def _layout(self, row: RowState) -> CompressedLayout:
+        """The row's layout by the training's definition: its prompt, reasoning, ``</think>`` and answer."""
+        reasoning_start = len(row.prompt)
+        end = reasoning_start + len(row.generated)
+        if row.think_at is None:
+            reasoning_end = answer_start = end
+        else:
+            reasoning_end = reasoning_start + row.think_at
+            answer_start = reasoning_end + 1
+        return compressed_layout(row.prompt + row.generated, reasoning_start=reasoning_start,
+                                 reasoning_end=reasoning_end, answer_start=answer_start, answer_end=end,
+                                 reasoning_windows=row.reasoning_windows, answer_windows=row.answer_windows,
+                                 window=self.window, tokens=self.tokens)
+
+    def _layout_length(self, row: RowState) -> int:
+        """``len(self.layout(row))`` without building it (checked every step)."""
+        return compressed_length(len(row.prompt) + len(row.generated), self.window, row.reasoning_windows,
+                                 row.answer_windows)
 
     @property
     def _reserved(self) -> tuple[int, int, int]:
@@ -228,100 +398,6 @@ class CompressedGenerator:
     @property
     def _context(self) -> int | None:
         return getattr(self.model.base.config, "max_position_embeddings", None)
-
-    def _steps(self, rows, strategy, max_new_tokens, eos, split, sample):
-        """The generation loop; yields ``(row, token)`` for every token a row writes, in order."""
-        if not max_new_tokens or all(row.done for row in rows):
-            for row in rows:
-                row.stop_reason = row.stop_reason or "max_new_tokens"
-            return
-        cache = None
-        if strategy == "cache":
-            longest = max(len(r.prompt) for r in rows)
-            # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
-            cache = RaggedStaticCache.for_model(self.model.base, len(rows), longest + max_new_tokens + 4)
-            if self._graphed_decode:  # written in place by the graphs: their addresses must not change
-                for tensor in (*cache.keys, *cache.values):
-                    torch._dynamo.mark_static_address(tensor)
-        logits = self._first_logits(rows, cache, split)
-        for _ in range(max_new_tokens):
-            chosen = sample(logits).tolist()
-            changed = set()
-            for index, row in enumerate(rows):
-                if row.done:
-                    continue
-                token = chosen[index]
-                row.generated.append(token)
-                yield row, token
-                if self._advance(row, token, eos, max_new_tokens):
-                    changed.add(index)
-            if all(row.done for row in rows):
-                return
-            logits = self._next_logits(rows, changed, cache, split)
-
-    def layout(self, row: RowState) -> list[int]:
-        """A row's compressed layout, placeholders standing for the pooled vectors."""
-        return self._layout(row)[0]
-
-    def _layout(self, row: RowState) -> tuple[list[int], list[list[int]], list[int]]:
-        """(layout ids, the windows pooled into its slots, the slots' positions), in slot order."""
-        W, t, generated = self.window, self.tokens, row.generated
-        ids, windows, slots = list(row.prompt), [], []
-
-        def block(first: int, count: int) -> None:  # count windows of generated, from index first
-            if count:
-                ids.append(t.block_start)
-                for i in range(count):
-                    slots.append(len(ids))
-                    ids.append(t.placeholder)
-                    windows.append(generated[first + i * W : first + (i + 1) * W])
-                ids.append(t.block_end)
-
-        reasoning_end = row.think_at if row.think_at is not None else len(generated)
-        block(0, row.windows)
-        ids.extend(generated[row.windows * W : reasoning_end])
-        if row.think_at is not None:
-            answer = row.think_at + 1
-            ids.append(generated[row.think_at])
-            block(answer, row.answer_windows)
-            ids.extend(generated[answer + row.answer_windows * W :])
-        return ids, windows, slots
-
-    def _layout_length(self, row: RowState) -> int:
-        """``len(self.layout(row))`` without building it: each window of W tokens became one slot."""
-        pooled = row.windows + row.answer_windows
-        markers = 2 * (row.windows > 0) + 2 * (row.answer_windows > 0)
-        return len(row.prompt) + len(row.generated) - (self.window - 1) * pooled + markers
-
-    def _advance(self, row: RowState, token: int, eos: int, max_new_tokens: int) -> bool:
-        """Update a row after it wrote ``token``; True when that changed its compressed layout."""
-        W, due = self.window, self.window + self.keep_last
-        windows, answer_windows = row.windows, row.answer_windows
-        before = row.windows + row.answer_windows
-        if token == self.tokens.think_end and row.think_at is None:
-            row.think_at = len(row.generated) - 1
-            if self.compress_answer:  # the reasoning ends with all its full windows pooled
-                row.windows += (row.think_at - row.windows * W) // W
-        if token == eos or len(row.generated) >= max_new_tokens:
-            row.done, row.stop_reason = True, "eos" if token == eos else "max_new_tokens"
-            return False
-        if row.think_at is None:
-            if len(row.generated) - row.windows * W >= due:
-                row.windows += 1
-        elif self.compress_answer:
-            if len(row.generated) - (row.think_at + 1) - row.answer_windows * W >= due:
-                row.answer_windows += 1
-        limit = self._context
-        if limit is not None and self._layout_length(row) + 1 > limit:
-            # the next token would sit at position >= limit. Like every row that stops, this one leaves
-            # its last token uncompressed (it is never fed back): the layout it ends with fits, since
-            # the previous step's check left room for this token
-            row.windows, row.answer_windows = windows, answer_windows
-            row.done, row.stop_reason = True, "context"
-            return False
-        return row.windows + row.answer_windows != before
-
-    # ----------------------------------------------------------------- decisions
 
     def _rows(self, input_ids, attention_mask) -> list[RowState]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -384,14 +460,14 @@ class CompressedGenerator:
             out[index, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         return out
 
-    # ----------------------------------------------------------------- logits
+    # ----------------------------------------------------------------- forwards
 
     @property
     def _graphed_decode(self) -> bool:
         """Whether decode steps run as CUDA graphs: static shapes (the whole cache attended), static cache."""
         return self.compile_decode and _uses_cuda_graphs(_compile_options(self.model.device))
 
-    def _forward(self, decode: bool):
+    def _decoder(self, decode: bool):
         """The forward of a cached step: eager, or compiled (a decode step with ``_compile_options``,
         prefill and re-encode, whose lengths change from step to step, with dynamic shapes)."""
         if not self.compile_decode:
@@ -402,103 +478,116 @@ class CompressedGenerator:
             self._compiled[key] = torch.compile(_decoder_forward, **options)
         return self._compiled[key]
 
-    def _first_logits(self, rows, cache, split):
-        return self._timed(split, "prefill", lambda: self._recompute(rows, split) if cache is None else
-                           self._cached_step(rows, [(0, [] if row.done else list(row.prompt), [], []) for row in rows],
-                                             cache, split))
 
-    def _next_logits(self, rows, changed, cache, split):
-        def step():
-            if cache is None:
-                return self._recompute(rows, split)
-            chunks = [(row.cache_length, [], [], []) if row.done else self._chunk(row, index in changed)
-                      for index, row in enumerate(rows)]
-            return self._cached_step(rows, chunks, cache, split)
+class RecomputedSteps:
+    """The oracle strategy: every step re-encodes each active row's whole layout, without a cache."""
 
-        return self._timed(split, "re-encode" if changed else "decode", step)
+    def __init__(self, generator: CompressedGenerator, rows: list[RowState], max_new_tokens: int, clock: StageClock):
+        self.generator, self.rows, self.clock = generator, rows, clock
 
-    @staticmethod
-    def _timed(split, key, step):
-        """Run ``step``, adding its time to ``split[key]`` less what it added to ``split["pooling"]``."""
-        began, pooled = time.perf_counter(), split["pooling"]
-        result = step()
-        split[key] += time.perf_counter() - began - (split["pooling"] - pooled)
-        return result
+    def prefill(self) -> torch.Tensor:
+        with self.clock("prefill"):
+            return self._encode()
 
-    def _chunk(self, row: RowState, changed: bool):
-        """(first slot, ids, windows, slot offsets) to feed: the row's layout from where it leaves the cache.
+    def step(self, crops: dict[int, int]) -> torch.Tensor:
+        with self.clock("re-encode" if crops else "decode"):
+            return self._encode()
 
-        A decode step (``changed`` False: the layout only grew by the token just
-        written) feeds that token. A compression crops the row back to the first
-        position its layout changed (its block's end marker, or where a block opens)
-        and re-encodes from there: the new vectors, the end marker, the kept tail.
-        """
-        if not changed:
-            return row.cache_length, row.generated[-1:], [], []
-        ids, windows, slots = self._layout(row)
-        cached = row.cached_ids
-        first = len(cached)
-        if ids[:first] != cached:
-            first = next(i for i, (a, b) in enumerate(zip(ids, cached)) if a != b)
-        kept = [i for i, slot in enumerate(slots) if slot >= first]
-        return first, ids[first:], [windows[i] for i in kept], [slots[i] - first for i in kept]
-
-    def _recompute(self, rows, split):
-        """The oracle: every active row's whole layout, re-encoded."""
+    def _encode(self) -> torch.Tensor:
+        model = self.generator.model
         logits = []
-        for row in rows:
+        for row in self.rows:
             if row.done:
                 logits.append(None)
                 continue
-            layout, windows, slots = self._layout(row)
-            ids = torch.tensor([layout], device=self.model.device)
-            window_ids = torch.tensor(windows, dtype=torch.long, device=ids.device).view(-1, self.window)
+            layout = self.generator._layout(row)
+            ids = torch.from_numpy(layout.ids).to(model.device)[None]
+            window_ids = torch.from_numpy(layout.windows).to(ids.device)
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the blocks' slots only, not a written placeholder
-            slot_mask[0, slots] = True
-            began = time.perf_counter()
-            embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
-            split["pooling"] += time.perf_counter() - began
-            row.hold(0, layout)
-            logits.append(self.model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
+            slot_mask[0, torch.from_numpy(layout.slots).to(ids.device)] = True
+            with self.clock("pooling"):
+                embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
+            row.hold(0, layout.ids.tolist())
+            logits.append(model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
         width = next(x for x in logits if x is not None)
         return torch.stack([x if x is not None else torch.zeros_like(width) for x in logits])
 
-    def _cached_step(self, rows, chunks, cache, split):
-        """One forward of every row's chunk against the cache; returns each row's next-token logits."""
-        device = self.model.device
-        firsts = [first for first, _, _, _ in chunks]
-        lengths = [len(chunk) for _, chunk, _, _ in chunks]
+
+class CachedSteps:
+    """The fast strategy: a static ragged KV cache; a step feeds each row only what its cache lacks."""
+
+    def __init__(self, generator: CompressedGenerator, rows: list[RowState], max_new_tokens: int, clock: StageClock):
+        self.generator, self.rows, self.clock = generator, rows, clock
+        longest = max(len(row.prompt) for row in rows)
+        # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
+        self.cache = RaggedStaticCache.for_model(generator.model.base, len(rows), longest + max_new_tokens + 4)
+        if generator._graphed_decode:  # written in place by the graphs: their addresses must not change
+            for tensor in (*self.cache.keys, *self.cache.values):
+                torch._dynamo.mark_static_address(tensor)
+
+    def prefill(self) -> torch.Tensor:
+        with self.clock("prefill"):
+            return self._forward([Feed(0, [] if row.done else list(row.prompt)) for row in self.rows])
+
+    def step(self, crops: dict[int, int]) -> torch.Tensor:
+        """Decode the rows that only grew, re-encode from its crop slot each row that compressed."""
+        feeds = []
+        for index, row in enumerate(self.rows):
+            if row.done:
+                feeds.append(Feed(row.cache_length, []))
+            elif index in crops:
+                feeds.append(self._reencode_feed(row, crops[index]))
+            else:
+                feeds.append(Feed(row.cache_length, row.generated[-1:]))
+        with self.clock("re-encode" if crops else "decode"):
+            return self._forward(feeds)
+
+    def _reencode_feed(self, row: RowState, crop: int) -> Feed:
+        """The row's layout from slot ``crop`` on: the new vectors, the end marker, the kept tail."""
+        if crop > row.cache_length:
+            raise RuntimeError(f"compression crop slot {crop} is past the row's {row.cache_length} cached slots")
+        layout = self.generator._layout(row)
+        slots = layout.slots
+        kept = slots >= crop
+        return Feed(crop, layout.ids[crop:].tolist(), layout.windows[kept].tolist(), (slots[kept] - crop).tolist())
+
+    def _forward(self, feeds: list[Feed]) -> torch.Tensor:
+        """One forward of every row's feed against the cache; each row's next-token logits."""
+        generator, rows = self.generator, self.rows
+        model, tokens, device = generator.model, generator.tokens, generator.model.device
+        lengths = [len(feed.ids) for feed in feeds]
         steps = max(1, max(lengths))
-        filler = self.tokens.eos  # under the mask, never attended to, never written to the cache
-        ids = torch.tensor([chunk + [filler] * (steps - len(chunk)) for _, chunk, _, _ in chunks], device=device)
-        windows = [window for _, _, chunk_windows, _ in chunks for window in chunk_windows]
-        markers = self.tokens.markers
-        pooled = bool(windows) or any(token in markers for _, chunk, _, _ in chunks for token in chunk)
+        filler = tokens.eos  # under the mask, never attended to, never written to the cache
+        ids = torch.tensor([feed.ids + [filler] * (steps - len(feed.ids)) for feed in feeds], device=device)
+        windows = [window for feed in feeds for window in feed.windows]
+        pooled = bool(windows) or any(token in tokens.markers for feed in feeds for token in feed.ids)
         decode = steps == 1
         # attention reads slots [0, span); a CUDA graph needs the same span at every decode step: all slots
-        span = cache.slots if decode and self._graphed_decode else max(f + n for f, n in zip(firsts, lengths))
+        if decode and generator._graphed_decode:
+            span = self.cache.slots
+        else:
+            span = max(feed.first + n for feed, n in zip(feeds, lengths))
         if pooled:
-            began = time.perf_counter()
-            slot_mask = torch.zeros_like(ids, dtype=torch.bool)
-            for index, (_, _, _, chunk_slots) in enumerate(chunks):
-                slot_mask[index, chunk_slots] = True
-            window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, self.window)
-            embeds = self.model.compressed_embeddings(ids, window_ids, slot_mask)
-            split["pooling"] += time.perf_counter() - began
+            with self.clock("pooling"):
+                slot_mask = torch.zeros_like(ids, dtype=torch.bool)
+                for index, feed in enumerate(feeds):
+                    slot_mask[index, feed.slots] = True
+                window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, generator.window)
+                embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
         else:  # an ordinary decode step: plain token embeddings
-            embeds = self.model.base.get_input_embeddings()(ids)
-        starts = torch.tensor(firsts, dtype=torch.long, device=device)
+            embeds = model.base.get_input_embeddings()(ids)
+        starts = torch.tensor([feed.first for feed in feeds], dtype=torch.long, device=device)
         counts = torch.tensor(lengths, dtype=torch.long, device=device)
         positions = starts[:, None] + torch.arange(steps, device=device)
         visible = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # causal, per row
         mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device).masked_fill(
             ~visible, torch.finfo(embeds.dtype).min
         )[:, None]
-        cache.begin_step(starts, counts, span)
-        logits = self._forward(decode)(self.model.base, embeds, positions, mask, cache)
-        for row, (first, chunk, _, _) in zip(rows, chunks):
-            if chunk:
-                row.hold(first, chunk)
+        self.cache.begin_step(starts, counts, span)
+        logits = generator._decoder(decode)(model.base, embeds, positions, mask, self.cache)
+        for row, feed in zip(rows, feeds):
+            if feed.ids:
+                row.hold(feed.first, feed.ids)
         if steps == 1:
             return logits[:, 0]
         return logits[torch.arange(len(rows), device=device), (counts - 1).clamp(min=0)]

@@ -19,21 +19,18 @@ from torch.autograd.function import once_differentiable
 
 from hcr_kernels import _dispatch
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
-from hcr_kernels.cross_entropy.reference import (
-    IGNORE_INDEX,
-    accumulation_dtype,
-    fused_linear_cross_entropy_ref,
-    mean_over_kept,
-)
-from hcr_kernels.cross_entropy.weighted import (
+from hcr_kernels.cross_entropy.common import (
     BACKEND_CHECKS,
+    accumulation_dtype,
     check_ignore_index,
     check_labels,
     check_token_weights,
-    forward_function,
     kept_weights,
+    launchers,
+    mean_over_kept,
     scale_saved_grad,
 )
+from hcr_kernels.cross_entropy.reference import IGNORE_INDEX, fused_linear_cross_entropy_ref
 
 __all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropyFunction", "default_chunk_size", "CHUNK_ELEMENTS"]
 
@@ -67,15 +64,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
         losses = torch.empty(tokens, dtype=acc, device=hidden.device)
-        ce_forward = forward_function(backend)
+        ce_forward = launchers(backend).weighted_cross_entropy_fwd_
         for start in range(0, tokens, chunk_size):
             end = min(start + chunk_size, tokens)
             chunk = hidden[start:end]
             logits = F.linear(chunk, weight, bias)
-            chunk_losses, grad_logits = ce_forward(
-                logits, labels[start:end], token_weights[start:end], ignore_index, want_grad, in_place=True
-            )
-            losses[start:end] = chunk_losses
+            grad_logits = logits if want_grad else None  # in place: the chunk's logits become its gradient
+            ce_forward(logits, labels[start:end], token_weights[start:end], ignore_index, losses[start:end],
+                       grad_logits)
             if grad_logits is None:
                 continue
             if need_hidden:

@@ -56,23 +56,13 @@ def _weighted_ce_fwd_kernel(
             tl.store(row_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
-def weighted_cross_entropy_fwd_triton(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor,
-    ignore_index: int,
-    want_grad: bool,
-    *,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token CE ``[N]`` and, if asked, ``weights[:, None] * dCE/dlogits`` (written over ``logits`` if ``in_place``)."""
+def weighted_cross_entropy_fwd_(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int,
+                                losses: torch.Tensor, grad_logits: torch.Tensor | None) -> None:
+    """``native.weighted_cross_entropy_fwd_``'s contract: fills ``losses`` (and ``grad_logits`` unless None)."""
     tokens, vocab = logits.shape
-    losses = torch.empty(tokens, dtype=weights.dtype, device=logits.device)
-    grad = (logits if in_place else torch.empty_like(logits)) if want_grad else None
     if tokens:
         block = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK)
         _weighted_ce_fwd_kernel[(tokens,)](
-            logits, labels, weights, losses, grad if grad is not None else logits, vocab, ignore_index,
-            WANT_GRAD=want_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+            logits, labels, weights, losses, grad_logits if grad_logits is not None else logits, vocab, ignore_index,
+            WANT_GRAD=grad_logits is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
-    return losses, grad

@@ -13,7 +13,7 @@ Backends: ``reference`` (``F.linear``, what ``nn.Linear`` computes: the oracle a
 the fallback), ``native`` (the compiled extension, CPU; fp32, bf16, fp16). No GPU
 kernel: there cuBLAS already streams the weights at bandwidth, so CUDA tensors take
 the reference. ``decode_linears(model)`` routes a model's ``nn.Linear`` layers
-through this op for the duration of a ``with`` block.
+through this op for the duration of a ``with`` block (``hcr_kernels.patches``).
 """
 
 from hcr_kernels.decode_linear.op import (
@@ -25,8 +25,8 @@ from hcr_kernels.decode_linear.op import (
     measured_row_limit,
     native_row_limit,
 )
-from hcr_kernels.decode_linear.patch import decode_linears
 from hcr_kernels.decode_linear.reference import decode_linear_ref
+from hcr_kernels.patches import decode_linears  # after .op, which patches imports
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "apply_decode_linear", "native_row_limit",
            "measured_row_limit", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]

@@ -8,8 +8,11 @@ import torch
 
 from hcr_kernels import _dispatch, autotune
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
-from hcr_kernels.decode_linear.native import decode_linear_native
+from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
+
+__all__ = ["decode_linear", "apply_decode_linear", "native_row_limit", "measured_row_limit", "DecodeLinearFunction",
+           "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -23,6 +26,7 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # path there); a limit tuned on one CPU was slower than F.linear on another.
 ROW_LADDER = (1, 2, 4, 8, 16, 32)
 
+
 class DecodeLinearFunction(torch.autograd.Function):
     """The native forward; the backward is two matmuls and a sum in plain PyTorch (training never decodes)."""
 
@@ -30,7 +34,7 @@ class DecodeLinearFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias):
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
-        return decode_linear_native(input, weight, bias)
+        return native.decode_linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -96,7 +100,7 @@ def _measure_row_limit(weight: torch.Tensor) -> int:
     for rows in ROW_LADDER:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
-        if not autotune.fast_path_wins("decode_linear", shape_class, lambda: decode_linear_native(x, weight, None),
+        if not autotune.fast_path_wins("decode_linear", shape_class, lambda: native.decode_linear(x, weight, None),
                                        lambda: decode_linear_ref(x, weight, None)):
             break
         limit = rows
@@ -110,7 +114,7 @@ def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return DecodeLinearFunction.apply(input, weight, bias)
-    return decode_linear_native(input, weight, bias)
+    return native.decode_linear(input, weight, bias)
 
 
 def _check_args(input, weight, bias) -> None:

@@ -1,4 +1,7 @@
-"""Host function of the compiled ragged cache write (``torch.ops.hcr.ragged_cache_write_``), and its fake."""
+"""Host wrapper of the compiled ragged cache write (``torch.ops.hcr.ragged_cache_write_``), and its fake.
+
+It writes the caches in place: there is nothing to allocate.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,11 @@ import torch
 
 from hcr_kernels import _extension
 
-if _extension.extension_loaded():
 
-    @torch.library.register_fake("hcr::ragged_cache_write_")
-    def _ragged_cache_write_fake(key_cache, value_cache, key_states, value_states, start, count):
-        """Under torch.compile: the op only writes its two caches in place (declared in its schema)."""
-        return None
+@_extension.register_fake("ragged_cache_write_")
+def _ragged_cache_write_fake(key_cache, value_cache, key_states, value_states, start, count):
+    """Under torch.compile: the op only writes its two caches in place (declared in its schema)."""
+    return None
 
 
 def _dh_contiguous(states: torch.Tensor) -> torch.Tensor:
@@ -19,7 +21,7 @@ def _dh_contiguous(states: torch.Tensor) -> torch.Tensor:
     return states if states.shape[-1] <= 1 or states.stride(-1) == 1 else states.contiguous()
 
 
-def ragged_cache_write_native(
+def ragged_cache_write_(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     key_states: torch.Tensor,

@@ -3,7 +3,8 @@
 A row whose window index is >= 0 gets the fp32 mean of that window's W hidden
 rows; any other row is a copy of the template. The backward spreads
 ``grad_out[row] / W`` over the window and, when asked, writes the template
-gradient (the output gradient with the pooled rows zeroed).
+gradient (the output gradient with the pooled rows zeroed). The launchers have
+``native.py``'s names and signatures: the Function allocates, they launch.
 """
 
 from __future__ import annotations
@@ -63,26 +64,23 @@ def _grid(rows: int, dim: int) -> tuple[int, int]:
     return (rows, triton.cdiv(dim, BLOCK_D))
 
 
-def pool_rows_fwd_triton(template: torch.Tensor | None, window_of_row: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def pool_rows_(template: torch.Tensor | None, window_of_row: torch.Tensor, hidden: torch.Tensor,
+               out: torch.Tensor) -> None:
+    """``native.pool_rows_``'s contract: writes ``out`` in place."""
     rows, window, dim = window_of_row.shape[0], hidden.shape[1], hidden.shape[2]
-    out = torch.empty((rows, dim), dtype=hidden.dtype, device=hidden.device)
     if rows and dim:
         _pool_rows_fwd_kernel[_grid(rows, dim)](
             template if template is not None else out, window_of_row, hidden, out, dim, window,
             HAS_TEMPLATE=template is not None, BLOCK=BLOCK_D,
         )
-    return out
 
 
-def pool_rows_bwd_triton(
-    grad_out: torch.Tensor, window_of_row: torch.Tensor, hidden_shape: torch.Size, template_grad: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+def pool_rows_backward_(grad_out: torch.Tensor, window_of_row: torch.Tensor, grad_hidden: torch.Tensor,
+                        grad_template: torch.Tensor | None) -> None:
+    """``native.pool_rows_backward_``'s contract: writes ``grad_hidden`` (and ``grad_template``) in place."""
     rows, dim = grad_out.shape
-    grad_hidden = torch.empty(hidden_shape, dtype=grad_out.dtype, device=grad_out.device)
-    grad_template = torch.empty_like(grad_out) if template_grad else None
     if rows and dim:
         _pool_rows_bwd_kernel[_grid(rows, dim)](
-            grad_out, window_of_row, grad_hidden, grad_template if template_grad else grad_out, dim, hidden_shape[1],
-            TEMPLATE_GRAD=template_grad, BLOCK=BLOCK_D,
+            grad_out, window_of_row, grad_hidden, grad_template if grad_template is not None else grad_out, dim,
+            grad_hidden.shape[1], TEMPLATE_GRAD=grad_template is not None, BLOCK=BLOCK_D,
         )
-    return grad_template, grad_hidden
