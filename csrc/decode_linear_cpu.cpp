@@ -42,12 +42,25 @@ HCR_INLINE vfloat<Lanes> bits_to_float(vu32<Lanes> bits) {
   return out;
 }
 
-// IEEE halves to fp32 with integer vector ops only (GCC does not vectorise
-// _Float16 conversions on every target): move exponent and mantissa into place and
-// rebias the exponent; halves with exponent 31 (inf, nan) get the fp32 maximum
-// exponent, subnormals are renormalised by one fp32 subtraction.
+// IEEE halves to fp32. The AVX2 (8 lanes) and AVX-512 (16 lanes) variants use the
+// F16C instruction vcvtph2ps, one instruction per vector: GCC 12 scalarises
+// __builtin_convertvector of _Float16 vectors, and the intrinsics cannot be inlined
+// into these target-less templates, so it is written as inline asm. That is sound
+// because a vector of 8 or 16 lanes only ever runs in the variant of its ISA
+// (cpu_isa.h), which has F16C; used elsewhere, the asm fails to compile rather than
+// run. The baseline (4 lanes, no F16C) converts with integer vector ops: move
+// exponent and mantissa into place and rebias the exponent; halves with exponent 31
+// (inf, nan) get the fp32 maximum exponent, subnormals are renormalised by one fp32
+// subtraction.
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> halves_to_float(vu16<Lanes> halves) {
+#if HCR_HAS_ISA_VARIANTS
+  if constexpr (Lanes == 8 || Lanes == 16) {
+    vfloat<Lanes> out;
+    asm("vcvtph2ps %1, %0" : "=v"(out) : "v"(halves));
+    return out;
+  }
+#endif
   using u32 = vu32<Lanes>;
   const u32 h = __builtin_convertvector(halves, u32);
   const u32 shifted = (h & 0x7fffu) << 13;  // exponent and mantissa, in fp32 position

@@ -90,6 +90,24 @@ def test_native_takes_nd_and_strided_inputs(dtype):
     assert_matches_oracle(out, oracle(strided, transposed, bias), dtype, 30)
 
 
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_native_reads_every_16_bit_weight_exactly(dtype):
+    """Every finite 16-bit pattern (subnormals, signed zeros, the largest values) as a weight, picked
+    out by one-hot inputs: each comes back exactly (the fp32 conversion of each ISA, F16C or integer
+    ops); an inf or nan weight gives inf or nan."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = every[torch.isfinite(every)]
+    width = 32  # two vectors of 16 lanes: the unrolled loop of every ISA
+    weight = torch.cat((finite, torch.zeros((-len(finite)) % width, dtype=dtype))).reshape(-1, width)
+    out = decode_linear(torch.eye(width, dtype=dtype), weight, backend="native")
+    assert torch.equal(out, weight.t())
+    special = torch.zeros(3, width, dtype=dtype)
+    special[:, 0] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    picked = decode_linear(torch.eye(width, dtype=dtype)[:1], special, backend="native")[0]
+    assert picked[0] == float("inf") and picked[1] == float("-inf") and picked[2].isnan()
+
+
 def test_native_empty_shapes():
     weight, bias = torch.randn(5, 0), torch.randn(5)
     out = decode_linear(torch.randn(3, 0), weight, bias, backend="native")
