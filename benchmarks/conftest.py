@@ -42,6 +42,16 @@ def _record_machine(request):
                                                                cpu_isa=cpu_isa.active_cpu_isa())
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for this benchmark only: the previous count comes back after it, so the
+    benchmarks that run later in the same session keep theirs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(previous)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:

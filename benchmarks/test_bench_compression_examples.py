@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from hcr.compression import CompressionExampleDataset, CompressionTokens, ExampleConfig, TokenizedTrace
 
@@ -44,8 +43,7 @@ def python_stage(ids: list, start: int, end: int, k: int) -> tuple[list, list, l
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-def test_example_building_throughput(benchmark, backend):
-    torch.set_num_threads(1)
+def test_example_building_throughput(benchmark, backend, one_thread):
     data = traces()
     benchmark.group = f"compression example building, W={WINDOW}, ~2k-token traces, {EXAMPLES} examples, 1 core"
     if backend == "native":

@@ -24,13 +24,6 @@ BATCH = 64
 ROUNDS = 10
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield 1
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize(
     "arch, hcr_kernels, name",
