@@ -31,8 +31,8 @@ at 10 % of the run and at the end (target: flat), tokens/s over the first 10 % o
 steps after a 256-step warm-up and over the last 10 % (median over chunks of W steps,
 each holding one compression; target: end >= 0.9 x start), the cache curve's ends.
 First full run (1 thread, shared machine): cache 204 -> 1,684 = bound, RSS flat
-(1,380 -> 1,380 MiB; the static cache is allocated up front for prompt + n + 4 slots,
-~10x what is used), but 858 -> 292 tok/s (0.34x): the layout still grows one slot per
+(1,380 -> 1,380 MiB, when the cache was still allocated up front for prompt + n + 4
+slots, ~10x what is used; it now starts at 1,688 slots and grows on demand), but 858 -> 292 tok/s (0.34x): the layout still grows one slot per
 window, and with hidden 256 attention over 1.7k slots outweighs the matmuls.
 """
 

@@ -609,3 +609,56 @@ def test_attention_kinds_without_a_mask_here_are_refused():
         attention_layer_types(SimpleNamespace(layer_types=["sliding_attention"], sliding_window=None))
     with pytest.raises(ValueError, match="layer_types"):
         attention_layer_types(SimpleNamespace(use_sliding_window=True, sliding_window=8))
+
+
+def test_ragged_cache_grow_keeps_what_was_written():
+    from hcr.generation import RaggedStaticCache
+
+    cache = RaggedStaticCache(2, 3, 2, 5, 4, dtype=torch.float64, device="cpu")
+    for tensor in (*cache.keys, *cache.values):
+        tensor.copy_(torch.randn_like(tensor))
+    before = [tensor.clone() for tensor in (*cache.keys, *cache.values)]
+    cache.grow(12)
+    assert cache.slots == 12
+    for old, new in zip(before, (*cache.keys, *cache.values)):
+        assert new.shape == (3, 2, 12, 4) and torch.equal(new[:, :, :5], old) and not new[:, :, 5:].any()
+    cache.grow(7)  # never shrinks
+    assert cache.slots == 12 and cache.keys[0].shape[2] == 12
+
+
+@pytest.mark.parametrize("compress_answer", [False, True])
+def test_cache_starts_small_and_grows_as_layouts_lengthen(base, tokenizer, monkeypatch, compress_answer):
+    """A cache started at one slot past the longest prompt grows by doubling (never past the bound) and
+    still gives the oracle's tokens; by default it starts near what a compressing row holds, not at
+    prompt + every new token."""
+    from hcr.generation import RaggedStaticCache
+    from hcr.generation import generator as generator_module
+
+    grown, allocated = [], []
+    grow, for_model = RaggedStaticCache.grow, RaggedStaticCache.for_model.__func__
+
+    def recording_grow(self, slots):
+        grown.append((self.slots, slots))
+        grow(self, slots)
+
+    def recording_for_model(cls, model, batch, slots):
+        allocated.append(slots)
+        return for_model(cls, model, batch, slots)
+
+    monkeypatch.setattr(RaggedStaticCache, "grow", recording_grow)
+    monkeypatch.setattr(RaggedStaticCache, "for_model", classmethod(recording_for_model))
+    model = compression_model(base, tokenizer, 3)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1, compress_answer=compress_answer)
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=5)
+    kwargs = dict(max_new_tokens=60, eos_token_id=-1, return_dict_in_generate=True)
+    default = generator.generate(ids, mask, **kwargs)
+    bound = max(RAGGED8) + 60 + 4
+    assert allocated == [max(RAGGED8) + 4 + 60 // 3 + 3 + 1] and allocated[0] < bound
+    with monkeypatch.context() as patch:
+        patch.setattr(generator_module, "_initial_slots", lambda longest, *rest: longest + 1)
+        tiny = generator.generate(ids, mask, **kwargs)
+    oracle = generator.generate(ids, mask, strategy="recompute", **kwargs)
+    assert torch.equal(tiny.sequences, oracle.sequences) and tiny.layouts == oracle.layouts
+    assert torch.equal(default.sequences, oracle.sequences)
+    assert len(grown) >= 2 and all(new > old and (new >= 2 * old or new == bound) for old, new in grown)
+    assert all(new <= bound for _, new in grown)

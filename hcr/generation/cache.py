@@ -44,6 +44,20 @@ class RaggedStaticCache:
             cache.model_keyword = "cache"
         return cache
 
+    def grow(self, slots: int) -> None:
+        """Room for ``slots`` slots per row (never fewer than now), keeping every state written so far.
+
+        The generator starts small and doubles on demand, as a compressed layout stays far shorter than
+        prompt + new tokens; new tensors, so not for CUDA graphs (which keep the first addresses)."""
+        if slots <= self.slots:
+            return
+        for states in (self.keys, self.values):
+            for layer, old in enumerate(states):
+                batch, heads, _, head_dim = old.shape
+                states[layer] = old.new_zeros(batch, heads, slots, head_dim)
+                states[layer][:, :, : self.slots] = old
+        self.slots = slots
+
     def begin_step(self, start: torch.Tensor, count: torch.Tensor, span: int) -> None:
         """Row b writes its ``count[b]`` new states at ``start[b]``; attention reads slots ``[0, span)``."""
         check_write_bounds(start, count, steps=int(count.max()) if len(count) else 0, slots=self.slots)

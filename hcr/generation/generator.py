@@ -96,6 +96,12 @@ def _uses_cuda_graphs(options: dict) -> bool:
     return options.get("mode") == "reduce-overhead"
 
 
+def _initial_slots(longest_prompt: int, max_new_tokens: int, window: int, keep_last: int) -> int:
+    """The cache slots to start with: the prompt, a block's markers and one slot per window of the new
+    tokens, and the uncompressed tail (up to W + k tokens): what a row compressing its reasoning holds."""
+    return longest_prompt + 4 + max_new_tokens // window + window + keep_last
+
+
 def attention_layer_types(config) -> tuple[str, ...] | None:
     """The kinds of attention layer of a decoder config, each of which gets its own mask.
 
@@ -520,7 +526,12 @@ class CachedSteps:
         self.generator, self.rows, self.clock = generator, rows, clock
         longest = max(len(row.prompt) for row in rows)
         # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
-        self.cache = RaggedStaticCache.for_model(generator.model.base, len(rows), longest + max_new_tokens + 4)
+        self.bound = longest + max_new_tokens + 4
+        # CUDA graphs replay fixed addresses: the bound up front. Otherwise what a row that compresses its
+        # reasoning holds, grown by doubling when a layout needs more (an uncompressed answer, W = 1)
+        slots = self.bound if generator._graphed_decode else min(
+            self.bound, _initial_slots(longest, max_new_tokens, generator.window, generator.keep_last))
+        self.cache = RaggedStaticCache.for_model(generator.model.base, len(rows), slots)
         if generator._graphed_decode:  # written in place by the graphs: their addresses must not change
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.mark_static_address(tensor)
@@ -562,11 +573,14 @@ class CachedSteps:
         windows = [window for feed in feeds for window in feed.windows]
         pooled = bool(windows) or any(token in tokens.markers for feed in feeds for token in feed.ids)
         decode = steps == 1
+        needed = max(feed.first + n for feed, n in zip(feeds, lengths))
+        if needed > self.cache.slots:
+            self.cache.grow(min(self.bound, max(needed, 2 * self.cache.slots)))
         # attention reads slots [0, span); a CUDA graph needs the same span at every decode step: all slots
         if decode and generator._graphed_decode:
             span = self.cache.slots
         else:
-            span = max(feed.first + n for feed, n in zip(feeds, lengths))
+            span = needed
         if pooled:
             with self.clock("pooling"):
                 slot_mask = torch.zeros_like(ids, dtype=torch.bool)
