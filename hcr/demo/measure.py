@@ -6,6 +6,7 @@ import statistics
 
 import torch
 
+from hcr.compression.layout import compressed_length
 from hcr.demo.corpus import needed_value_compressed, windows_pooled
 from hcr.demo.evaluate import (constant_pooling, generate_compressed, generate_uncompressed, layout_check_model,
                                mean_pooled_vector)
@@ -36,7 +37,7 @@ def layout_lengths(prompt: int, reasoning: int, written: int, window: int | None
             lengths.append(prompt + t)
             continue
         pooled = windows_pooled(min(t, reasoning), window, keep_last)
-        lengths.append(prompt + t - pooled * window + (pooled + 2 if pooled else 0))
+        lengths.append(compressed_length(prompt + t, window, pooled, 0))
     return lengths
 
 
