@@ -10,6 +10,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cpu_isa.h"
 
 // Vector arguments of always-inlined helpers never cross an ABI boundary.
@@ -82,9 +85,83 @@ HCR_INLINE float lane_sum(vfloat<Lanes> v) {
   for (int i = 0; i < Lanes; ++i) total += v[i];
   return total;
 }
+// The sum of a vector's lanes by halving (log2(Lanes) vector adds): for sums taken once
+// per short dot product, where lane_sum's one-lane-at-a-time chain would cost more
+// than the dot product itself. The order of the additions differs from lane_sum's.
+template <int Lanes>
+HCR_INLINE float halving_sum(vfloat<Lanes> v) {
+  if constexpr (Lanes == 1) {
+    return v[0];
+  } else {
+    vfloat<Lanes / 2> low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+    return halving_sum<Lanes / 2>(low + high);
+  }
+}
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> exp_v(vfloat<Lanes> x) {
   return exp_approx_t<vfloat<Lanes>, vint<Lanes>>(x);
+}
+
+template <int Lanes>
+using vu16 = typename Vec<Lanes>::u16;
+template <int Lanes>
+using vu32 = typename Vec<Lanes>::u32;
+
+template <int Lanes>
+HCR_INLINE vfloat<Lanes> bits_to_float(vu32<Lanes> bits) {
+  vfloat<Lanes> out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// IEEE halves to fp32. The AVX2 (8 lanes) and AVX-512 (16 lanes) variants use the
+// F16C instruction vcvtph2ps, one instruction per vector: GCC 12 scalarises
+// __builtin_convertvector of _Float16 vectors, and the intrinsics cannot be inlined
+// into these target-less templates, so it is written as inline asm. That is sound
+// because a vector of 8 or 16 lanes only ever runs in the variant of its ISA
+// (cpu_isa.h), which has F16C; used elsewhere, the asm fails to compile rather than
+// run. The baseline (4 lanes, no F16C) converts with integer vector ops: move
+// exponent and mantissa into place and rebias the exponent; halves with exponent 31
+// (inf, nan) get the fp32 maximum exponent, subnormals are renormalised by one fp32
+// subtraction.
+template <int Lanes>
+HCR_INLINE vfloat<Lanes> halves_to_float(vu16<Lanes> halves) {
+#if HCR_HAS_ISA_VARIANTS
+  if constexpr (Lanes == 8 || Lanes == 16) {
+    vfloat<Lanes> out;
+    asm("vcvtph2ps %1, %0" : "=v"(out) : "v"(halves));
+    return out;
+  }
+#endif
+  using u32 = vu32<Lanes>;
+  const u32 h = __builtin_convertvector(halves, u32);
+  const u32 shifted = (h & 0x7fffu) << 13;  // exponent and mantissa, in fp32 position
+  const u32 exponent = shifted & (0x7c00u << 13);
+  const u32 normal = shifted + ((127u - 15u) << 23);
+  const u32 special = normal + ((128u - 16u) << 23);  // inf / nan
+  const vfloat<Lanes> subnormal = bits_to_float<Lanes>(normal + (1u << 23)) - bits_to_float<Lanes>(u32{} + (113u << 23));
+  u32 subnormal_bits;
+  std::memcpy(&subnormal_bits, &subnormal, sizeof(subnormal_bits));
+  const u32 magnitude = exponent == (0x7c00u << 13) ? special : (exponent == 0u ? subnormal_bits : normal);
+  return bits_to_float<Lanes>(magnitude | ((h & 0x8000u) << 16));
+}
+
+// `Lanes` consecutive values as fp32, from fp32, bf16 (the high half of an fp32) or fp16 storage.
+template <typename T, int Lanes>
+HCR_INLINE vfloat<Lanes> load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_v<Lanes>(p);
+  } else {
+    vu16<Lanes> bits;
+    std::memcpy(&bits, p, sizeof(bits));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return bits_to_float<Lanes>(__builtin_convertvector(bits, vu32<Lanes>) << 16);
+    } else {
+      return halves_to_float<Lanes>(bits);
+    }
+  }
 }
 
 HCR_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }

@@ -24,6 +24,7 @@ from hcr_kernels.cross_entropy import (
     weighted_cross_entropy,
     weighted_cross_entropy_ref,
 )
+from hcr_kernels.decode_attention import decode_attention, decode_attention_ref
 from hcr_kernels.decode_linear import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
 from hcr_kernels.patches import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
@@ -42,6 +43,8 @@ __all__ = [
     "apply_hcr_kernels_to_mamba",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "decode_attention",
+    "decode_attention_ref",
     "decode_linear",
     "decode_linear_ref",
     "decode_linears",

@@ -460,6 +460,7 @@ WORKLOADS = research_workloads()
 # Ops of hcr_kernels.info.OPS without rows of their own, and why.
 OPS_WITHOUT_ROWS = {
     "window_mean_pool": "the pool_scatter rows: the same kernel (pool rows) without template rows",
+    "decode_attention": "a CPU kernel only: on GPUs the model's own attention (SDPA, flash) serves",
 }
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from hcr_kernels import _dispatch, _extension, autotune, cpu_isa
 from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
+from hcr_kernels.decode_attention import BACKEND_CHECKS as DECODE_ATTENTION_BACKENDS
 from hcr_kernels.decode_linear import BACKEND_CHECKS as DECODE_LINEAR_BACKENDS
 from hcr_kernels.kv_cache import BACKEND_CHECKS as KV_CACHE_BACKENDS
 from hcr_kernels.pool_scatter import BACKEND_CHECKS as POOL_SCATTER_BACKENDS
@@ -33,6 +34,7 @@ OPS = {
     "fused_linear_cross_entropy": CROSS_ENTROPY_BACKENDS,
     "ragged_cache_write_": KV_CACHE_BACKENDS,
     "decode_linear": DECODE_LINEAR_BACKENDS,
+    "decode_attention": DECODE_ATTENTION_BACKENDS,
 }
 
 

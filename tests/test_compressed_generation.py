@@ -662,3 +662,64 @@ def test_cache_starts_small_and_grows_as_layouts_lengthen(base, tokenizer, monke
     assert torch.equal(default.sequences, oracle.sequences)
     assert len(grown) >= 2 and all(new > old and (new >= 2 * old or new == bound) for old, new in grown)
     assert all(new <= bound for _, new in grown)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5], ids=["full", "sliding5"])
+def test_decode_attention_route_gives_the_oracles_tokens(tokenizer, monkeypatch, sliding_window):
+    """fp32, where the native decode attention runs (made to win every measurement here): decode and re-encode
+    steps take it, prefills keep the model's attention, and the tokens are the recompute oracle's and those
+    of a generator without hcr's kernels. The config's attention implementation is restored."""
+    from hcr_kernels import autotune
+    from hcr_kernels.decode_attention import native
+
+    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    steps_seen = []
+
+    def spy(query, *args):
+        steps_seen.append(query.shape[2])
+        return original(query, *args)
+
+    original = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", spy)
+    model = compression_model(sliding_base(tokenizer, sliding_window), tokenizer, 3).float()
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=4)
+    kwargs = dict(max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)
+    routed = CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, **kwargs)
+    layers = model.base.config.num_hidden_layers
+    # 29 cached steps after the prefill (the last token is never fed): decode steps and re-encodes (rows compress
+    # every few steps at W = 3, k = 1) of at most 16 / G = 8 queries take the kernel, in every layer
+    assert steps_seen.count(1) >= layers and any(steps > 1 for steps in steps_seen)
+    assert len(steps_seen) >= layers * 25 and len(steps_seen) % layers == 0
+    assert max(steps_seen) < max(RAGGED8)  # no prefill
+    assert model.base.config._attn_implementation == "sdpa"
+    steps_seen.clear()
+    plain = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=False).generate(ids, mask, **kwargs)
+    oracle = CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, strategy="recompute", **kwargs)
+    assert not steps_seen
+    assert torch.equal(routed.sequences, plain.sequences) and torch.equal(routed.sequences, oracle.sequences)
+    assert routed.layouts == plain.layouts == oracle.layouts
+
+
+def test_decode_attention_route_is_measured_and_restores_the_config(base, tokenizer, monkeypatch):
+    """Without a forced win the route is measured (a decision per shape class, cached), and an error in the
+    middle of a generation leaves the model's own attention implementation in its config."""
+    from hcr_kernels import autotune
+
+    autotune.forget()
+    model = compression_model(copy.deepcopy(base), tokenizer, 2).float()
+    ids, mask = prompts((5, 9), len(tokenizer), seed=1)
+    kwargs = dict(max_new_tokens=12, eos_token_id=-1)
+    CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, **kwargs)
+    decisions = {k: v for k, v in autotune.cached_decisions().items() if k.startswith("decode_attention")}
+    assert any("T=1 " in key for key in decisions), decisions
+    assert all(v["fast_s"] > 0 and v["reference_s"] > 0 for v in decisions.values())
+    assert model.base.config._attn_implementation == "sdpa"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(CompressedGenerator, "_write", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, **kwargs)
+    assert model.base.config._attn_implementation == "sdpa"
+    autotune.forget()

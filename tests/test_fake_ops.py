@@ -56,6 +56,10 @@ def op_cases():
     return {
         "decode_linear": [((torch.randn(2, 1, 7), torch.randn(5, 7), torch.randn(5)), (0, 1, 2)),
                           ((torch.randn(3, 7), torch.randn(5, 7), None), (0, 1))],
+        "decode_attention": [((torch.randn(2, 4, 3, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8),
+                               torch.tensor([[0, 1, 2], [3, 4, 5]]), 0.35, 0), ()),
+                              ((torch.randn(1, 2, 1, 5), torch.randn(1, 1, 4, 5), torch.randn(1, 1, 4, 5),
+                                torch.tensor([[3]]), 1.0, 2), ())],
         "ragged_cache_write_": [((torch.zeros(2, 1, 6, 3), torch.zeros(2, 1, 6, 3), torch.randn(2, 1, 2, 3),
                                   torch.randn(2, 1, 2, 3), torch.tensor([0, 3]), torch.tensor([2, 1])), (2, 3))],
         "pool_rows_": [((torch.randn(6, 5), WINDOW_OF_ROW, torch.randn(3, 4, 5), torch.empty(6, 5)), (0, 2)),

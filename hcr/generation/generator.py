@@ -66,6 +66,7 @@ import torch
 
 from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
+from hcr.generation.attention import RaggedAttention
 from hcr.generation.cache import RaggedStaticCache
 from hcr.timing import StageClock
 from hcr_kernels import decode_linears
@@ -126,13 +127,14 @@ def attention_layer_types(config) -> tuple[str, ...] | None:
     return tuple(sorted(set(types)))
 
 
-def _decoder_forward(base, embeds, positions, mask, cache):
+def _decoder_forward(base, embeds, positions, mask, cache, **attention_kwargs):
     """One forward of the base model against the ragged cache (explicit positions, ready 4D masks): the logits.
 
     ``mask`` is the causal additive mask ``[B, 1, steps, span]``; ``layer_masks`` derives each layer kind's.
+    ``attention_kwargs``: what a ``RaggedAttention`` block's attention calls need (``step_kwargs``).
     """
     return base(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{cache.model_keyword: cache},
-                attention_mask=layer_masks(base.config, mask, positions)).logits
+                attention_mask=layer_masks(base.config, mask, positions), **attention_kwargs).logits
 
 
 def layer_masks(config, causal: torch.Tensor, positions: torch.Tensor):
@@ -274,8 +276,15 @@ class CompressedGenerator:
         clock = StageClock(STAGES)
         began = time.perf_counter()
         kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
-        with torch.inference_mode(), kernels:
-            steps = (CachedSteps if strategy == "cache" else RecomputedSteps)(self, rows, max_new_tokens, clock)
+        # the cached steps' attention through hcr_kernels.decode_attention where it wins (eager steps only: a
+        # compiled step keeps the model's attention; the recompute oracle runs the model untouched)
+        routed = self.decode_kernels and strategy == "cache" and not self.compile_decode
+        attention = RaggedAttention(self.model.base) if routed else None
+        with torch.inference_mode(), kernels, attention or contextlib.nullcontext():
+            if strategy == "cache":
+                steps = CachedSteps(self, rows, max_new_tokens, clock, attention)
+            else:
+                steps = RecomputedSteps(self, rows, max_new_tokens, clock)
             for row, token in self._loop(rows, steps, max_new_tokens, eos, sample):
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
@@ -522,8 +531,10 @@ class RecomputedSteps:
 class CachedSteps:
     """The fast strategy: a static ragged KV cache; a step feeds each row only what its cache lacks."""
 
-    def __init__(self, generator: CompressedGenerator, rows: list[RowState], max_new_tokens: int, clock: StageClock):
+    def __init__(self, generator: CompressedGenerator, rows: list[RowState], max_new_tokens: int, clock: StageClock,
+                 attention: RaggedAttention | None = None):
         self.generator, self.rows, self.clock = generator, rows, clock
+        self.attention = attention  # an open RaggedAttention block, or None: the model's own attention
         longest = max(len(row.prompt) for row in rows)
         # a layout never exceeds prompt + tokens written + 2 markers per block (W = 1 pools nothing away)
         self.bound = longest + max_new_tokens + 4
@@ -598,7 +609,8 @@ class CachedSteps:
             ~visible, torch.finfo(embeds.dtype).min
         )[:, None]
         self.cache.begin_step(starts, counts, span)
-        logits = generator._decoder(decode)(model.base, embeds, positions, mask, self.cache)
+        extra = self.attention.step_kwargs(positions) if self.attention is not None else {}
+        logits = generator._decoder(decode)(model.base, embeds, positions, mask, self.cache, **extra)
         for row, feed in zip(rows, feeds):
             if feed.ids:
                 row.hold(feed.first, feed.ids)

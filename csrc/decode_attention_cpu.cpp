@@ -1,0 +1,279 @@
+// CPU kernel of hcr::decode_attention: attention of a few new queries per row over a
+// static KV cache whose rows have their own lengths (compressed generation's cache).
+//
+// Why a kernel of our own: a decode step has one query per head (a re-encode step a
+// few), so attention is a matrix-vector product over the cache: its speed is how fast
+// the keys and values stream from memory. SDPA's CPU kernels read them at about 40 %
+// of a plain read's bandwidth at these shapes, and for more than one query with a
+// mask transformers first copies them once per query head (repeat_kv). Here each
+// (row, key/value head) task reads its keys once and its values once for all the
+// query heads of its group and all the step's queries.
+//
+// Layout: query [B, Hq, T, D], keys/values [B, Hkv, S, D] (any strides, stride 1
+// along D: the cache's [:, :, :span] views), positions [B, T] int64; out [B, T, Hq, D]
+// (transformers' attention output layout) in the query's dtype. Query t of row b sits
+// at cache slot positions[b, t] (slot i holds position i) and attends slots
+// [positions[b, t] - window + 1, positions[b, t]] (from 0 without a window).
+// Per task: the queries (scaled) go to fp32 once; pass 1 streams the keys and writes
+// every query's scores; a softmax per query; pass 2 streams the values into fp32
+// accumulators, a block of slots at a time. Queries are taken in blocks of at most 16 (query heads x steps), so the
+// scores stay R x span floats. Both passes keep one register accumulator per query row
+// of a step (its G heads see the same slots) and load each key / value vector once for
+// all of them. fp32 math for fp32, bf16 and fp16. Compiled for
+// AVX-512, AVX2 and the baseline, each with vectors of its register width (cpu_isa.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace hcr {
+namespace {
+
+constexpr int64_t kBlockQueries = 16;  // query rows (heads x steps) sharing one pass over the cache
+constexpr int64_t kSlotBlock = 64;     // value rows summed per vector of D while they sit in L1 (<= 32 KiB)
+
+// out[r * out_stride] = <q + r * n, k> for R query rows sharing one key row: R independent
+// FMA chains (one per row, each a register), so the rows hide each other's FMA latency.
+template <int R, int Lanes>
+HCR_INLINE void dots(const float* q, const float* k, int64_t n, float* out, int64_t out_stride) {
+  vfloat<Lanes> sum[R] = {};
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) {
+    const vfloat<Lanes> kv = load_v<Lanes>(k + i);
+    for (int r = 0; r < R; ++r) sum[r] += load_v<Lanes>(q + r * n + i) * kv;
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = halving_sum<Lanes>(sum[r]);
+    for (int64_t j = i; j < n; ++j) total += q[r * n + j] * k[j];
+    out[r * out_stride] = total;
+  }
+}
+
+// The G query heads of one step against one key row, in groups of 4, 2 and 1.
+template <int Lanes>
+HCR_INLINE void group_dots(const float* q, const float* k, int64_t G, int64_t n, float* out, int64_t out_stride) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) dots<4, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
+  for (; g + 2 <= G; g += 2) dots<2, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
+  if (g < G) dots<1, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
+}
+
+// acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d], for R
+// query rows j sharing the value rows: per vector of d, R register accumulators over the slots (each
+// value vector loaded once for the R rows), so nothing but the value rows goes through memory.
+template <typename T, int R, int Lanes>
+HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0, int64_t s1,
+                              float* acc, int64_t n) {
+  int64_t d = 0;
+  for (; d + Lanes <= n; d += Lanes) {
+    vfloat<Lanes> sum[R] = {};
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      const vfloat<Lanes> value = load_as_float<T, Lanes>(v + slot * v_stride + d);
+      for (int j = 0; j < R; ++j) sum[j] += p[j * p_stride + slot] * value;
+    }
+    for (int j = 0; j < R; ++j) store_v<Lanes>(acc + j * n + d, load_v<Lanes>(acc + j * n + d) + sum[j]);
+  }
+  for (; d < n; ++d) {
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      const float value = static_cast<float>(v[slot * v_stride + d]);
+      for (int j = 0; j < R; ++j) acc[j * n + d] += p[j * p_stride + slot] * value;
+    }
+  }
+}
+
+template <typename T, int Lanes>
+HCR_INLINE void to_float(const T* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// n values as fp32: the values themselves for fp32, else converted into `buffer`.
+template <typename T, int Lanes>
+HCR_INLINE const float* as_floats(const T* in, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return in;
+  } else {
+    to_float<T, Lanes>(in, buffer, n);
+    return buffer;
+  }
+}
+
+// p[0, n) = exp(p - max) in place; returns 1 / sum.
+template <int Lanes>
+HCR_INLINE float softmax_in_place(float* p, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) top = p[i] > top ? p[i] : top;
+  vfloat<Lanes> sum{};
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) {
+    const vfloat<Lanes> e = exp_v<Lanes>(load_v<Lanes>(p + i) - top);
+    store_v<Lanes>(p + i, e);
+    sum += e;
+  }
+  float total = halving_sum<Lanes>(sum);
+  for (; i < n; ++i) {
+    p[i] = exp_approx(p[i] - top);
+    total += p[i];
+  }
+  return 1.0f / total;
+}
+
+struct Shape {
+  int64_t B, Hq, Hkv, T, S, D;
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // strides of dims 0..2 (dim 3 has stride 1)
+};
+
+// One (row b, key/value head h) task: every query of the group's heads and the step's steps.
+template <typename T>
+struct AttendGroup {
+  template <int Lanes>
+  static HCR_INLINE void run(const T* query, const T* keys, const T* values, const int64_t* positions, T* out,
+                             const Shape& s, float scale, int64_t window, int64_t b, int64_t h) {
+    const int64_t G = s.Hq / s.Hkv, D = s.D;
+    const int64_t steps_per_block = std::max<int64_t>(1, kBlockQueries / G);
+    const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
+    const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
+    std::vector<float> q((steps_per_block * G) * D), acc((steps_per_block * G) * D), row(D), inverse(steps_per_block * G);
+    std::vector<float> scores;
+    for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
+      const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+      int64_t first[kBlockQueries], last[kBlockQueries];  // each query row's visible slots
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t pos = positions[b * s.T + t];
+        const int64_t from = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+        lo = std::min(lo, from), hi = std::max(hi, pos);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (t - t0) * G + g;
+          first[r] = from, last[r] = pos;
+          const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
+          to_float<T, Lanes>(src, q.data() + r * D, D);
+          for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
+        }
+      }
+      const int64_t span = hi - lo + 1;
+      scores.assign(R * span, 0.0f);
+      for (int64_t slot = lo; slot <= hi; ++slot) {  // pass 1: keys
+        const float* k = as_floats<T, Lanes>(k_base + slot * s.k_stride[2], row.data(), D);
+        for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
+          if (slot >= first[r] && slot <= last[r]) {
+            group_dots<Lanes>(q.data() + r * D, k, G, D, scores.data() + r * span + slot - lo, span);
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {  // each query's own slots; the rest of its scores stay 0
+        inverse[r] = softmax_in_place<Lanes>(scores.data() + r * span + first[r] - lo, last[r] - first[r] + 1);
+      }
+      std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
+      // pass 2: values, in blocks of slots small enough to stay in L1 while each vector of D is summed
+      const float* weights = scores.data() - lo;  // weights[r * span + slot]
+      for (int64_t b0 = lo; b0 <= hi; b0 += kSlotBlock) {
+        const int64_t b1 = std::min(hi + 1, b0 + kSlotBlock);
+        for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
+          const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
+          int64_t g = 0;
+          for (; s0 < s1 && g + 4 <= G; g += 4) {
+            weighted_sums<T, 4, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
+          }
+          for (; s0 < s1 && g + 2 <= G; g += 2) {
+            weighted_sums<T, 2, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
+          }
+          if (s0 < s1 && g < G) {
+            weighted_sums<T, 1, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
+          }
+        }
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (t - t0) * G + g;
+          T* dst = out + ((b * s.T + t) * s.Hq + h * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inverse[r]);
+        }
+      }
+    }
+  }
+};
+
+template <typename T>
+void attend_all(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const int64_t* positions,
+                at::Tensor& out, const Shape& shape, float scale, int64_t window) {
+  const T* q = query.const_data_ptr<T>();
+  const T* k = keys.const_data_ptr<T>();
+  const T* v = values.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, shape.B * shape.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      run_for_active_isa<AttendGroup<T>>(q, k, v, positions, o, shape, scale, window, task / shape.Hkv,
+                                         task % shape.Hkv);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                                const at::Tensor& positions, double scale, int64_t window) {
+  const char* op = "hcr::decode_attention";
+  TORCH_CHECK(query.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu() && positions.device().is_cpu(),
+              op, " (CPU kernel): tensors must be on the CPU");
+  TORCH_CHECK(query.dim() == 4, op, ": query must be [B, Hq, T, D], got ", query.sizes());
+  TORCH_CHECK(keys.dim() == 4, op, ": keys must be [B, Hkv, S, D], got ", keys.sizes());
+  TORCH_CHECK(values.sizes() == keys.sizes(), op, ": values must match keys ", keys.sizes(), ", got ", values.sizes());
+  const int64_t B = query.size(0), Hq = query.size(1), T = query.size(2), D = query.size(3);
+  const int64_t Hkv = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == D, op, ": keys must be [B, Hkv, S, D] = [", B, ", Hkv, S, ", D,
+              "] to match query ", query.sizes(), ", got ", keys.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, op, ": query heads (", Hq, ") must be a multiple of key/value heads (", Hkv, ")");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype, op, ": query is ", dtype, " but keys are ",
+              keys.scalar_type(), " and values ", values.scalar_type());
+  for (const auto* t : {&query, &keys, &values}) {
+    TORCH_CHECK(D <= 1 || t->stride(3) == 1, op, ": query, keys and values must be contiguous along D, got strides ",
+                t->strides());
+  }
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B &&
+                  positions.size(1) == T,
+              op, ": positions must be int64 [B, T] = [", B, ", ", T, "], got ", positions.scalar_type(), " ",
+              positions.sizes());
+  const at::Tensor pos = positions.contiguous();
+  const int64_t* p = pos.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < S, op, ": positions[", i / T, ", ", i % T, "] = ", p[i],
+                " must be a slot of the cache, in [0, S) = [0, ", S, ")");
+  }
+  at::Tensor out = at::empty({B, T, Hq, D}, query.options());
+  if (out.numel() == 0) return out;
+  Shape shape{B, Hq, Hkv, T, S, D, {}, {}, {}};
+  for (int d = 0; d < 3; ++d) {
+    shape.q_stride[d] = query.stride(d), shape.k_stride[d] = keys.stride(d), shape.v_stride[d] = values.stride(d);
+  }
+  const float s = static_cast<float>(scale);
+  switch (dtype) {
+    case at::kFloat:
+      attend_all<float>(query, keys, values, p, out, shape, s, window);
+      break;
+    case at::kBFloat16:
+      attend_all<c10::BFloat16>(query, keys, values, p, out, shape, s, window);
+      break;
+    default:
+      attend_all<c10::Half>(query, keys, values, p, out, shape, s, window);
+  }
+  return out;
+}
+
+}  // namespace hcr
+
+TORCH_LIBRARY_FRAGMENT(hcr, m) {
+  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor positions, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hcr, CPU, m) { m.impl("decode_attention", &hcr::decode_attention_cpu); }

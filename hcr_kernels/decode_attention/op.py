@@ -1,0 +1,84 @@
+"""The public op: argument checks and the backend choice (inference only: no autograd Function)."""
+
+from __future__ import annotations
+
+import torch
+
+from hcr_kernels import _dispatch
+from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
+from hcr_kernels.decode_attention import native
+from hcr_kernels.decode_attention.reference import decode_attention_ref
+
+__all__ = ["decode_attention", "BACKEND_CHECKS", "NATIVE_DTYPES", "BLOCK_QUERIES"]
+
+BACKEND_CHECKS = {
+    "reference": _dispatch.require_nothing,
+    "native": _dispatch.native_cpu_check("decode_attention", "reference"),
+}
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Query rows (query heads of a group x steps) the native kernel scores in one pass over a row's
+# cache (csrc/decode_attention_cpu.cpp, kBlockQueries): more take one pass per block.
+BLOCK_QUERIES = 16
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of a step's queries over a ragged cache: ``[B, T, Hq, D]`` in the query's dtype.
+
+    ``query`` ``[B, Hq, T, D]``; ``keys``/``values`` ``[B, Hkv, S, D]`` (views of a larger cache are
+    fine: any strides, stride 1 along D), ``Hq`` a multiple of ``Hkv`` (grouped-query attention);
+    ``positions`` int64 ``[B, T]``: query t of row b sits at cache slot ``positions[b, t]`` and sees
+    the slots up to it, the last ``sliding_window`` of them with a window. Positions outside
+    ``[0, S)`` raise a ``ValueError`` naming the entry. fp32 softmax and sums. Not differentiable.
+    """
+    _check_args(query, keys, values, positions)
+    chosen = _dispatch.choose_backend("decode_attention", query.device, backend, BACKEND_CHECKS)
+    if chosen == "native" and query.dtype not in NATIVE_DTYPES:
+        if backend == "native":
+            raise TypeError(f"decode_attention: backend 'native' takes {NATIVE_DTYPES}, got {query.dtype}")
+        chosen = "reference"
+    if chosen == "native":
+        try:
+            return native.decode_attention(query, keys, values, positions, scale, sliding_window)
+        except RuntimeError as error:  # the kernel's bounds check: the same error type as the reference's
+            if "must be a slot of the cache" in str(error):
+                raise ValueError(str(error).splitlines()[0].replace("hcr::", "")) from None
+            raise
+    _check_positions(positions, keys.shape[2])
+    return decode_attention_ref(query, keys, values, positions, scale=scale, sliding_window=sliding_window)
+
+
+def _check_args(query, keys, values, positions) -> None:
+    for name, value in (("query", query), ("keys", keys), ("values", values)):
+        check_tensor(name, value, dim=4, floating=True)
+    check_tensor("positions", positions, dim=2, dtype=torch.int64)
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad or values.requires_grad):
+        raise RuntimeError("decode_attention is inference only (no gradients): call it under torch.no_grad()")
+    batch, heads, steps, head_dim = query.shape
+    if values.shape != keys.shape:
+        raise ValueError(f"values is {tuple(values.shape)} but keys is {tuple(keys.shape)}")
+    if keys.shape[0] != batch or keys.shape[3] != head_dim:
+        raise ValueError(f"keys must be [B, Hkv, S, D] = [{batch}, Hkv, S, {head_dim}] to match query "
+                         f"{tuple(query.shape)}, got {tuple(keys.shape)}")
+    if keys.shape[1] == 0 or heads % keys.shape[1]:
+        raise ValueError(f"query's heads ({heads}) must be a multiple of keys' heads ({keys.shape[1]})")
+    if positions.shape != (batch, steps):
+        raise ValueError(f"positions must be [B, T] = [{batch}, {steps}], got {tuple(positions.shape)}")
+    check_same_device(query=query, keys=keys, values=values, positions=positions)
+    check_same_dtype(query=query, keys=keys, values=values)
+
+
+def _check_positions(positions: torch.Tensor, slots: int) -> None:
+    bad = (positions < 0) | (positions >= slots)
+    if positions.numel() and bool(bad.any()):
+        row, step = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"decode_attention: positions[{row}, {step}] = {int(positions[row, step])} must be a slot "
+                         f"of the cache, in [0, S) = [0, {slots})")

@@ -1,0 +1,163 @@
+"""decode_attention: the native kernel against an fp64 oracle, on every ISA; its checks and fake.
+
+Every dtype the kernel has, grouped-query heads (G = 1, 2, 3, 6), head dims below, between
+and above a vector, one and several steps per row (several query blocks: G x T > 16),
+sliding windows, positions at the cache's first and last slot, views of a larger cache
+(the generator's ``[:, :, :span]``), a hypothesis property test over all of it, and bad
+input on both backends. The generation tests (test_compressed_generation.py) check that a
+generator routed through it writes the oracle's tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hcr_kernels import decode_attention, decode_attention_ref
+from hcr_kernels._extension import extension_loaded
+from param_sets import tolerance
+
+pytestmark = pytest.mark.skipif(not extension_loaded(), reason="the native extension hcr_kernels._C is not built")
+
+NATIVE_DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
+def operands(batch, heads, kv_heads, steps, slots, head_dim, dtype, *, seed=0, spare=3):
+    """Query, and keys / values as ``[:, :, :slots]`` views of caches ``spare`` slots longer; positions."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, steps, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)  # as transformers
+    caches = [torch.randn(batch, kv_heads, slots + spare, head_dim, generator=generator).to(dtype) for _ in range(2)]
+    positions = torch.randint(0, slots, (batch, steps), generator=generator)
+    positions[0, -1] = slots - 1  # the last slot, and the first
+    positions[-1, 0] = 0
+    return query, caches[0][:, :, :slots], caches[1][:, :, :slots], positions
+
+
+def assert_matches_oracle(query, keys, values, positions, window=None, what=""):
+    """param_sets.tolerance: scores are dot products of D terms that cancel (error ~ |q| |k| scale), the output a
+    weighted mean of S value rows: off by max |v| times the scores' error, rounded to the dtype."""
+    scale = query.shape[-1] ** -0.5
+    out = decode_attention(query, keys, values, positions, scale=scale, sliding_window=window, backend="native")
+    expected = decode_attention_ref(query.double(), keys.double(), values.double(), positions, scale=scale,
+                                    sliding_window=window)
+    assert out.dtype == query.dtype and out.shape == expected.shape
+    score_scale = (query.double().norm(dim=-1).max() * keys.double().norm(dim=-1).max()).item() * scale
+    atol, rtol = tolerance(query.dtype, keys.shape[2] + query.shape[-1],
+                           values.double().abs().max().item() * (1 + score_scale))
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol,
+                               msg=(lambda m: f"{what}: {m}") if what else None)
+
+
+# (B, Hq, Hkv, T, S, D): a decode step (T = 1) of Qwen2-1.5B's heads (G = 6, D = 128) and of the
+# tiny test model's (G = 2, D = 64); re-encode steps of several queries; D of 1, 5, 24 (below and
+# between vectors) and 72; G = 6 with T = 5 (three blocks of 16 query rows); one slot.
+SHAPES = [
+    pytest.param(2, 12, 2, 1, 97, 128, id="decode-G6-D128"),
+    pytest.param(3, 4, 2, 1, 40, 64, id="decode-G2-D64"),
+    pytest.param(2, 4, 2, 6, 33, 64, id="reencode-T6"),
+    pytest.param(2, 6, 2, 5, 50, 24, id="G3-D24"),
+    pytest.param(1, 3, 3, 9, 20, 5, id="G1-D5"),
+    pytest.param(2, 12, 2, 5, 61, 72, id="G6-T5-blocks"),
+    pytest.param(2, 2, 1, 1, 1, 1, id="one-slot-D1"),
+]
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,steps,slots,head_dim", SHAPES)
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_native_matches_oracle(batch, heads, kv_heads, steps, slots, head_dim, dtype, window):
+    assert_matches_oracle(*operands(batch, heads, kv_heads, steps, slots, head_dim, dtype), window=window)
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_reference_is_masked_sdpa(window):
+    """The oracle itself against torch's SDPA with the generator's kind of additive mask and repeated heads."""
+    query, keys, values, positions = operands(2, 4, 2, 3, 17, 8, torch.float64)
+    slot = torch.arange(17)[None, None, :]
+    visible = slot <= positions[:, :, None]
+    if window:
+        visible &= slot > positions[:, :, None] - window
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), attn_mask=visible[:, None], scale=0.3)
+    actual = decode_attention_ref(query, keys, values, positions, scale=0.3, sliding_window=window)
+    torch.testing.assert_close(actual, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_a_query_reads_no_slot_past_its_position():
+    """What lies after a query's slot (stale states of a cropped row, another step's queries) changes nothing."""
+    query, keys, values, positions = operands(2, 4, 2, 3, 30, 16, torch.float32)
+    before = decode_attention(query, keys, values, positions, scale=0.25, backend="native")
+    keys, values = keys.clone(), values.clone()
+    for b in range(2):
+        later = int(positions[b].max()) + 1
+        keys[b, :, later:], values[b, :, later:] = 1e4, -1e4
+    after = decode_attention(query, keys, values, positions, scale=0.25, backend="native")
+    assert torch.equal(before, after)
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3, 6, 7]),
+    steps=st.integers(1, 6),
+    slots=st.integers(1, 70),
+    head_dim=st.integers(1, 40),
+    window=st.one_of(st.none(), st.integers(1, 20)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_native_matches_oracle(batch, kv_heads, groups, steps, slots, head_dim, window, dtype, seed):
+    assert_matches_oracle(*operands(batch, kv_heads * groups, kv_heads, steps, slots, head_dim, dtype, seed=seed),
+                          window=window)
+
+
+def test_empty_step():
+    query, keys, values, _ = operands(2, 4, 2, 1, 5, 8, torch.float32)
+    out = decode_attention(query[:, :, :0], keys, values, torch.zeros(2, 0, dtype=torch.long), scale=1.0)
+    assert out.shape == (2, 0, 4, 8)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_bad_input_names_the_argument(backend):
+    query, keys, values, positions = operands(2, 4, 2, 1, 5, 8, torch.float32)
+
+    def call(q=query, k=keys, v=values, p=positions, **kwargs):
+        return decode_attention(q, k, v, p, scale=1.0, backend=backend, **kwargs)
+
+    with pytest.raises(ValueError, match=r"positions\[1, 0\] = 5 must be a slot of the cache, in \[0, S\) = \[0, 5\)"):
+        call(p=torch.tensor([[0], [5]]))
+    with pytest.raises(ValueError, match=r"positions\[0, 0\] = -1 must be a slot"):
+        call(p=torch.tensor([[-1], [0]]))
+    with pytest.raises(ValueError, match=r"positions must be \[B, T\] = \[2, 1\], got \(2, 2\)"):
+        call(p=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="positions must have dtype torch.int64"):
+        call(p=positions.int())
+    with pytest.raises(ValueError, match=r"query's heads \(4\) must be a multiple of keys' heads \(3\)"):
+        call(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8))
+    with pytest.raises(ValueError, match=r"keys must be \[B, Hkv, S, D\] = \[2, Hkv, S, 8\]"):
+        call(k=torch.randn(2, 2, 5, 7), v=torch.randn(2, 2, 5, 7))
+    with pytest.raises(ValueError, match="values is"):
+        call(v=torch.randn(2, 2, 6, 8))
+    with pytest.raises(TypeError, match="tensors must have one dtype"):
+        call(v=values.double())
+    with pytest.raises(ValueError, match="query must be a 4-D tensor"):
+        call(q=query[0])
+    with pytest.raises(RuntimeError, match="inference only"):
+        call(q=query.clone().requires_grad_())
+
+
+def test_native_refuses_a_dtype_it_lacks():
+    query, keys, values, positions = operands(1, 2, 1, 1, 4, 4, torch.float64)
+    with pytest.raises(TypeError, match="backend 'native' takes"):
+        decode_attention(query, keys, values, positions, scale=1.0, backend="native")
+    out = decode_attention(query, keys, values, positions, scale=1.0)  # the automatic choice falls back
+    assert out.dtype == torch.float64
