@@ -32,8 +32,11 @@ steps after a 256-step warm-up and over the last 10 % (median over chunks of W s
 each holding one compression; target: end >= 0.9 x start), the cache curve's ends.
 First full run (1 thread, shared machine): cache 204 -> 1,684 = bound, RSS flat
 (1,380 -> 1,380 MiB, when the cache was still allocated up front for prompt + n + 4
-slots, ~10x what is used; it now starts at 1,688 slots and grows on demand), but 858 -> 292 tok/s (0.34x): the layout still grows one slot per
-window, and with hidden 256 attention over 1.7k slots outweighs the matmuls.
+slots, ~10x what is used), but 858 -> 292 tok/s (0.34x): the layout still grows one
+slot per window, and with hidden 256 attention over 1.7k slots outweighs the matmuls.
+2026-12-02 (AVX-512, 2 threads; cache grown on demand from 1,688 slots, attention of
+decode and re-encode steps through hcr_kernels.decode_attention): RSS 948 -> 951 MiB,
+1,032 -> 595 tok/s (0.58x).
 """
 
 from __future__ import annotations
