@@ -16,11 +16,12 @@
 // [positions[b, t] - window + 1, positions[b, t]] (from 0 without a window).
 // Per task: the queries (scaled) go to fp32 once; pass 1 streams the keys and writes
 // every query's scores; a softmax per query; pass 2 streams the values into fp32
-// accumulators, a block of slots at a time. Queries are taken in blocks of at most 16 (query heads x steps), so the
-// scores stay R x span floats. Both passes keep one register accumulator per query row
-// of a step (its G heads see the same slots) and load each key / value vector once for
-// all of them. fp32 math for fp32, bf16 and fp16. Compiled for
-// AVX-512, AVX2 and the baseline, each with vectors of its register width (cpu_isa.h).
+// accumulators, a block of slots at a time. Queries are taken in blocks of at most 16
+// (query heads x steps), so the scores stay R x span floats. Both passes keep one
+// register accumulator per query head of a step (its G heads see the same slots) and
+// load each key / value vector once for all of them. fp32 math for fp32, bf16 and
+// fp16. Compiled for AVX-512, AVX2 and the baseline, each with vectors of its register
+// width (cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -85,6 +86,16 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
       for (int j = 0; j < R; ++j) acc[j * n + d] += p[j * p_stride + slot] * value;
     }
   }
+}
+
+// The G query heads of one step against the value rows [s0, s1), in groups of 4, 2 and 1 (as group_dots).
+template <typename T, int Lanes>
+HCR_INLINE void group_weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t G,
+                                    int64_t s0, int64_t s1, float* acc, int64_t n) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) weighted_sums<T, 4, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n);
+  for (; g + 2 <= G; g += 2) weighted_sums<T, 2, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n);
+  if (g < G) weighted_sums<T, 1, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n);
 }
 
 template <typename T, int Lanes>
@@ -178,15 +189,8 @@ struct AttendGroup {
         const int64_t b1 = std::min(hi + 1, b0 + kSlotBlock);
         for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
           const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
-          int64_t g = 0;
-          for (; s0 < s1 && g + 4 <= G; g += 4) {
-            weighted_sums<T, 4, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
-          }
-          for (; s0 < s1 && g + 2 <= G; g += 2) {
-            weighted_sums<T, 2, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
-          }
-          if (s0 < s1 && g < G) {
-            weighted_sums<T, 1, Lanes>(v_base, s.v_stride[2], weights + (r + g) * span, span, s0, s1, acc.data() + (r + g) * D, D);
+          if (s0 < s1) {
+            group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * span, span, G, s0, s1, acc.data() + r * D, D);
           }
         }
       }

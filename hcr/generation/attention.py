@@ -16,19 +16,19 @@ passes ``step_kwargs(positions)``; each layer's call takes the native kernel whe
   re-encode step; a prefill takes the model's own attention, whose matmuls win there),
 * the dtype is one the kernel has, and the tensors are on the CPU, and
 * the kernel was measured faster than the model's own attention at that shape class on
-  this machine (``hcr_kernels.autotune``: a step's calls, one per layer, each over a 1,024-slot
-  cache; cached; off with
-  ``HCR_AUTOTUNE=0``),
+  this machine (``hcr_kernels.autotune``: a step's calls, one per layer, each over a
+  1,024-slot cache; cached; off with ``HCR_AUTOTUNE=0``),
 
-and the model's own implementation otherwise. Every forward inside the block must pass its
-masks (as the cached steps do): transformers builds none for the registered name. It needs transformers' attention
-interface (4.48+); without it the block changes nothing. Cache slot i must hold
+and the model's own implementation otherwise. Every forward inside the block must pass
+its masks (as the cached steps do): transformers builds none for the registered name.
+It needs transformers' attention interface (4.48+); without it the block changes nothing. Cache slot i must hold
 position i (``RaggedStaticCache``'s convention): the kernel takes visibility from the
 positions, not from the mask (which the other path still uses).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -101,29 +101,37 @@ class RaggedAttention:
             self._wins[shape] = (
                 query.device.type == "cpu" and query.dtype in NATIVE_DTYPES
                 and steps * (heads // kv_heads) <= BLOCK_QUERIES
-                and autotune.fast_path_wins("decode_attention", _shape_class(query, kv_heads, self.config.num_hidden_layers),
+                and autotune.fast_path_wins("decode_attention",
+                                            _shape_class(query, kv_heads, self.config.num_hidden_layers),
                                             *self._measured_calls(module, query, kv_heads)))
         return self._wins[shape]
 
     def _measured_calls(self, module, query: torch.Tensor, kv_heads: int):
         """The two paths on synthetic inputs of the call's shape class: one call per layer, each over its own
-        ``AUTOTUNE_SLOTS``-slot cache, as in a step (what the caches' size does to the caches of the CPU counts)."""
+        ``AUTOTUNE_SLOTS``-slot cache, as in a step (one layer's cache alone can sit in the CPU's caches and
+        hide what streaming them costs). The inputs are made by the first call, so a decision already
+        cached (in memory or on disk) allocates nothing."""
         batch, heads, steps, head_dim = query.shape
-        generator = torch.Generator().manual_seed(0)
-        caches = [[torch.randn(batch, kv_heads, AUTOTUNE_SLOTS, head_dim, generator=generator).to(query.dtype)
-                   for _ in range(2)] for _ in range(self.config.num_hidden_layers)]
-        queries = torch.randn(query.shape, generator=generator).to(query.dtype)
-        positions = AUTOTUNE_SLOTS - steps + torch.arange(steps).expand(batch, steps)
-        visible = torch.arange(AUTOTUNE_SLOTS)[None, None, :] <= positions[:, :, None]
-        mask = torch.zeros(visible.shape, dtype=query.dtype).masked_fill(~visible, torch.finfo(query.dtype).min)
-        mask = mask[:, None]
         scale = head_dim**-0.5
 
+        @functools.cache
+        def inputs():
+            generator = torch.Generator().manual_seed(0)
+            caches = [[torch.randn(batch, kv_heads, AUTOTUNE_SLOTS, head_dim, generator=generator).to(query.dtype)
+                       for _ in range(2)] for _ in range(self.config.num_hidden_layers)]
+            queries = torch.randn(query.shape, generator=generator).to(query.dtype)
+            positions = AUTOTUNE_SLOTS - steps + torch.arange(steps).expand(batch, steps)
+            visible = torch.arange(AUTOTUNE_SLOTS)[None, None, :] <= positions[:, :, None]
+            mask = torch.zeros(visible.shape, dtype=query.dtype).masked_fill(~visible, torch.finfo(query.dtype).min)
+            return caches, queries, positions, mask[:, None]
+
         def fast():
+            caches, queries, positions, _ = inputs()
             for keys, values in caches:
                 decode_attention(queries, keys, values, positions, scale=scale, backend="native")
 
         def reference():
+            caches, queries, _, mask = inputs()
             for keys, values in caches:
                 self.fallback(module, queries, keys, values, mask, scaling=scale, dropout=0.0)
 
