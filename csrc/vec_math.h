@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -99,6 +100,43 @@ HCR_INLINE float halving_sum(vfloat<Lanes> v) {
     return halving_sum<Lanes / 2>(low + high);
   }
 }
+
+// Lane `out` of one half of a pair fold (`pair_fold`) at group size Seg: each input holds
+// Lanes / Seg groups of Seg partial sums, one group per original vector; the output holds
+// twice as many groups of Seg / 2, the first input's groups first. `High` picks the upper
+// half of each group (the lower half is the other operand of the add).
+template <int Lanes, int Seg, bool High>
+constexpr int pair_fold_lane(int out) {
+  const int half = Seg / 2, groups = Lanes / Seg, group = out / half;
+  const bool second = group >= groups;
+  return (second ? Lanes : 0) + (second ? group - groups : group) * Seg + out % half + (High ? half : 0);
+}
+template <int Lanes, int Seg, bool High, int... Out>
+HCR_INLINE vint<Lanes> pair_fold_mask(std::integer_sequence<int, Out...>) {
+  return vint<Lanes>{pair_fold_lane<Lanes, Seg, High>(Out)...};
+}
+// Halves each group of partial sums of a and b and packs both into one vector (2 shuffles, 1 add).
+template <int Lanes, int Seg>
+HCR_INLINE vfloat<Lanes> pair_fold(vfloat<Lanes> a, vfloat<Lanes> b) {
+  constexpr auto lanes = std::make_integer_sequence<int, Lanes>{};
+  return __builtin_shuffle(a, b, pair_fold_mask<Lanes, Seg, false>(lanes)) +
+         __builtin_shuffle(a, b, pair_fold_mask<Lanes, Seg, true>(lanes));
+}
+// Lane j of the result is the sum of v[j]'s lanes, for Lanes vectors at once (v is
+// overwritten): Lanes - 1 pair folds in log2(Lanes) levels, about 3 vector ops per
+// sum where a halving_sum each costs 2 log2(Lanes) plus a store per lane. For many
+// short dot products (one query against a block of keys). Order of additions: the
+// halving order of halving_sum.
+template <int Lanes, int Seg = Lanes>
+HCR_INLINE vfloat<Lanes> transposed_sums(vfloat<Lanes>* v) {
+  if constexpr (Seg == 1) {
+    return v[0];
+  } else {
+    for (int i = 0; i < Seg / 2; ++i) v[i] = pair_fold<Lanes, Seg>(v[2 * i], v[2 * i + 1]);
+    return transposed_sums<Lanes, Seg / 2>(v);
+  }
+}
+
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> exp_v(vfloat<Lanes> x) {
   return exp_approx_t<vfloat<Lanes>, vint<Lanes>>(x);

@@ -76,6 +76,18 @@ def test_native_matches_oracle(batch, heads, kv_heads, steps, slots, head_dim, d
     assert_matches_oracle(*operands(batch, heads, kv_heads, steps, slots, head_dim, dtype), window=window)
 
 
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES[:2])
+@pytest.mark.parametrize("head_dim", [5, 40])
+@pytest.mark.parametrize("span", [3, 4, 7, 8, 9, 15, 16, 17, 31, 33])
+def test_spans_around_the_key_block(span, head_dim, dtype):
+    """Pass 1 scores keys in blocks of one vector's lanes (4, 8 or 16 by ISA), the last block shifted back to
+    end at the query's slot, and goes slot by slot below one block: spans just under, at and over 1x / 2x."""
+    query, keys, values, _ = operands(2, 6, 2, 1, span + 2, head_dim, dtype, seed=span)
+    positions = torch.tensor([[span - 1], [span + 1]])  # spans of `span` and `span` + 2 slots
+    assert_matches_oracle(query, keys, values, positions, what=f"span {span}")
+
+
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
 def test_reference_is_masked_sdpa(window):
     """The oracle itself against torch's SDPA with the generator's kind of additive mask and repeated heads."""
