@@ -36,11 +36,12 @@ slots, ~10x what is used), but 858 -> 292 tok/s (0.34x): the layout still grows 
 slot per window, and with hidden 256 attention over 1.7k slots outweighs the matmuls.
 2026-12-02 (AVX-512, 2 threads; cache grown on demand from 1,688 slots, attention of
 decode and re-encode steps through hcr_kernels.decode_attention): RSS 948 -> 951 MiB,
-1,032 -> 595 tok/s (0.58x); with decode_attention's key blocks: 1,154 -> 671 (0.58x).
+1,032 -> 595 tok/s (0.58x); with decode_attention's key blocks: 1,154 -> 671 (0.58x);
+and its value prefetch: 1,177 -> 793 (0.67x), RSS 911 -> 913 MiB, 143 s.
 Why 0.9x is out of reach here: the summary line also prints the bytes a decode step
 reads at each end (weights + keys and values); for this 16 MiB model they grow ~3x
 over the run, so a step bound by bandwidth alone would end at ~1/3 of its start speed.
-The 0.58x measured is above that only because the first steps are not bandwidth-bound.
+The 0.67x measured is above that only because the first steps are not bandwidth-bound.
 """
 
 from __future__ import annotations

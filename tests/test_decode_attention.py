@@ -88,6 +88,14 @@ def test_spans_around_the_key_block(span, head_dim, dtype):
     assert_matches_oracle(query, keys, values, positions, what=f"span {span}")
 
 
+@pytest.mark.usefixtures("cpu_isa")
+def test_values_past_the_l2():
+    """Values of a span that fit in half the L2 are prefetched by pass 1, longer ones block by block in pass 2:
+    a 2.1 MiB span of values (past half of any L2 up to 4 MiB) takes the second way."""
+    query, keys, values, _ = operands(1, 2, 1, 1, 4200, 128, torch.float32)
+    assert_matches_oracle(query, keys, values, torch.tensor([[4199]]))
+
+
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
 def test_reference_is_masked_sdpa(window):
     """The oracle itself against torch's SDPA with the generator's kind of additive mask and repeated heads."""
