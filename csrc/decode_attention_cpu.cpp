@@ -345,7 +345,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys,
   const at::Tensor pos = positions.contiguous();
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < S, op, ": positions[", i / T, ", ", i % T, "] = ", p[i],
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < S, op, ": positions[", i / T, ", ", i % T, "] = ", p[i],
                 " must be a slot of the cache, in [0, S) = [0, ", S, ")");
   }
   at::Tensor out = at::empty({B, T, Hq, D}, query.options());

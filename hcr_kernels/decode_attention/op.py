@@ -45,13 +45,8 @@ def decode_attention(
         if backend == "native":
             raise TypeError(f"decode_attention: backend 'native' takes {NATIVE_DTYPES}, got {query.dtype}")
         chosen = "reference"
-    if chosen == "native":
-        try:
-            return native.decode_attention(query, keys, values, positions, scale, sliding_window)
-        except RuntimeError as error:  # the kernel's bounds check: the same error type as the reference's
-            if "must be a slot of the cache" in str(error):
-                raise ValueError(str(error).splitlines()[0].replace("hcr::", "")) from None
-            raise
+    if chosen == "native":  # the kernel checks the positions itself (a ValueError, as _check_positions)
+        return native.decode_attention(query, keys, values, positions, scale, sliding_window)
     _check_positions(positions, keys.shape[2])
     return decode_attention_ref(query, keys, values, positions, scale=scale, sliding_window=sliding_window)
 
