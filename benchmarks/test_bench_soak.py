@@ -37,7 +37,9 @@ slot per window, and with hidden 256 attention over 1.7k slots outweighs the mat
 2026-12-02 (AVX-512, 2 threads; cache grown on demand from 1,688 slots, attention of
 decode and re-encode steps through hcr_kernels.decode_attention): RSS 948 -> 951 MiB,
 1,032 -> 595 tok/s (0.58x); with decode_attention's key blocks: 1,154 -> 671 (0.58x);
-and its value prefetch: 1,177 -> 793 (0.67x), RSS 911 -> 913 MiB, 143 s.
+and its value prefetch: 1,177 -> 793 (0.67x), RSS 911 -> 913 MiB, 143 s; and its key
+prefetch (two runs, a slower hour: 150 and 151 s): 1,576 -> 759 (0.48x), 1,077 -> 714
+(0.66x), RSS 910 -> 912 MiB: the start rate's spread between runs hides the change.
 Why 0.9x is out of reach here: the summary line also prints the bytes a decode step
 reads at each end (weights + keys and values); for this 16 MiB model they grow ~3x
 over the run, so a step bound by bandwidth alone would end at ~1/3 of its start speed.
