@@ -261,7 +261,7 @@ struct AttendGroup {
       // against the model's own attention on every machine.
       const int64_t row_bytes = D * int64_t(sizeof(T));
       const bool values_to_l2 = span * row_bytes <= l2_bytes() / 2;
-      const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / std::max<int64_t>(1, row_bytes));
+      const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / row_bytes);  // D >= 1 here
       if (span >= Lanes) {
         for (int64_t b0 = lo; b0 <= hi; b0 += Lanes) {
           const int64_t start = std::min(b0, hi + 1 - Lanes);
