@@ -220,12 +220,13 @@ struct AttendGroup {
     const int64_t steps_per_block = std::max<int64_t>(1, kBlockQueries / G);
     const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
     const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
-    std::vector<float> q((steps_per_block * G) * D), acc((steps_per_block * G) * D), row(D), inverse(steps_per_block * G);
+    const int64_t rows = steps_per_block * G;  // more than kBlockQueries where one step's G heads are more
+    std::vector<float> q(rows * D), acc(rows * D), row(D), inverse(rows);
+    std::vector<int64_t> first(rows), last(rows);  // each query row's visible slots
     std::vector<float> scores, block(std::is_same_v<T, float> ? 0 : Lanes * D);
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
-      int64_t first[kBlockQueries], last[kBlockQueries];  // each query row's visible slots
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t pos = positions[b * s.T + t];
         const int64_t from = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from hcr_kernels import decode_attention, decode_attention_ref
 from hcr_kernels._extension import extension_loaded
+from hcr_kernels.decode_attention import BLOCK_QUERIES
 from param_sets import tolerance
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="the native extension hcr_kernels._C is not built")
@@ -86,6 +87,16 @@ def test_spans_around_the_key_block(span, head_dim, dtype):
     query, keys, values, _ = operands(2, 6, 2, 1, span + 2, head_dim, dtype, seed=span)
     positions = torch.tensor([[span - 1], [span + 1]])  # spans of `span` and `span` + 2 slots
     assert_matches_oracle(query, keys, values, positions, what=f"span {span}")
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("steps", [1, 2])
+def test_more_heads_per_group_than_one_query_block(steps):
+    """A group of more query heads than the kernel's block of query rows (BLOCK_QUERIES, e.g. one key/value
+    head for many query heads) still takes one step's heads in one pass: its row bookkeeping must hold them
+    (it was a stack array of BLOCK_QUERIES entries: 21 heads crashed the process)."""
+    heads = BLOCK_QUERIES + 5
+    assert_matches_oracle(*operands(2, heads, 1, steps, 37, 24, torch.float32), window=9)
 
 
 @pytest.mark.usefixtures("cpu_isa")
