@@ -202,6 +202,34 @@ HCR_INLINE vfloat<Lanes> load_as_float(const T* p) {
   }
 }
 
+// `Lanes` fp32 values into fp32, bf16 or fp16 storage, each rounded to nearest even as
+// c10's scalar conversions round (bf16 NaN -> 0x7fc0 as there). fp16 uses the F16C
+// instruction vcvtps2ph on the AVX2 and AVX-512 variants (inline asm, for the reason
+// given at halves_to_float) and c10's scalar conversion on the baseline.
+template <typename T, int Lanes>
+HCR_INLINE void store_from_float(T* p, vfloat<Lanes> v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_v<Lanes>(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    vu32<Lanes> bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const vu32<Lanes> rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const vu32<Lanes> narrowed = (bits & 0x7fffffffu) > 0x7f800000u ? vu32<Lanes>{} + 0x7fc0u : rounded;
+    const vu16<Lanes> halves = __builtin_convertvector(narrowed, vu16<Lanes>);
+    std::memcpy(p, &halves, sizeof(halves));
+  } else {
+#if HCR_HAS_ISA_VARIANTS
+    if constexpr (Lanes == 8 || Lanes == 16) {
+      vu16<Lanes> halves;
+      asm("vcvtps2ph $0, %1, %0" : "=v"(halves) : "v"(v));
+      std::memcpy(p, &halves, sizeof(halves));
+      return;
+    }
+#endif
+    for (int i = 0; i < Lanes; ++i) p[i] = static_cast<T>(v[i]);
+  }
+}
+
 HCR_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> sigmoid_v(vfloat<Lanes> x) {

@@ -108,6 +108,35 @@ def test_native_reads_every_16_bit_weight_exactly(dtype):
     assert picked[0] == float("inf") and picked[1] == float("-inf") and picked[2].isnan()
 
 
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_native_16_bit_outputs_round_as_torch_does(dtype):
+    """A 16-bit output is the kernel's fp32 sum rounded to nearest even: bit for bit what the same
+    operands widened to fp32 give, cast with ``.to`` (the kernel's own vector stores, every ISA),
+    including sums past the fp16 range (inf) and a feature count that is no multiple of a vector."""
+    x, weight, bias = operands(9, 131, 70, dtype)
+    x[0] *= 2000  # row 0's sums overflow fp16's 65504
+    weight, x = (weight * 40).to(dtype), x.to(dtype)
+    out = decode_linear(x, weight, bias, backend="native")
+    widened = decode_linear(x.float(), weight.float(), bias.float(), backend="native").to(dtype)
+    if dtype == torch.float16:
+        assert out[0].isinf().any()
+    assert torch.equal(out.view(torch.int16), widened.view(torch.int16))
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+def test_native_row_does_not_depend_on_its_batch(dtype):
+    """Each input row's output is bit-identical alone and inside a batch of 9 rows (groups of 4, 2
+    and 1 rows, one or two weight rows per pass): decoding a sequence alone or in a batch reads the
+    same logits."""
+    x, weight, bias = operands(9, 67, 133, dtype)
+    batched = decode_linear(x, weight, bias, backend="native")
+    for row in range(len(x)):
+        alone = decode_linear(x[row:row + 1], weight, bias, backend="native")
+        assert torch.equal(batched[row:row + 1], alone), f"row {row}"
+
+
 def test_native_empty_shapes():
     weight, bias = torch.randn(5, 0), torch.randn(5)
     out = decode_linear(torch.randn(3, 0), weight, bias, backend="native")
@@ -192,8 +221,16 @@ def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
 
 
 def test_backend_env_var_selects_reference(monkeypatch):
+    """Also after the limit for that weight was worked out and remembered without the variable."""
+    weight = torch.randn(4, 4)
+    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    autotune.forget()
+    assert native_row_limit(weight) == ROW_LADDER[-1]
     monkeypatch.setenv("HCR_BACKEND", "reference")
-    assert native_row_limit(torch.randn(4, 4)) == 0
+    assert native_row_limit(weight) == 0
+    monkeypatch.setenv("HCR_BACKEND", "native")
+    assert native_row_limit(weight.double()) == 0  # a global choice: no native fp64, so the reference
+    autotune.forget()
     monkeypatch.setenv("HCR_BACKEND", "native")  # a global choice: fp64 falls back instead of failing
     assert native_row_limit(torch.randn(4, 4, dtype=torch.float64)) == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -68,15 +69,23 @@ def decode_linear(
 def native_row_limit(weight: torch.Tensor, backend: str | None = None) -> int:
     """Up to how many input rows a linear with this weight takes the native kernel (0: never).
 
-    Everything here depends on the layer, not on the call (device, dtype, whether the
-    extension is built, the weight's layout, ``backend``/``HCR_BACKEND``), so
-    ``decode_linears`` asks once per layer and each call only compares its row count.
+    Everything here depends on the layer, not on the call (device, dtype, shape, whether
+    the weight's rows are contiguous, ``backend``, ``HCR_BACKEND``; the extension's
+    presence cannot change in a process), so it is worked out once per such key
+    (``autotune.remembered``, which adds the ISA, the thread count and ``HCR_AUTOTUNE``)
+    and a direct call costs a lookup; ``decode_linears`` asks once per layer.
     """
+    contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
+    key = ("decode_linear row limit", weight.device, weight.dtype, tuple(weight.shape), contiguous_rows, backend,
+           os.environ.get(_dispatch.BACKEND_ENV_VAR))
+    return autotune.remembered(key, lambda: _derive_row_limit(weight, backend, contiguous_rows))
+
+
+def _derive_row_limit(weight: torch.Tensor, backend: str | None, contiguous_rows: bool) -> int:
     chosen = _dispatch.choose_backend("decode_linear", weight.device, backend, BACKEND_CHECKS)
     if chosen == "reference":
         return 0
     if backend is None:  # automatic or HCR_BACKEND: native only where it is the faster path
-        contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
         return measured_row_limit(weight) if contiguous_rows and weight.dtype in NATIVE_DTYPES else 0
     if weight.dtype not in NATIVE_DTYPES:
         raise TypeError(f"decode_linear: backend 'native' supports {NATIVE_DTYPES}, got {weight.dtype}; "
@@ -118,6 +127,12 @@ def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:
 
 
 def _check_args(input, weight, bias) -> None:
+    # The common case in one expression (a direct call per layer per decode step pays for
+    # these checks); anything else goes through the checks that name what is wrong.
+    if (bias is None and type(input) is torch.Tensor and type(weight) is torch.Tensor and weight.dim() == 2
+            and input.dim() > 0 and input.shape[-1] == weight.shape[1] and input.dtype == weight.dtype
+            and input.device == weight.device):
+        return
     check_tensor("input", input)
     check_tensor("weight", weight, dim=2)
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
