@@ -11,6 +11,8 @@ module-level functions of ``_C`` (ISA choice, build info) are reached as ``_exte
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -90,6 +92,20 @@ _info()  # read now: a first op call under torch.compile must not trace into _C.
 def build_info() -> dict:
     """What the compiled extension contains: ``{"cpu": bool, "cuda": bool, ...}``."""
     return dict(_info())
+
+
+@functools.cache
+def build_fingerprint() -> str:
+    """A short hash of the compiled ``_C`` file ("none" without it): what was measured with one
+    build says nothing about the next (a kernel change, another compiler), so the measured
+    choices (``autotune``) are kept per build."""
+    if _C is None:
+        return "none"
+    digest = hashlib.sha256()
+    with open(_C.__file__, "rb") as library:
+        for block in iter(lambda: library.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def native_supports(device: torch.device) -> bool:

@@ -9,7 +9,9 @@ loss keeps the reference, so a measured choice is never slower than not having
 the fast path (up to the noise of a short measurement).
 
 Decisions are cached per machine (CPU model, active ISA, thread count, torch
-version) and per shape class: in memory, and in ``autotune.json`` under
+version), per build of the compiled kernels (a hash of ``_C``: a rebuilt kernel is
+measured again, and the old build's decisions are dropped from the file) and per
+shape class: in memory, and in ``autotune.json`` under
 ``HCR_CACHE_DIR`` (default ``~/.cache/hcr``) so the next process does not
 measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every machine-dependent
 choice then takes the reference path. ``python -m hcr_kernels.info`` lists the
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from hcr_kernels import cpu_isa
+from hcr_kernels import _extension, cpu_isa
 
 AUTOTUNE_ENV_VAR = "HCR_AUTOTUNE"
 CACHE_DIR_ENV_VAR = "HCR_CACHE_DIR"
@@ -58,10 +60,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_BUILD_FIELD = " | hcr_kernels._C "
+
+
 def machine_key() -> str:
-    """What a measured decision depends on besides the shape."""
+    """What a measured decision depends on besides the shape: the machine, and the build of the kernels."""
     return (f"{cpu_model()} | isa {cpu_isa.active_cpu_isa()} | {torch.get_num_threads()} threads | "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}{_BUILD_FIELD}{_extension.build_fingerprint()}")
 
 
 def cache_path() -> Path:
@@ -82,6 +87,9 @@ def _write_cache(machine: str, key: str, record: dict) -> None:
     """Add one decision to the cache file (atomically replaced; a lost race only costs a re-measurement)."""
     path = cache_path()
     data = _read_cache()
+    same_machine = machine.rsplit(_BUILD_FIELD, 1)[0]
+    for stale in [other for other in data if other != machine and other.rsplit(_BUILD_FIELD, 1)[0] == same_machine]:
+        del data[stale]  # another build's decisions on this machine: they no longer hold
     data.setdefault(machine, {})[key] = record
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

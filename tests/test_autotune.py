@@ -76,6 +76,30 @@ def test_each_isa_is_measured_for_itself(fresh):
     assert len(calls) == len(isas)
 
 
+def test_another_builds_decisions_are_measured_again_and_dropped(fresh, monkeypatch):
+    """A rebuilt _C (a kernel change) is measured afresh: the old build's decisions for this machine
+    leave the file, other machines' stay."""
+    from hcr_kernels import _extension
+
+    calls, timings = fresh
+    timings["value"] = (0.1, 1.0)
+    assert autotune.fast_path_wins("op", "a", noop, noop)
+    old_key = autotune.machine_key()
+    assert _extension.build_fingerprint() in old_key
+    other_machine = "Another CPU | isa avx2 | 4 threads | torch 0 | hcr_kernels._C 000000000000"
+    data = json.loads(autotune.cache_path().read_text())
+    data[other_machine] = {"op | a": {"fast": True, "fast_s": 0.1, "reference_s": 1.0}}
+    autotune.cache_path().write_text(json.dumps(data))
+
+    monkeypatch.setattr(_extension, "build_fingerprint", lambda: "rebuilt00000")
+    autotune.forget()
+    timings["value"] = (2.0, 1.0)
+    assert not autotune.fast_path_wins("op", "a", noop, noop)  # measured again, with the new build's result
+    assert len(calls) == 2
+    stored = json.loads(autotune.cache_path().read_text())
+    assert old_key not in stored and autotune.machine_key() in stored and other_machine in stored
+
+
 def test_off_switch_takes_the_reference_without_measuring(fresh, monkeypatch):
     calls, timings = fresh
     timings["value"] = (0.1, 1.0)
