@@ -329,6 +329,8 @@ void attend_all(const at::Tensor& query, const at::Tensor& keys, const at::Tenso
 
 }  // namespace
 
+int64_t decode_attention_block_queries() { return kBlockQueries; }
+
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
                                 const at::Tensor& positions, double scale, int64_t window) {
   const char* op = "hcr::decode_attention";

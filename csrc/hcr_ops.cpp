@@ -10,6 +10,10 @@
 
 #include "cpu_isa.h"
 
+namespace hcr {
+int64_t decode_attention_block_queries();  // decode_attention_cpu.cpp
+}
+
 #ifdef HCR_WITH_CUDA
 namespace hcr {
 int cuda_runtime_version();  // build_info_cuda.cu
@@ -47,4 +51,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The instruction set the CPU kernels run with: avx512, avx2 or baseline");
   m.def("supported_cpu_isas", &hcr::supported_isa_names, "The instruction sets this CPU can run, best first");
   m.def("set_cpu_isa", &hcr::set_active_isa, "Run the CPU kernels with this instruction set", pybind11::arg("name"));
+  // Read by hcr_kernels.decode_attention (BLOCK_QUERIES), so Python never restates the kernel's constant.
+  m.attr("DECODE_ATTENTION_BLOCK_QUERIES") = hcr::decode_attention_block_queries();
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hcr_kernels import _dispatch
+from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from hcr_kernels.decode_attention import native
 from hcr_kernels.decode_attention.reference import decode_attention_ref
@@ -17,8 +17,9 @@ BACKEND_CHECKS = {
 }
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Query rows (query heads of a group x steps) the native kernel scores in one pass over a row's
-# cache (csrc/decode_attention_cpu.cpp, kBlockQueries): more take one pass per block.
-BLOCK_QUERIES = 16
+# cache (kBlockQueries in csrc/decode_attention_cpu.cpp, read from the build): more take one
+# pass per block. 0 without the compiled extension (there is no native kernel to block for).
+BLOCK_QUERIES = _extension._C.DECODE_ATTENTION_BLOCK_QUERIES if _extension.extension_loaded() else 0
 
 
 def decode_attention(
