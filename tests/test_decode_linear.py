@@ -27,13 +27,20 @@ NATIVE_DTYPES = [
 ]
 
 
-def assert_matches_oracle(actual, expected, dtype, in_features, what=""):
-    """param_sets.tolerance: a dot product of K terms (and the bias) in fp32 with mixed signs,
-    so cancellation at max |oracle|, rounded to ``dtype``; the fp64 oracle is the exact side."""
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+def assert_matches_oracle(actual, expected, dtype, in_features, partial_sums, what=""):
+    """param_sets.tolerance: a dot product of K terms (and the bias) in fp32 with mixed signs, so
+    cancellation at the size of its partial sums, bounded by ``partial_sums`` (the same products of
+    absolute values: a result can be far smaller than its terms), rounded to ``dtype``; the fp64
+    oracle is the exact side."""
+    scale = partial_sums.abs().max().item() if partial_sums.numel() else 0.0
     atol, rtol = tolerance(dtype, in_features + 1, scale)
     message = (lambda m: f"{what}: {m}") if what else None
     torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol, msg=message)
+
+
+def assert_linear_matches_oracle(out, x, weight, bias, dtype):
+    absolute = [None if t is None else t.abs() for t in (x, weight, bias)]
+    assert_matches_oracle(out, oracle(x, weight, bias), dtype, weight.shape[1], oracle(*absolute))
 
 
 # (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
@@ -69,7 +76,7 @@ def test_native_forward_matches_oracle(rows, out_features, in_features, dtype, w
     x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias)
     out = decode_linear(x, weight, bias, backend="native")
     assert out.dtype == dtype and out.shape == (rows, out_features)
-    assert_matches_oracle(out, oracle(x, weight, bias), dtype, in_features)
+    assert_linear_matches_oracle(out, x, weight, bias, dtype)
 
 
 @pytest.mark.usefixtures("cpu_isa")
@@ -81,13 +88,13 @@ def test_native_takes_nd_and_strided_inputs(dtype):
     batch = x[:, 10:70].reshape(2, 3, 60)
     out = decode_linear(batch, weight, bias, backend="native")
     assert out.shape == (2, 3, 40)
-    assert_matches_oracle(out, oracle(batch, weight, bias), dtype, 60)
+    assert_linear_matches_oracle(out, batch, weight, bias, dtype)
     strided = x[:, 10:70:2].t()[:, :4].t()  # [4, 30] with strides in both dims
     out = decode_linear(strided, weight[:, :30], bias, backend="native")
-    assert_matches_oracle(out, oracle(strided, weight[:, :30], bias), dtype, 30)
+    assert_linear_matches_oracle(out, strided, weight[:, :30], bias, dtype)
     transposed = weight[:, :30].t().contiguous().t()  # rows not contiguous: copied, still right
     out = decode_linear(strided, transposed, bias, backend="native")
-    assert_matches_oracle(out, oracle(strided, transposed, bias), dtype, 30)
+    assert_linear_matches_oracle(out, strided, transposed, bias, dtype)
 
 
 @pytest.mark.usefixtures("cpu_isa")
@@ -157,14 +164,17 @@ def test_gradients_match_reference(dtype, with_bias):
     native = decode_linear(*leaves[:2], leaves[2] if with_bias else None, backend="native")
     assert native.grad_fn is not None
     got = torch.autograd.grad(native, leaves, grad_out)
-    reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    expected = torch.autograd.grad(
-        decode_linear_ref(*reference_leaves[:2], reference_leaves[2] if with_bias else None), reference_leaves,
-        grad_out.double(),
-    )
-    for name, a, b in zip(("input", "weight", "bias"), got, expected):
+
+    def fp64_gradients(values, grad):
+        reference_leaves = [t.detach().double().requires_grad_() for t in values]
+        out = decode_linear_ref(*reference_leaves[:2], reference_leaves[2] if with_bias else None)
+        return torch.autograd.grad(out, reference_leaves, grad.double())
+
+    expected = fp64_gradients(leaves, grad_out)
+    partial_sums = fp64_gradients([t.abs() for t in leaves], grad_out.abs())  # the same sums of |terms|
+    for name, a, b, bound in zip(("input", "weight", "bias"), got, expected, partial_sums):
         assert a.dtype == dtype, name
-        assert_matches_oracle(a, b, dtype, 21, what=name)  # the longest reduction: 21 output features
+        assert_matches_oracle(a, b, dtype, 21, bound, what=name)  # the longest reduction: 21 output features
 
 
 @pytest.fixture
@@ -278,7 +288,7 @@ def test_fake_kernels_for_torch_compile():
 def test_property_native_matches_oracle(rows, out_features, in_features, dtype, with_bias, seed):
     x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias, seed=seed)
     out = decode_linear(x, weight, bias, backend="native")
-    assert_matches_oracle(out, oracle(x, weight, bias), dtype, in_features)
+    assert_linear_matches_oracle(out, x, weight, bias, dtype)
 
 
 class Scaled(torch.nn.Linear):
