@@ -53,9 +53,9 @@ HCR_INLINE void load_pair(const T* p, vfloat<Lanes>& first, vfloat<Lanes>& secon
 }
 
 // dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
-// rows x_r = x + r * K (fp32, each block of 2 * Lanes in load_pair's order), one pass over the weight rows: each weight vector is loaded
-// and widened once for all R input rows, each input vector loaded once for all NR weight
-// rows. Every pair sums in the same order whatever NR and R (two chains of vectors over k,
+// rows x_r = x + r * K (fp32, each whole block of 2 * Lanes in load_pair's order), one pass
+// over the weight rows: each weight vector is loaded and widened once for all R input rows,
+// each input vector loaded once for all NR weight rows. Every pair sums in the same order whatever NR and R (two chains of vectors over k,
 // even and odd, then the lanes, then the scalar tail), so a row's result does not depend on
 // the batch it is in.
 template <typename T, int NR, int R, int Lanes>
@@ -135,8 +135,8 @@ struct LinearBlock {
     // Weight rows per pass for groups of 4 input rows: 2 x 4 x 2 chains = 16 accumulators
     // fit AVX-512's 32 vector registers beside the operands, and cut the loads per FMA from
     // 5/4 to 6/8 where the rows make the loop compute-bound (1.1-1.4x at the 1.5B MLP's
-    // shapes with 4-8 rows in a side-by-side run, even on the tiny model). AVX2's 16
-    // registers hold one weight row's 8 accumulators.
+    // shapes with 4-8 rows in a side-by-side run, 0.97-1.02x on the tiny model's). AVX2's
+    // 16 registers hold one weight row's 8 accumulators.
     constexpr int kWeightRows = Lanes >= 16 ? 2 : 1;
     std::vector<float> tile(direct ? 0 : M * kTile);
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
