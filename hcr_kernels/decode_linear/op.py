@@ -129,7 +129,7 @@ def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:
 def _check_args(input, weight, bias) -> None:
     # The common case in one expression (a direct call per layer per decode step pays for
     # these checks); anything else goes through the checks that name what is wrong.
-    if (bias is None and type(input) is torch.Tensor and type(weight) is torch.Tensor and weight.dim() == 2
+    if (bias is None and isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() == 2
             and input.dim() > 0 and input.shape[-1] == weight.shape[1] and input.dtype == weight.dtype
             and input.device == weight.device):
         return
