@@ -55,9 +55,9 @@ HCR_INLINE void load_pair(const T* p, vfloat<Lanes>& first, vfloat<Lanes>& secon
 // dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
 // rows x_r = x + r * K (fp32, each whole block of 2 * Lanes in load_pair's order), one pass
 // over the weight rows: each weight vector is loaded and widened once for all R input rows,
-// each input vector loaded once for all NR weight rows. Every pair sums in the same order whatever NR and R (two chains of vectors over k,
-// even and odd, then the lanes, then the scalar tail), so a row's result does not depend on
-// the batch it is in.
+// each input vector loaded once for all NR weight rows. Every pair sums in the same order
+// whatever NR and R (two chains of vectors over k, even and odd, then the lanes, then the
+// scalar tail), so a row's result does not depend on the batch it is in.
 template <typename T, int NR, int R, int Lanes>
 HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
   vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
@@ -198,17 +198,34 @@ struct WidenInputRows {
   }
 };
 
+// A contiguous fp32 tensor's own memory (no copy needed), else nullptr.
+template <typename T>
+const float* fp32_as_is(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.is_contiguous()) return t.const_data_ptr<float>();
+  }
+  return nullptr;
+}
+
 // The input rows as dot_tile reads them: fp32 input as it is (load_pair keeps fp32's order),
 // else widened into `storage` by the kernel's own loop (no ATen op: a decode step calls this
 // per layer, where an op's dispatch and allocation cost as much as the conversion).
 template <typename T>
 const float* input_rows_as_float(const at::Tensor& input, int64_t M, int64_t K, std::vector<float>& storage) {
+  if (const float* as_is = fp32_as_is<T>(input)) return as_is;
   const at::Tensor dense = input.contiguous();
-  if constexpr (std::is_same_v<T, float>) {
-    if (dense.is_same(input)) return input.const_data_ptr<float>();
-  }
   storage.resize(M * K);
   run_for_active_isa<WidenInputRows<T>>(dense.const_data_ptr<T>(), storage.data(), M, K);
+  return storage.data();
+}
+
+// The bias as fp32 in its own order: an fp32 bias as it is, else widened into `storage`.
+template <typename T>
+const float* bias_as_float(const at::Tensor& bias, std::vector<float>& storage) {
+  if (const float* as_is = fp32_as_is<T>(bias)) return as_is;
+  const at::Tensor dense = bias.contiguous();
+  storage.resize(dense.numel());
+  run_for_active_isa<WidenToFloat<T>>(dense.const_data_ptr<T>(), storage.data(), dense.numel());
   return storage.data();
 }
 
@@ -217,13 +234,7 @@ void linear_all_rows(const at::Tensor& input, const at::Tensor& weight, const c1
                      at::Tensor& out, int64_t M, int64_t N, int64_t K) {
   std::vector<float> x_storage, bias_storage;
   const float* x = input_rows_as_float<T>(input, M, K, x_storage);
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    const at::Tensor dense_bias = bias->contiguous();
-    bias_storage.resize(N);
-    run_for_active_isa<WidenToFloat<T>>(dense_bias.const_data_ptr<T>(), bias_storage.data(), N);
-    b = bias_storage.data();
-  }
+  const float* b = bias.has_value() ? bias_as_float<T>(*bias, bias_storage) : nullptr;
   const T* w = weight.const_data_ptr<T>();
   const int64_t stride = weight.stride(0);
   T* result = out.mutable_data_ptr<T>();
