@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hcr_kernels import decode_attention, decode_attention_ref
 from hcr_kernels._extension import extension_loaded
 from hcr_kernels.decode_attention import BLOCK_QUERIES
+from hcr_kernels.decode_attention import op as op_module
 from param_sets import tolerance
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="the native extension hcr_kernels._C is not built")
@@ -184,6 +185,24 @@ def test_bad_input_names_the_argument(backend):
         call(q=query[0])
     with pytest.raises(RuntimeError, match="inference only"):
         call(q=query.clone().requires_grad_())
+
+
+def test_the_checks_shortcut_passes_nothing_the_checks_reject():
+    """The op skips its full argument checks for arguments ``_common_case`` accepts (a call per layer per
+    step pays for them): it must accept the usual call and nothing that ``_check_args`` rejects."""
+    query, keys, values, positions = operands(2, 4, 2, 1, 5, 8, torch.float32)
+    assert op_module._common_case(query, keys, values, positions)
+    bad = [dict(p=positions.int()), dict(p=torch.zeros(2, 2, dtype=torch.long)), dict(p=positions[:, 0]),
+           dict(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), dict(k=torch.randn(2, 2, 5, 7), v=torch.randn(2, 2, 5, 7)),
+           dict(k=torch.randn(3, 2, 5, 8), v=torch.randn(3, 2, 5, 8)), dict(v=torch.randn(2, 2, 6, 8)),
+           dict(v=values.double()), dict(q=query[0]), dict(q=query.int(), k=keys.int(), v=values.int()),
+           dict(q=query.clone().requires_grad_()), dict(v=values.clone().requires_grad_()),
+           dict(p=positions.to("meta")), dict(q=query.tolist())]
+    for change in bad:
+        args = [change.get(name, default) for name, default in zip("qkvp", (query, keys, values, positions))]
+        with pytest.raises((TypeError, ValueError, RuntimeError)):
+            op_module._check_args(*args)
+        assert not op_module._common_case(*args), change
 
 
 def test_native_refuses_a_dtype_it_lacks():

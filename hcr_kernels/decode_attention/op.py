@@ -40,7 +40,11 @@ def decode_attention(
     the slots up to it, the last ``sliding_window`` of them with a window. Positions outside
     ``[0, S)`` raise a ``ValueError`` naming the entry. fp32 softmax and sums. Not differentiable.
     """
-    _check_args(query, keys, values, positions)
+    if not _common_case(query, keys, values, positions):
+        _check_args(query, keys, values, positions)  # raises, naming what is wrong (or passes an uncommon case)
+    elif backend == "native" and query.dtype in NATIVE_DTYPES and _extension.extension_loaded():
+        # what choose_backend decides for CPU tensors: the generator's call per layer per step takes this line
+        return native.decode_attention(query, keys, values, positions, scale, sliding_window)
     chosen = _dispatch.choose_backend("decode_attention", query.device, backend, BACKEND_CHECKS)
     if chosen == "native" and query.dtype not in NATIVE_DTYPES:
         if backend == "native":
@@ -50,6 +54,21 @@ def decode_attention(
         return native.decode_attention(query, keys, values, positions, scale, sliding_window)
     _check_positions(positions, keys.shape[2])
     return decode_attention_ref(query, keys, values, positions, scale=scale, sliding_window=sliding_window)
+
+
+def _common_case(query, keys, values, positions) -> bool:
+    """Whether the arguments are CPU tensors that pass every check of ``_check_args``, in one expression:
+    the generator calls this op per layer per step, after the kernel streamed the cache through the CPU's
+    caches, where the full checks cost ~10 us a call (the tiny model at 256 slots: 20 % of a step's attention)."""
+    if not (isinstance(query, torch.Tensor) and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+            and isinstance(positions, torch.Tensor)):
+        return False
+    q, k = query.shape, keys.shape
+    return (len(q) == 4 and len(k) == 4 and values.shape == k and k[0] == q[0] and k[3] == q[3] and k[1] > 0
+            and q[1] % k[1] == 0 and positions.shape == (q[0], q[2]) and positions.dtype == torch.int64
+            and query.dtype == keys.dtype == values.dtype and query.is_floating_point()
+            and query.is_cpu and keys.is_cpu and values.is_cpu and positions.is_cpu
+            and not (query.requires_grad or keys.requires_grad or values.requires_grad))
 
 
 def _check_args(query, keys, values, positions) -> None:
