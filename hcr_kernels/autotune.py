@@ -3,8 +3,10 @@
 Where the faster of two equivalent paths depends on the CPU (its ISA, caches,
 core count, the BLAS torch was built with), a threshold tuned on one machine was
 measured slower than plain PyTorch on another. So such choices are measured here,
-at first use: both paths run interleaved a few times and the fast path is taken
-only if its median time is below ``MARGIN`` times the reference's. A tie or a
+at first use: both paths run interleaved a few times, each call starting with the
+core's caches cleared of its operands (as between two calls of one layer in a model's
+step), and the fast path is taken only if its median time is below ``MARGIN`` times the
+reference's. A tie or a
 loss keeps the reference, so a measured choice is never slower than not having
 the fast path (up to the noise of a short measurement).
 
@@ -39,7 +41,7 @@ CACHE_DIR_ENV_VAR = "HCR_CACHE_DIR"
 MARGIN = 0.95  # the fast path must save at least 5 % to be chosen: below that, noise could decide
 ROUNDS = 7  # timed calls of each path (after one warm-up call each), interleaved
 
-_decisions: dict[tuple[str, str, str], bool] = {}
+_decisions: dict[tuple[str, str, str], str] = {}
 _derived: dict[tuple, object] = {}
 
 
@@ -61,12 +63,17 @@ def cpu_model() -> str:
 
 
 _BUILD_FIELD = " | hcr_kernels._C "
+# How decisions are measured; part of the key, so decisions measured another way are measured again
+# (2: each timed call starts with the cores' caches written over, see ``measure``).
+MEASURE_METHOD = 2
 
 
 def machine_key() -> str:
-    """What a measured decision depends on besides the shape: the machine, and the build of the kernels."""
+    """What a measured decision depends on besides the shape: the machine, the build of the kernels, and
+    how decisions are measured (the last two after ``_BUILD_FIELD``: another build's or method's decisions
+    for this machine are dropped from the file when a decision is written)."""
     return (f"{cpu_model()} | isa {cpu_isa.active_cpu_isa()} | {torch.get_num_threads()} threads | "
-            f"torch {torch.__version__}{_BUILD_FIELD}{_extension.build_fingerprint()}")
+            f"torch {torch.__version__}{_BUILD_FIELD}{_extension.build_fingerprint()} | measured {MEASURE_METHOD}")
 
 
 def cache_path() -> Path:
@@ -101,40 +108,78 @@ def _write_cache(machine: str, key: str, record: dict) -> None:
         pass
 
 
+@functools.cache
+def _eviction_buffer(threads: int) -> torch.Tensor:
+    """Twice the L2 of each core torch runs on (1 MiB per core where the OS does not say): the fill is
+    shared among the threads, so every core that runs a timed call gets its L2 written over."""
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    return torch.empty(2 * max(l2, 1 << 20) * threads, dtype=torch.uint8)
+
+
+def evict_core_caches() -> None:
+    """Push a timed call's operands out of the cores' L1 and L2, as the rest of a model's step does in use."""
+    _eviction_buffer(torch.get_num_threads()).fill_(1)
+
+
 def measure(fast: Callable[[], object], reference: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, float]:
-    """Median seconds of ``fast`` and ``reference``: one warm-up call each, then ``rounds`` alternating calls."""
+    """Median seconds of ``fast`` and ``reference``: one warm-up call each, then ``rounds`` alternating calls.
+
+    Each timed call starts with its operands out of the core's caches (``evict_core_caches``): in
+    use, the other layers of a step run between two calls of one layer. Back to back, a small
+    layer's weights stay in the L2, which hid the kernel's lead: a 256 x 256 fp32 layer, one row,
+    measured 1.11x F.linear back to back and 1.28x with the L2 evicted (AVX-512, 2 threads), and
+    generation took F.linear for it on a 7 vs 7 us tie, 8 % fewer tokens/s than with the kernel.
+    """
     times: dict[Callable, list[float]] = {fast: [], reference: []}
     fast()
     reference()
     for i in range(rounds):
         for run in ((fast, reference) if i % 2 == 0 else (reference, fast)):
+            evict_core_caches()
             start = time.perf_counter()
             run()
             times[run].append(time.perf_counter() - start)
     return statistics.median(times[fast]), statistics.median(times[reference])
 
 
-def fast_path_wins(op: str, shape_class: str, fast: Callable[[], object], reference: Callable[[], object]) -> bool:
-    """Whether ``fast`` is measurably faster than ``reference`` for ``op`` at ``shape_class`` on this machine.
+FASTER, TIE, SLOWER = "faster", "tie", "slower"  # the fast path's verdicts against its reference
 
-    Measured once per machine and shape class (then cached); False without measuring when
+
+def verdict(fast_s: float, reference_s: float) -> str:
+    """``FASTER`` below ``MARGIN`` times the reference's time, ``SLOWER`` above it divided by ``MARGIN``,
+    else ``TIE``: a difference the noise of a short measurement could have made either way."""
+    if fast_s < MARGIN * reference_s:
+        return FASTER
+    return SLOWER if fast_s * MARGIN > reference_s else TIE
+
+
+def compare(op: str, shape_class: str, fast: Callable[[], object], reference: Callable[[], object]) -> str | None:
+    """``fast`` against ``reference`` for ``op`` at ``shape_class`` on this machine: a ``verdict``.
+
+    Measured once per machine and shape class (then cached); None without measuring when
     autotuning is off. ``fast`` and ``reference`` are calls of the two paths on inputs of that class.
     """
     if not enabled():
-        return False
+        return None
     machine = machine_key()
     memo_key = (machine, op, shape_class)
     if memo_key in _decisions:
         return _decisions[memo_key]
     key = f"{op} | {shape_class}"
     record = _read_cache().get(machine, {}).get(key)
-    if not isinstance(record, dict) or not isinstance(record.get("fast"), bool):
+    try:
+        times = float(record["fast_s"]), float(record["reference_s"])
+    except (TypeError, KeyError, ValueError):  # not measured yet, or a damaged record: measure
         with torch.no_grad():
-            fast_s, reference_s = measure(fast, reference)
-        record = {"fast": fast_s < MARGIN * reference_s, "fast_s": fast_s, "reference_s": reference_s}
-        _write_cache(machine, key, record)
-    _decisions[memo_key] = record["fast"]
-    return record["fast"]
+            times = measure(fast, reference)
+        _write_cache(machine, key, {"fast": verdict(*times) == FASTER, "fast_s": times[0], "reference_s": times[1]})
+    _decisions[memo_key] = verdict(*times)
+    return _decisions[memo_key]
+
+
+def fast_path_wins(op: str, shape_class: str, fast: Callable[[], object], reference: Callable[[], object]) -> bool:
+    """Whether ``compare`` finds ``fast`` clearly faster (False when autotuning is off): a tie keeps the reference."""
+    return compare(op, shape_class, fast, reference) == FASTER
 
 
 def cached_decisions() -> dict[str, dict]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
+import torch
 
 from hcr_kernels import autotune, cpu_isa
 
@@ -46,6 +48,16 @@ def test_fast_path_only_when_clearly_faster(fresh, fast_s, reference_s, expected
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("fast_s,verdict", [(0.5, "faster"), (0.949, "faster"), (0.951, "tie"), (1.0, "tie"),
+                                            (1.05, "tie"), (1.053, "slower"), (2.0, "slower")])
+def test_verdicts_leave_a_margin_either_way(fresh, fast_s, verdict):
+    calls, timings = fresh
+    timings["value"] = (fast_s, 1.0)
+    assert autotune.compare("op", "shape", noop, noop) == verdict
+    autotune.forget()  # the file answers with the same verdict
+    assert autotune.compare("op", "shape", noop, noop) == verdict and len(calls) == 1
+
+
 def test_decisions_are_cached_in_memory_and_on_disk(fresh):
     calls, timings = fresh
     timings["value"] = (0.1, 1.0)
@@ -76,9 +88,10 @@ def test_each_isa_is_measured_for_itself(fresh):
     assert len(calls) == len(isas)
 
 
-def test_another_builds_decisions_are_measured_again_and_dropped(fresh, monkeypatch):
-    """A rebuilt _C (a kernel change) is measured afresh: the old build's decisions for this machine
-    leave the file, other machines' stay."""
+@pytest.mark.parametrize("change", ["build", "method"])
+def test_another_builds_decisions_are_measured_again_and_dropped(fresh, monkeypatch, change):
+    """A rebuilt _C (a kernel change) or a new way of measuring is measured afresh: the old decisions for
+    this machine leave the file, other machines' stay."""
     from hcr_kernels import _extension
 
     calls, timings = fresh
@@ -91,7 +104,10 @@ def test_another_builds_decisions_are_measured_again_and_dropped(fresh, monkeypa
     data[other_machine] = {"op | a": {"fast": True, "fast_s": 0.1, "reference_s": 1.0}}
     autotune.cache_path().write_text(json.dumps(data))
 
-    monkeypatch.setattr(_extension, "build_fingerprint", lambda: "rebuilt00000")
+    if change == "build":
+        monkeypatch.setattr(_extension, "build_fingerprint", lambda: "rebuilt00000")
+    else:
+        monkeypatch.setattr(autotune, "MEASURE_METHOD", autotune.MEASURE_METHOD + 1)
     autotune.forget()
     timings["value"] = (2.0, 1.0)
     assert not autotune.fast_path_wins("op", "a", noop, noop)  # measured again, with the new build's result
@@ -117,8 +133,9 @@ def test_a_damaged_cache_is_measured_again(fresh):
     assert json.loads(autotune.cache_path().read_text())[autotune.machine_key()]["op | a"]["fast"] is True
 
 
-def test_measure_times_both_paths_interleaved():
+def test_measure_times_both_paths_interleaved_each_call_after_an_eviction(monkeypatch):
     order = []
+    monkeypatch.setattr(autotune, "evict_core_caches", lambda: order.append("evict"))
 
     def fast():
         order.append("fast")
@@ -130,4 +147,12 @@ def test_measure_times_both_paths_interleaved():
 
     fast_s, reference_s = autotune.measure(fast, reference, rounds=3)
     assert fast_s < reference_s
-    assert order == ["fast", "reference", "fast", "reference", "reference", "fast", "fast", "reference"]
+    assert order == ["fast", "reference"] + [step for run in ["fast", "reference", "reference", "fast", "fast", "reference"]
+                                             for step in ("evict", run)]
+
+
+def test_the_eviction_writes_over_twice_every_cores_l2():
+    autotune.evict_core_caches()
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    buffer = autotune._eviction_buffer(torch.get_num_threads())
+    assert buffer.numel() >= 2 * max(l2, 1 << 20) * torch.get_num_threads() and bool((buffer == 1).all())

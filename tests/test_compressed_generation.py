@@ -246,7 +246,7 @@ def test_decode_kernels_in_fp32_give_the_same_tokens(base, tokenizer, monkeypatc
     from hcr_kernels import autotune
     from hcr_kernels.decode_linear import patch
 
-    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
     autotune.forget()
 
     native_calls = []
@@ -672,7 +672,7 @@ def test_decode_attention_route_gives_the_oracles_tokens(tokenizer, monkeypatch,
     from hcr_kernels import autotune
     from hcr_kernels.decode_attention import native
 
-    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
     steps_seen = []
 
     def spy(query, *args):

@@ -184,9 +184,9 @@ def native_wins_up_to_4_rows(monkeypatch):
 
     def decide(op, shape_class, fast, reference):
         asked.append(shape_class)
-        return int(shape_class.rsplit("rows=", 1)[1]) <= 4
+        return autotune.FASTER if int(shape_class.rsplit("rows=", 1)[1]) <= 4 else autotune.SLOWER
 
-    monkeypatch.setattr(autotune, "fast_path_wins", decide)
+    monkeypatch.setattr(autotune, "compare", decide)
     autotune.forget()
     yield asked
     autotune.forget()
@@ -205,13 +205,27 @@ def test_automatic_choice_takes_native_up_to_the_measured_row_count(native_wins_
     assert torch.equal(decode_linear(few, weight), decode_linear(few, weight, backend="native"))
 
 
+@pytest.mark.parametrize("verdicts,limit", [
+    ("tie faster faster slower", 4),  # a tie below a win: the range goes on
+    ("faster tie tie slower", 1),  # ties above the last win do not extend it
+    ("tie tie tie tie tie tie", 0),
+    ("faster slower faster faster faster faster", 1),  # a loss ends the range
+])
+def test_a_measured_tie_neither_extends_nor_ends_the_native_row_range(monkeypatch, verdicts, limit):
+    by_rows = dict(zip(ROW_LADDER, verdicts.split()))
+    monkeypatch.setattr(autotune, "compare", lambda op, shape_class, *calls: by_rows[int(shape_class.rsplit("=", 1)[1])])
+    autotune.forget()
+    assert native_row_limit(torch.randn(24, 16)) == limit
+    autotune.forget()
+
+
 def test_automatic_choice_never_takes_a_slower_native_kernel(monkeypatch):
     weight = torch.randn(24, 16)
     autotune.forget()
-    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: False)
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.SLOWER)
     assert native_row_limit(weight) == 0
     autotune.forget()
-    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
     assert native_row_limit(weight) == ROW_LADDER[-1]
     autotune.forget()
 
@@ -223,9 +237,14 @@ def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
     limit = native_row_limit(torch.randn(40, 24))
     assert limit in (0, *ROW_LADDER)
     decisions = autotune.cached_decisions()
-    measured = [key for key in decisions if key.startswith("decode_linear | float32 N=40 K=24")]
-    assert len(measured) == min(len(ROW_LADDER), ROW_LADDER.index(limit) + 2 if limit else 1)
-    assert all(decisions[key]["fast_s"] > 0 and decisions[key]["reference_s"] > 0 for key in measured)
+    measured = {int(key.rsplit("=", 1)[1]): autotune.verdict(record["fast_s"], record["reference_s"])
+                for key, record in decisions.items() if key.startswith("decode_linear | float32 N=40 K=24")}
+    rungs = ROW_LADDER[:len(measured)]
+    assert sorted(measured) == list(rungs)  # from one row up ...
+    assert all(measured[rows] != autotune.SLOWER for rows in rungs[:-1])  # ... to the first loss, or all
+    assert measured[rungs[-1]] == autotune.SLOWER or len(rungs) == len(ROW_LADDER)
+    assert limit == max([rows for rows in rungs if measured[rows] == autotune.FASTER], default=0)
+    assert all(decisions[key]["fast_s"] > 0 and decisions[key]["reference_s"] > 0 for key in decisions)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV_VAR, "0")  # off: the reference, whatever was measured
     assert native_row_limit(torch.randn(40, 24)) == 0
 
@@ -233,7 +252,7 @@ def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
 def test_backend_env_var_selects_reference(monkeypatch):
     """Also after the limit for that weight was worked out and remembered without the variable."""
     weight = torch.randn(4, 4)
-    monkeypatch.setattr(autotune, "fast_path_wins", lambda *args: True)
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
     autotune.forget()
     assert native_row_limit(weight) == ROW_LADDER[-1]
     monkeypatch.setenv("HCR_BACKEND", "reference")

@@ -97,8 +97,11 @@ def measured_row_limit(weight: torch.Tensor) -> int:
     """The largest row count of ``ROW_LADDER`` up to which the native kernel beat F.linear on this weight's shape.
 
     Measured on this machine at first use (``hcr_kernels.autotune``, cached per CPU, ISA,
-    thread count and shape), from one row up, stopping at the first count where it did not
-    win: 0 when it never did or when autotuning is off.
+    thread count and shape), from one row up, stopping at the first count where it was
+    slower: the limit is the last count where it was clearly faster. A tie on the way (within
+    ``autotune.MARGIN`` either way) neither extends nor ends the range: one noisy tie at one
+    row had turned the kernel off for every row count of a layer where it won 1.2-1.75x at
+    2-8 rows. 0 when it never won or when autotuning is off.
     """
     return autotune.remembered(("decode_linear", weight.dtype, *weight.shape), lambda: _measure_row_limit(weight))
 
@@ -109,10 +112,12 @@ def _measure_row_limit(weight: torch.Tensor) -> int:
     for rows in ROW_LADDER:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
-        if not autotune.fast_path_wins("decode_linear", shape_class, lambda: native.decode_linear(x, weight, None),
-                                       lambda: decode_linear_ref(x, weight, None)):
+        verdict = autotune.compare("decode_linear", shape_class, lambda: native.decode_linear(x, weight, None),
+                                   lambda: decode_linear_ref(x, weight, None))
+        if verdict in (None, autotune.SLOWER):
             break
-        limit = rows
+        if verdict == autotune.FASTER:
+            limit = rows
     return limit
 
 
