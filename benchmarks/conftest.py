@@ -13,6 +13,10 @@ Every benchmark records the CPU and the ISA the native kernels ran with
 (``extra_info["cpu"]``, ``["cpu_isa"]``), and the summary names them: figures from
 an AVX2 machine and an AVX-512 one are not comparable. ``HCR_CPU_ISA=avx2`` (or
 ``baseline``) runs the suite with another ISA's kernels on the same machine.
+
+Freed memory is kept for reuse for the whole session (``page_faults.keep_freed_memory``:
+otherwise ops returning hundreds of MiB time page faults), and benchmarks that
+allocate large outputs record ``extra_info["faults_per_call"]``, printed in the summary.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import pytest
 import torch
 
 from hcr_kernels import autotune, cpu_isa
+from page_faults import keep_freed_memory
+
+MEMORY_REUSED = keep_freed_memory()
 
 
 def machine() -> str:
@@ -32,7 +39,8 @@ def machine() -> str:
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, {machine()}"
+    memory = "freed memory kept for reuse" if MEMORY_REUSED else "freed memory returned as usual (not glibc)"
+    return f"torch {torch.__version__}, {machine()}, {memory}"
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +92,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 if reference_peak and backend != "reference":
                     peak += f" (1/{reference_peak / info['peak_mb']:.1f} of the reference's)"
                 parts.append(peak)
+            if info.get("faults_per_call") is not None:
+                parts.append(f"{info['faults_per_call']:,} page faults/call")
             if copy and backend != "copy":
                 parts.append(f"{copy / median:5.0%} of copy bandwidth")
             write(", ".join(parts))

@@ -28,6 +28,7 @@ import sys
 
 import pytest
 import torch
+from page_faults import pedantic_counting_faults
 
 from hcr_kernels import fused_linear_cross_entropy, weighted_cross_entropy
 
@@ -36,6 +37,7 @@ CE_SHAPES = {
     "compression 1024x151936": (1024, 151936),
 }
 FUSED_SHAPE = (1024, 151936, 1536)  # tokens, vocabulary, hidden
+CE_ROUNDS, CE_WARMUP = 5, 3  # warm-up calls let the reused heap grow to what a call needs (see page_faults)
 
 
 def ce_inputs(tokens, vocab, dtype=torch.float32, seed=0):
@@ -60,7 +62,7 @@ def test_weighted_ce_forward_backward(benchmark, backend, dtype, shape):
         loss = weighted_cross_entropy(logits, labels, weights, backend=backend)
         return torch.autograd.grad(loss, logits)
 
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    pedantic_counting_faults(benchmark, fn, rounds=CE_ROUNDS, warmup_rounds=CE_WARMUP)
 
 
 @pytest.mark.parametrize("shape", list(CE_SHAPES))
@@ -70,7 +72,8 @@ def test_weighted_ce_forward_only(benchmark, backend, shape):
     benchmark.group = f"weighted_cross_entropy forward only (no grad) {shape} float32"
     benchmark.extra_info.update(backend=backend)
     with torch.no_grad():
-        benchmark.pedantic(lambda: weighted_cross_entropy(logits, labels, weights, backend=backend), rounds=3, warmup_rounds=1)
+        pedantic_counting_faults(benchmark, lambda: weighted_cross_entropy(logits, labels, weights, backend=backend),
+                                 rounds=CE_ROUNDS, warmup_rounds=CE_WARMUP)
 
 
 def fused_inputs(tokens, vocab, dim, seed=0):
@@ -125,4 +128,4 @@ def test_fused_linear_ce_forward_backward(benchmark, backend):
     benchmark.group = f"fused_linear_cross_entropy forward+backward {tokens}x{vocab}x{dim} fp32, frozen lm_head"
     benchmark.extra_info.update(backend=backend, peak_mb=round(peak["peak_bytes"] / 2**20, 1))
     print(f"\n{benchmark.group}: {backend} peak {peak['peak_bytes'] / 2**20:.0f} MiB above the inputs")
-    benchmark.pedantic(lambda: fused_step(hidden, weight, labels, backend), rounds=2, warmup_rounds=0)
+    pedantic_counting_faults(benchmark, lambda: fused_step(hidden, weight, labels, backend), rounds=3, warmup_rounds=2)
