@@ -4,11 +4,10 @@ Where the faster of two equivalent paths depends on the CPU (its ISA, caches,
 core count, the BLAS torch was built with), a threshold tuned on one machine was
 measured slower than plain PyTorch on another. So such choices are measured here,
 at first use: both paths run interleaved a few times, each call starting with the
-core's caches cleared of its operands (as between two calls of one layer in a model's
+cores' caches cleared of its operands (as between two calls of one layer in a model's
 step), and the fast path is taken only if its median time is below ``MARGIN`` times the
-reference's. A tie or a
-loss keeps the reference, so a measured choice is never slower than not having
-the fast path (up to the noise of a short measurement).
+reference's. A tie or a loss keeps the reference, so a measured choice is never slower
+than not having the fast path (up to the noise of a short measurement).
 
 Decisions are cached per machine (CPU model, active ISA, thread count, torch
 version), per build of the compiled kernels (a hash of ``_C``: a rebuilt kernel is
@@ -124,7 +123,7 @@ def evict_core_caches() -> None:
 def measure(fast: Callable[[], object], reference: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, float]:
     """Median seconds of ``fast`` and ``reference``: one warm-up call each, then ``rounds`` alternating calls.
 
-    Each timed call starts with its operands out of the core's caches (``evict_core_caches``): in
+    Each timed call starts with its operands out of the cores' caches (``evict_core_caches``): in
     use, the other layers of a step run between two calls of one layer. Back to back, a small
     layer's weights stay in the L2, which hid the kernel's lead: a 256 x 256 fp32 layer, one row,
     measured 1.11x F.linear back to back and 1.28x with the L2 evicted (AVX-512, 2 threads), and
