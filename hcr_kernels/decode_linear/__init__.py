@@ -7,7 +7,8 @@ a plain vectorised loop gets on this project's machines
 (``benchmarks/test_bench_decode_linear.py``); the native kernel is that loop,
 parallel over output features, fp32 accumulation. Where it stops winning depends
 on the CPU and the dtype, so the automatic choice measures it on this machine
-(``measured_row_limit``, cached) and takes it only up to the row count it won at.
+(``measured_row_limit``, cached) and takes it only up to the last row count it won at
+(through ties, stopping at the first loss).
 
 Backends: ``reference`` (``F.linear``, what ``nn.Linear`` computes: the oracle and
 the fallback), ``native`` (the compiled extension, CPU; fp32, bf16, fp16). No GPU
