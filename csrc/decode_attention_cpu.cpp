@@ -193,7 +193,7 @@ HCR_INLINE float softmax_in_place(float* p, int64_t n) {
   vfloat<Lanes> sum{};
   i = 0;
   for (; i + Lanes <= n; i += Lanes) {
-    const vfloat<Lanes> e = exp_v<Lanes>(load_v<Lanes>(p + i) - top);
+    const vfloat<Lanes> e = exp_nonpositive_v<Lanes>(load_v<Lanes>(p + i) - top);
     store_v<Lanes>(p + i, e);
     sum += e;
   }

@@ -27,11 +27,14 @@ namespace hcr {
 // polynomial, and 2^k from the exponent bits. Inputs below -87.3 give 0 (as
 // expf does); inputs above 88.7 saturate. Written once for a scalar type T and
 // for GCC vector types, so the hot loops need no compiler auto-vectorisation
-// of branches (which GCC declines for floating-point selects).
-template <typename F, typename I>
+// of branches (which GCC declines for floating-point selects). NonPositive: for
+// x <= 0 only (a softmax's x - max), without the clamp (the last select already
+// gives 0 below -87.3, whatever the arithmetic made of such x): the same bits.
+template <typename F, typename I, bool NonPositive = false>
 HCR_INLINE F exp_approx_t(F x) {
   const F lo = F{} - 87.3f, hi = F{} + 88.7f;  // splats of the right type
-  const F clamped = x < lo ? lo : (x > hi ? hi : x);
+  F clamped = x;
+  if constexpr (!NonPositive) clamped = x < lo ? lo : (x > hi ? hi : x);
   const F t = clamped * 1.44269504088896341f + 12582912.f;  // round to nearest via 1.5 * 2^23
   const F kf = t - 12582912.f;
   F r = clamped - kf * 0.693359375f;
@@ -140,6 +143,11 @@ HCR_INLINE vfloat<Lanes> transposed_sums(vfloat<Lanes>* v) {
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> exp_v(vfloat<Lanes> x) {
   return exp_approx_t<vfloat<Lanes>, vint<Lanes>>(x);
+}
+// exp_v for x <= 0 (see exp_approx_t): four instructions fewer per vector.
+template <int Lanes>
+HCR_INLINE vfloat<Lanes> exp_nonpositive_v(vfloat<Lanes> x) {
+  return exp_approx_t<vfloat<Lanes>, vint<Lanes>, true>(x);
 }
 
 template <int Lanes>
@@ -251,7 +259,7 @@ struct SigmoidArray {
 template <int Lanes>
 HCR_INLINE vfloat<Lanes> softplus_v(vfloat<Lanes> x) {
   const vfloat<Lanes> zero = vfloat<Lanes>{};
-  const vfloat<Lanes> e = exp_v<Lanes>(x < zero ? x : -x);
+  const vfloat<Lanes> e = exp_nonpositive_v<Lanes>(x < zero ? x : -x);
   const vfloat<Lanes> s = e / (e + 2.f), s2 = s * s;
   vfloat<Lanes> p = s2 * (1.f / 13.f) + 1.f / 11.f;
   p = p * s2 + 1.f / 9.f;

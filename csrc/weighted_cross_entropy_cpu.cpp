@@ -54,7 +54,7 @@ struct ExpSum {
     vfloat<Lanes> acc = vfloat<Lanes>{};
     int64_t j = 0;
     for (; j + Lanes <= n; j += Lanes) {
-      const vfloat<Lanes> v = exp_v<Lanes>(load_v<Lanes>(x + j) - m);
+      const vfloat<Lanes> v = exp_nonpositive_v<Lanes>(load_v<Lanes>(x + j) - m);  // x <= m
       if (out != nullptr) store_v<Lanes>(out + j, v);
       acc += v;
     }
