@@ -17,7 +17,6 @@ a median call that still faults has not reached that state.
 from __future__ import annotations
 
 import ctypes
-import resource
 import statistics
 import sys
 from collections.abc import Callable
@@ -41,6 +40,8 @@ def keep_freed_memory() -> bool:
 
 
 def minor_faults() -> int:
+    import resource  # Unix only: imported here, so the module (and the benchmarks' conftest) loads everywhere
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
