@@ -18,9 +18,14 @@
 // every query's scores; a softmax per query; pass 2 streams the values into fp32
 // accumulators, a block of slots at a time. Queries are taken in blocks of at most 16
 // (query heads x steps), so the scores stay R x span floats. Pass 1 takes the keys a
-// vector's width of rows at a time (one accumulator per key row, all summed across
-// lanes at once); pass 2 keeps one register accumulator per query head of a step (its
-// G heads see the same slots) and loads each value vector once for all of them. fp32
+// vector's width of rows at a time, 4 rows beside up to 3 query rows (one accumulator
+// per pair, all summed across lanes at once); pass 2 keeps register accumulators per
+// query head of a step (its G heads see the same slots) for one to four vectors of D,
+// loading each value vector once for all of them. Both keep about 8 or more FMA chains
+// in flight: with 4 they ran at half the FMA rate, the bf16 1.5B shapes compute-bound
+// on a CPU whose L2 does not hold a span's values (2 threads, AMD EPYC with AVX2 only,
+// 512 KiB L2, 3 alternating runs: B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms, with the
+// one-instruction bf16 widening of vec_math.h; same results bit for bit). fp32
 // math for fp32, bf16 and fp16. Compiled for AVX-512, AVX2 and the baseline, each with vectors of its register
 // width (cpu_isa.h).
 #include <ATen/ATen.h>
@@ -69,57 +74,96 @@ HCR_INLINE void group_dots(const float* q, const float* k, int64_t G, int64_t n,
   if (g < G) dots<1, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
 }
 
-// out[j] = <q, k + j * k_stride> for the Lanes key rows of a block: one register accumulator per key row,
-// summed across lanes all at once (transposed_sums) and stored as one vector: for T = 1 and G = 2 this
-// pass took 1.5x less time in L2 than one halving_sum per (head, slot).
-template <int Lanes>
-HCR_INLINE void block_dots(const float* q, const float* k, int64_t k_stride, int64_t n, float* out) {
-  vfloat<Lanes> sum[Lanes];
+// out[r * out_stride + j] = <q + r * n, k + j * k_stride> for QR query rows and the Lanes key rows of a
+// block: one register accumulator per (query row, key row), summed across lanes all at once per query
+// row (transposed_sums) and stored as one vector: for T = 1 and G = 2 this pass took 1.5x less time in
+// L2 than one halving_sum per (head, slot). Key rows go 4 at a time with the QR query rows beside them:
+// 4 * QR FMA chains in flight (one query row's 4 chains waited on the FMA latency: half the FMA rate),
+// each key vector loaded once for the QR rows.
+template <int QR, int Lanes>
+HCR_INLINE void block_dots(const float* q, const float* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
+  vfloat<Lanes> sum[QR][Lanes];
   const int64_t vectors = n - n % Lanes;
-  for (int j = 0; j < Lanes; j += 4) {  // 4 key rows at a time: 4 FMA chains in flight, q loaded once for them
-    vfloat<Lanes> s[4] = {};
+  for (int j = 0; j < Lanes; j += 4) {
+    vfloat<Lanes> s[QR][4] = {};
     for (int64_t i = 0; i < vectors; i += Lanes) {
-      const vfloat<Lanes> qv = load_v<Lanes>(q + i);
-      for (int r = 0; r < 4; ++r) s[r] += qv * load_v<Lanes>(k + (j + r) * k_stride + i);
+      vfloat<Lanes> kv[4];
+      for (int r = 0; r < 4; ++r) kv[r] = load_v<Lanes>(k + (j + r) * k_stride + i);
+      for (int row = 0; row < QR; ++row) {
+        const vfloat<Lanes> qv = load_v<Lanes>(q + row * n + i);
+        for (int r = 0; r < 4; ++r) s[row][r] += qv * kv[r];
+      }
     }
-    for (int r = 0; r < 4; ++r) sum[j + r] = s[r];
+    for (int row = 0; row < QR; ++row)
+      for (int r = 0; r < 4; ++r) sum[row][j + r] = s[row][r];
   }
-  vfloat<Lanes> total = transposed_sums<Lanes>(sum);
-  for (int64_t i = vectors; i < n; ++i) {
-    for (int j = 0; j < Lanes; ++j) total[j] += q[i] * k[j * k_stride + i];
+  for (int row = 0; row < QR; ++row) {
+    vfloat<Lanes> total = transposed_sums<Lanes>(sum[row]);
+    for (int64_t i = vectors; i < n; ++i) {
+      for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * k[j * k_stride + i];
+    }
+    store_v<Lanes>(out + row * out_stride, total);
   }
-  store_v<Lanes>(out, total);
 }
 
-// acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d], for R
-// query rows j sharing the value rows: per vector of d, R register accumulators over the slots (each
-// value vector loaded once for the R rows), so nothing but the value rows goes through memory. With
-// one or two rows, even and odd slots go to separate accumulators: two or four FMA chains in flight
-// instead of one or two, each otherwise waiting on its own previous FMA.
+// block_dots for R query rows, in groups of 3, 2 and 1.
+template <int Lanes>
+HCR_INLINE void rows_block_dots(const float* q, const float* k, int64_t k_stride, int64_t R, int64_t n, float* out,
+                                int64_t out_stride) {
+  int64_t r = 0;
+  for (; r + 3 <= R; r += 3) block_dots<3, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  for (; r + 2 <= R; r += 2) block_dots<2, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  if (r < R) block_dots<1, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+}
+
+// acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for the DV
+// vectors of d from d0, for R query rows j sharing the value rows: R * DV register accumulators over the
+// slots (each value vector loaded once for the R rows, each weight broadcast once for the DV vectors), so
+// nothing but the value rows goes through memory. With one or two rows, even and odd slots go to separate
+// accumulators (Split). The caller picks DV so that about 8 FMA chains are in flight: each chain waits
+// on its own previous FMA, and fewer chains left the FMA units idle (one vector of d for 4 rows: half
+// their rate). Each sum's order is the same whatever DV.
+template <typename T, int R, int DV, int Lanes>
+HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0,
+                                     int64_t s1, float* acc, int64_t n, int64_t d0) {
+  constexpr int Split = R <= 2 ? 2 : 1;
+  vfloat<Lanes> sum[Split][R][DV] = {};
+  int64_t slot = s0;
+  for (; slot + Split <= s1; slot += Split) {
+    for (int h = 0; h < Split; ++h) {
+      vfloat<Lanes> value[DV];
+      for (int e = 0; e < DV; ++e) value[e] = load_as_float<T, Lanes>(v + (slot + h) * v_stride + d0 + e * Lanes);
+      for (int j = 0; j < R; ++j) {
+        const float weight = p[j * p_stride + slot + h];
+        for (int e = 0; e < DV; ++e) sum[h][j][e] += weight * value[e];
+      }
+    }
+  }
+  for (; slot < s1; ++slot) {
+    for (int e = 0; e < DV; ++e) {
+      const vfloat<Lanes> value = load_as_float<T, Lanes>(v + slot * v_stride + d0 + e * Lanes);
+      for (int j = 0; j < R; ++j) sum[0][j][e] += p[j * p_stride + slot] * value;
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int e = 0; e < DV; ++e) {
+      vfloat<Lanes> total = sum[0][j][e];
+      for (int h = 1; h < Split; ++h) total += sum[h][j][e];
+      float* a = acc + j * n + d0 + e * Lanes;
+      store_v<Lanes>(a, load_v<Lanes>(a) + total);
+    }
+  }
+}
+
+// acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for every d < n
+// and R query rows j: DV vectors of d at a time (weighted_sum_vectors), then single vectors, then scalars.
 template <typename T, int R, int Lanes>
 HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0, int64_t s1,
                               float* acc, int64_t n) {
-  constexpr int Split = R <= 2 ? 2 : 1;
+  constexpr int DV = std::max(1, 8 / (R * (R <= 2 ? 2 : 1)));
   int64_t d = 0;
-  for (; d + Lanes <= n; d += Lanes) {
-    vfloat<Lanes> sum[Split][R] = {};
-    int64_t slot = s0;
-    for (; slot + Split <= s1; slot += Split) {
-      for (int h = 0; h < Split; ++h) {
-        const vfloat<Lanes> value = load_as_float<T, Lanes>(v + (slot + h) * v_stride + d);
-        for (int j = 0; j < R; ++j) sum[h][j] += p[j * p_stride + slot + h] * value;
-      }
-    }
-    for (; slot < s1; ++slot) {
-      const vfloat<Lanes> value = load_as_float<T, Lanes>(v + slot * v_stride + d);
-      for (int j = 0; j < R; ++j) sum[0][j] += p[j * p_stride + slot] * value;
-    }
-    for (int j = 0; j < R; ++j) {
-      vfloat<Lanes> total = sum[0][j];
-      for (int h = 1; h < Split; ++h) total += sum[h][j];
-      store_v<Lanes>(acc + j * n + d, load_v<Lanes>(acc + j * n + d) + total);
-    }
-  }
+  for (; d + DV * Lanes <= n; d += DV * Lanes) weighted_sum_vectors<T, R, DV, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
+  for (; d + Lanes <= n; d += Lanes) weighted_sum_vectors<T, R, 1, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
   for (; d < n; ++d) {
     for (int64_t slot = s0; slot < s1; ++slot) {
       const float value = static_cast<float>(v[slot * v_stride + d]);
@@ -284,7 +328,7 @@ struct AttendGroup {
           if (values_to_l2) prefetch_rows<1>(v_base, s.v_stride[2], start, start + Lanes, row_bytes);
           prefetch_rows<1>(k_base, s.k_stride[2], std::min(hi + 1, start + key_ahead),
                            std::min(hi + 1, start + key_ahead + Lanes), row_bytes);
-          for (int64_t r = 0; r < R; ++r) block_dots<Lanes>(q.data() + r * D, k, k_stride, D, scores.data() + r * span + start - lo);
+          rows_block_dots<Lanes>(q.data(), k, k_stride, R, D, scores.data() + start - lo, span);
         }
       } else {
         for (int64_t slot = lo; slot <= hi; ++slot) {
