@@ -700,6 +700,29 @@ def test_decode_attention_route_gives_the_oracles_tokens(tokenizer, monkeypatch,
     assert routed.layouts == plain.layouts == oracle.layouts
 
 
+def test_decode_attention_route_with_rows_that_finish_first(tokenizer, monkeypatch):
+    """Rows that end early (EOS) keep feeding filler queries at positions past their slots; where such a row
+    holds the longest cache those positions pass the step's span. The kernel (made to win every measurement)
+    must still give the tokens of a generator without hcr's kernels and of the oracle (it had raised
+    'positions[...] must be a slot of the cache' in `hcr demo`)."""
+    from hcr_kernels import autotune
+
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
+    model = compression_model(sliding_base(tokenizer, None), tokenizer, 3).float()
+    ids, mask = prompts(RAGGED8, len(tokenizer), seed=4)
+    longest = max(range(len(RAGGED8)), key=RAGGED8.__getitem__)
+    kwargs = dict(max_new_tokens=30, return_dict_in_generate=True)
+    unbounded = CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, eos_token_id=-1, **kwargs)
+    eos = int(unbounded.sequences[longest, ids.shape[1] + 3])  # the longest row ends within 4 new tokens
+    routed = CompressedGenerator(model, tokenizer, keep_last=1).generate(ids, mask, eos_token_id=eos, **kwargs)
+    plain = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=False).generate(
+        ids, mask, eos_token_id=eos, **kwargs)
+    oracle = CompressedGenerator(model, tokenizer, keep_last=1).generate(
+        ids, mask, eos_token_id=eos, strategy="recompute", **kwargs)
+    assert (routed.sequences[longest, ids.shape[1]:] == eos).nonzero()[0].item() <= 3
+    assert torch.equal(routed.sequences, plain.sequences) and torch.equal(routed.sequences, oracle.sequences)
+
+
 def test_decode_attention_route_is_measured_and_restores_the_config(base, tokenizer, monkeypatch):
     """Without a forced win the route is measured (a decision per shape class, cached), and an error in the
     middle of a generation leaves the model's own attention implementation in its config."""

@@ -609,7 +609,11 @@ class CachedSteps:
             ~visible, torch.finfo(embeds.dtype).min
         )[:, None]
         self.cache.begin_step(starts, counts, span)
-        extra = self.attention.step_kwargs(positions) if self.attention is not None else {}
+        # a feed shorter than `steps` (a finished row, a decode beside a re-encode) has filler queries at
+        # positions past its slots, past the span where that row is the longest: their outputs are dropped,
+        # and the attention kernel, which checks every position against the span, reads them at its last slot
+        kernel_positions = positions.clamp(max=max(span - 1, 0))
+        extra = self.attention.step_kwargs(kernel_positions) if self.attention is not None else {}
         logits = generator._decoder(decode)(model.base, embeds, positions, mask, self.cache, **extra)
         for row, feed in zip(rows, feeds):
             if feed.ids:
