@@ -106,6 +106,9 @@ def test_quick_demo_writes_every_output(quick_run, capsys):
         assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["control_accuracy"] <= 1.0
         assert 0.0 <= entry["needed_value_compressed"] <= 1.0
         assert entry["mean_compressions"] >= 0 and entry["tokens_per_second"] > 0
+        # every stage of the fast path is timed; together they are its generation time
+        assert set(entry["time_split"]) == {"prefill", "decode", "pooling", "re-encode", "other"}
+        assert sum(entry["time_split"].values()) == pytest.approx(entry["seconds"], rel=1e-6)
         if entry["keep_last"] == 1:  # the oracle runs at the first keep_last only
             assert 0 <= entry["recompute"]["identical_outputs"] <= entry["recompute"]["items"] == 4
         else:
@@ -116,6 +119,8 @@ def test_quick_demo_writes_every_output(quick_run, capsys):
     assert set(results["stage_seconds"]) >= {"reasoner training", "evaluation"}
     report = (quick_run / "report.md").read_text()
     assert "| W | keep_last | accuracy" in report and results["machine"]["isa"] in report
+    # the time table: one row per configuration that compressed, W = 2, k = 4 doing 3.5 positions per token
+    assert "| 2 | 4 | " in report and "| 3.50 |" in report
     heldout = [json.loads(line)["question"] for line in (quick_run / "data/heldout.jsonl").read_text().splitlines()]
     train = {json.loads(line)["question"] for line in (quick_run / "data/train.jsonl").read_text().splitlines()}
     assert len(heldout) == 12 and not set(heldout) & train

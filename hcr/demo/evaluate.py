@@ -22,6 +22,7 @@ class Answers:
     compressions: list[int]
     peak_cache: list[int]
     seconds: float
+    time_split: dict[str, float] | None = None  # CompressedGenerator's stages, summed over the batches
 
     def accuracy(self, tokenizer, golds: list[str]) -> tuple[float, list[bool]]:
         correct = [answers_match(extract_answer(tokenizer.decode(out)), gold) for out, gold in zip(self.outputs, golds)]
@@ -58,16 +59,18 @@ def generate_uncompressed(base, prompts: list[list[int]], *, eos: int, pad: int,
 def generate_compressed(generator: CompressedGenerator, prompts: list[list[int]], *, eos: int, pad: int,
                         max_new_tokens: int, batch_size: int, strategy: str = "cache", desc: str = "") -> Answers:
     """Greedy answers through CompressedGenerator, which compresses the reasoning as it goes."""
-    outputs, compressions, peaks, seconds = [], [], [], 0.0
+    outputs, compressions, peaks, seconds, split = [], [], [], 0.0, {}
     for first in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         ids, mask = left_pad(prompts[first : first + batch_size], pad, generator.model.device)
         out = generator.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                                  return_dict_in_generate=True, strategy=strategy)
         seconds += out.seconds
+        for stage, spent in out.time_split.items():
+            split[stage] = split.get(stage, 0.0) + spent
         outputs.extend(_until_eos(row, eos) for row in out.sequences.tolist())
         compressions.extend(out.compressions)
         peaks.extend(out.peak_cache_length)
-    return Answers(outputs, compressions, peaks, seconds)
+    return Answers(outputs, compressions, peaks, seconds, split)
 
 
 class ConstantPooler(torch.nn.Module):

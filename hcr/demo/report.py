@@ -40,6 +40,28 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TIME_STAGES = ("prefill", "decode", "re-encode", "pooling", "other")
+
+
+def time_table(results: dict) -> str:
+    """Each stage's share of the fast path's generation time (``GenerationOutput.time_split``) and the
+    work the compression rule implies: a compressing row re-encodes its new vector, end marker and kept
+    tail (whose keys and values depend on what precedes them), ``(W + keep_last + 1) / W`` reasoner
+    positions per token written."""
+    lines = ["| W | keep_last | " + " | ".join(TIME_STAGES) + " | reasoner positions per token (generate(): 1) |",
+             "|---|---|" + "---|" * len(TIME_STAGES) + "---|"]
+    entries = [results["layout_check"], *results["compressed"]]
+    for entry in entries:
+        split = entry.get("time_split")
+        if not split:
+            continue
+        total = sum(split.values()) or 1.0
+        shares = " | ".join(f"{split.get(stage, 0.0) / total:.0%}" for stage in TIME_STAGES)
+        window, keep_last = entry["window"], entry["keep_last"]
+        lines.append(f"| {window} | {keep_last} | {shares} | {(window + keep_last + 1) / window:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no time split recorded)"
+
+
 def plot_accuracy(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -135,6 +157,17 @@ Command: `{results['command']}`
   and of uncompressed `generate()`, batch {settings['batch_size']}.
 - **recompute agrees**: items of the first {settings['recompute_items']} whose tokens are identical under the
   `recompute` strategy (the correctness oracle), at the first keep_last.
+
+### Where the fast path's time went
+
+Share of each configuration's generation time per stage of `CompressedGenerator`
+(`prefill`; `decode`: steps where no row compressed; `re-encode`: steps where one did, less
+their `pooling`, the pooler's pass over the new windows). A compression re-encodes the new
+vector, the end marker and the kept tail, so every W tokens cost W − 1 one-position decodes
+and one (keep_last + 2)-position re-encode: the last column, against 1 for `generate()`,
+before the pooler's own pass.
+
+{time_table(results)}
 
 ![accuracy vs W]({PLOTS['accuracy']})
 ![cache vs tokens]({PLOTS['cache']})
