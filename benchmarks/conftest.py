@@ -7,7 +7,9 @@ e.g. tokens or examples, printed as a rate) and ``extra_info["peak_mb"]`` (peak 
 At the end, per group, the summary prints every backend's median, its speedup
 over ``reference`` and, where the group has a ``copy`` entry (a plain tensor copy
 of the same bytes), the fraction of the copy's bandwidth it achieves. Ratios
-taken within one run are what to report: this machine is shared and noisy.
+taken within one run are what to report: this machine is shared and noisy; an
+``interleaved`` entry (``interleaved.py``) holds paths timed in alternation, each
+printed with its ratios to the entry's baselines.
 
 Every benchmark records the CPU and the ISA the native kernels ran with
 (``extra_info["cpu"]``, ``["cpu_isa"]``), and the summary names them: figures from
@@ -79,11 +81,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         reference = entries.get("reference", (None, None))[0]
         copy = entries.get("copy", (None, None))[0]
         for backend, (median, info) in sorted(entries.items()):
-            parts = [f"    {backend:<10} median {median * 1e3:9.2f} ms"]
-            if info.get("bytes"):
-                parts.append(f"{info['bytes'] / median / 1e9:6.1f} GB/s")
-            if info.get("count"):
-                parts.append(f"{info['count'] / median:,.0f} {info.get('unit', 'items')}/s")
+            if info.get("paths"):
+                write(f"    {backend:<10} a round of {len(info['paths'])} paths: median {median * 1e3:9.2f} ms, "
+                      f"{info['rounds']} rounds")
+                for line in _interleaved_lines(info):
+                    write(line)
+                continue
+            parts = [f"    {backend:<10} median {median * 1e3:9.2f} ms", *_rates(info, median)]
             if reference and backend != "reference":
                 parts.append(f"{reference / median:5.2f}x vs reference")
             if info.get("peak_mb") is not None:
@@ -97,3 +101,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if copy and backend != "copy":
                 parts.append(f"{copy / median:5.0%} of copy bandwidth")
             write(", ".join(parts))
+
+
+def _rates(info: dict, median: float) -> list[str]:
+    """Bandwidth (``bytes``) and work rate (``count``, ``unit``) of a call that took ``median`` seconds."""
+    rates = []
+    if info.get("bytes"):
+        rates.append(f"{info['bytes'] / median / 1e9:6.1f} GB/s")
+    if info.get("count"):
+        rates.append(f"{info['count'] / median:,.0f} {info.get('unit', 'items')}/s")
+    return rates
+
+
+def _interleaved_lines(info: dict) -> list[str]:
+    """An ``interleaved.record_interleaved`` entry's paths: median, rate and ratios to its baselines."""
+    lines = []
+    for name, median in info.get("paths", {}).items():
+        parts = [f"      {name:<12} median {median * 1e3:9.2f} ms", *_rates(info, median)]
+        parts.extend(f"{info['paths'][baseline] / median:5.2f}x vs {baseline}"
+                     for baseline in info.get("baselines", ()) if baseline != name)
+        lines.append(", ".join(parts))
+    return lines

@@ -16,6 +16,9 @@ kernel up to the row count it was measured faster for on this machine, see
 ``hcr_kernels.autotune``; measured before timing): it must never be slower than
 ``reference``. ``HCR_CPU_ISA=avx2`` (or ``baseline``) times another ISA's kernels.
 
+``test_decode_linear_interleaved`` times ``reference``, ``native`` and ``auto`` alternating
+in a few of these cases (``interleaved.py``): the ratios to trust on a shared machine.
+
 ``python -m pytest benchmarks/test_bench_decode_linear.py --benchmark-only``
 """
 
@@ -25,6 +28,7 @@ import pytest
 import torch
 
 from bandwidth import warm_copy  # noqa: E402
+from interleaved import record_interleaved  # noqa: E402
 
 from hcr_kernels import decode_linear
 
@@ -39,6 +43,15 @@ CASES = [  # (weights, dtype, rows)
     ("1.5B MLP", torch.float32, 1),
     *[("1.5B MLP", torch.bfloat16, rows) for rows in (1, 8)],
 ]
+INTERLEAVED_CASES = [
+    *[("tiny Qwen2", dtype, 1) for dtype in (torch.float32, torch.bfloat16, torch.float16)],
+    ("tiny Qwen2", torch.float32, 32),
+    *[("1.5B MLP", torch.bfloat16, rows) for rows in (1, 8)],
+]
+
+
+def case_ids(cases) -> list[str]:
+    return [f"{w.split()[0]}-{str(d)[6:]}-M{r}" for w, d, r in cases]
 
 
 def layer_stack(shapes, dtype, rows, seed=0):
@@ -48,24 +61,39 @@ def layer_stack(shapes, dtype, rows, seed=0):
     return weights, inputs
 
 
-@pytest.mark.parametrize("weights,dtype,rows", CASES,
-                         ids=[f"{w.split()[0]}-{str(d)[6:]}-M{r}" for w, d, r in CASES])
+def stack_pass(matrices, inputs, backend: str):
+    """One call per matrix in turn through ``backend`` (``auto``: the automatic choice, measured here,
+    before any timing)."""
+    chosen = None if backend == "auto" else backend
+    for weight in matrices:
+        decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
+
+    def run():
+        for weight in matrices:
+            decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
+
+    return run
+
+
+@pytest.mark.parametrize("weights,dtype,rows", CASES, ids=case_ids(CASES))
 @pytest.mark.parametrize("backend", ["reference", "native", "auto", "copy"])
 def test_decode_linear(benchmark, backend, weights, dtype, rows):
     matrices, inputs = layer_stack(WEIGHT_SETS[weights], dtype, rows)
     moved = sum(w.numel() for w in matrices) * matrices[0].element_size()
     benchmark.group = f"decode_linear, {weights} ({moved / 2**20:.0f} MiB), {str(dtype)[6:]}, M={rows} rows"
     benchmark.extra_info.update(backend=backend, bytes=moved)
-    if backend == "copy":
-        run = warm_copy(moved, dtype)
-    else:
-        chosen = None if backend == "auto" else backend
-        for weight in matrices:  # the automatic choice measures each shape once, before the timing
-            decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
-
-        def run():
-            for weight in matrices:
-                decode_linear(inputs[weight.shape[1]], weight, backend=chosen)
-
+    run = warm_copy(moved, dtype) if backend == "copy" else stack_pass(matrices, inputs, backend)
     with torch.inference_mode():
         benchmark.pedantic(run, rounds=20 if weights == "tiny Qwen2" else 7, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("weights,dtype,rows", INTERLEAVED_CASES, ids=case_ids(INTERLEAVED_CASES))
+def test_decode_linear_interleaved(benchmark, weights, dtype, rows):
+    matrices, inputs = layer_stack(WEIGHT_SETS[weights], dtype, rows)
+    moved = sum(w.numel() for w in matrices) * matrices[0].element_size()
+    benchmark.group = f"decode_linear interleaved, {weights} ({moved / 2**20:.0f} MiB), {str(dtype)[6:]}, M={rows} rows"
+    benchmark.extra_info.update(bytes=moved)
+    with torch.inference_mode():
+        paths = {backend: stack_pass(matrices, inputs, backend) for backend in ("reference", "native", "auto")}
+        record_interleaved(benchmark, paths, rounds=40 if weights == "tiny Qwen2" else 10, baselines=["reference"],
+                           warmup_rounds=2)

@@ -15,7 +15,10 @@ A tiny Qwen2 (hidden 256, 4 layers, intermediate 1024; the built-in tokenizer's
 
 Targets: fast path >= 0.8x generate()'s tokens/s while compressing, >= 10x the oracle
 at 1024 new tokens. The time split (decode / pooling / re-encode / other) and the peak
-cache length go to ``extra_info``. With a GPU, two cases also run on it (``cuda`` in
+cache length go to ``extra_info``. Each case is one timed run, after the other paths of
+its group: ``test_generation_interleaved`` times the fast path with and without decode
+kernels and ``generate()`` alternating (``interleaved.py``), the ratios to trust on a
+shared machine. With a GPU, two cases also run on it (``cuda`` in
 the test id), for reference: a model this small is launch-bound there.
 """
 
@@ -31,12 +34,15 @@ transformers = pytest.importorskip("transformers")
 from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
 from hcr.generation import CompressedGenerator  # noqa: E402
+from interleaved import record_interleaved  # noqa: E402
 
 PROMPT = 32
 CASES = [(1, 128), (1, 1024), (1, 2048), (8, 128), (8, 512), (8, 2048)]
 ORACLE_CASES = [(1, 128), (1, 1024)]
 NO_KERNEL_CASES = [(1, 1024), (8, 512)]
 GPU_CASES = [(1, 1024), (8, 512)]
+INTERLEAVED_CASES = [(1, 512), (8, 256)]
+INTERLEAVED_ROUNDS = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -64,6 +70,35 @@ def setup(request, tmp_path_factory):
     return base, generators, time.perf_counter() - began
 
 
+def generation_run(base, generators, backend: str, ids: torch.Tensor, new: int):
+    """A call writing ``new`` tokens per row of ``ids`` through ``backend`` (see the module docstring)."""
+    if backend == "generate":
+        def run():
+            return base.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    else:
+        generator = generators.get(backend, generators["native"])
+        strategy = "recompute" if backend == "reference" else "cache"
+
+        def run():
+            return generator.generate(ids, max_new_tokens=new, eos_token_id=-1, strategy=strategy,
+                                      return_dict_in_generate=True)
+    return run
+
+
+@pytest.mark.parametrize("batch,new", INTERLEAVED_CASES, ids=[f"B{b}-{n}-new" for b, n in INTERLEAVED_CASES])
+def test_generation_interleaved(benchmark, setup, batch, new):
+    """The fast path with and without decode kernels and generate(), alternating (``interleaved.py``)."""
+    base, generators, _ = setup
+    if base.device.type == "cuda":
+        pytest.skip("interleaved on the CPU only")
+    ids = prompt_ids(batch, "cpu")
+    benchmark.group = f"generation interleaved, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
+    benchmark.extra_info.update(count=batch * new, unit="tokens")
+    paths = {backend: generation_run(base, generators, backend, ids, new)
+             for backend in ("native", "no-kernels", "generate")}
+    record_interleaved(benchmark, paths, rounds=INTERLEAVED_ROUNDS, baselines=["no-kernels", "generate"])
+
+
 @pytest.mark.parametrize("batch,new", CASES, ids=[f"B{b}-{n}-new" for b, n in CASES])
 @pytest.mark.parametrize("backend", ["generate", "native", "compiled", "no-kernels", "reference"])
 def test_generation(benchmark, setup, backend, batch, new):
@@ -78,17 +113,8 @@ def test_generation(benchmark, setup, backend, batch, new):
     ids = prompt_ids(batch, device)
     benchmark.group = f"generation{' on GPU' if device == 'cuda' else ''}, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
     benchmark.extra_info.update(backend=backend, count=batch * new, unit="tokens")
-    if backend == "generate":
-        def run():
-            return base.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    else:
-        generator = generators.get(backend, generators["native"])
-        strategy = "recompute" if backend == "reference" else "cache"
-
-        def run():
-            return generator.generate(ids, max_new_tokens=new, eos_token_id=-1, strategy=strategy,
-                                      return_dict_in_generate=True)
-    result = benchmark.pedantic(run, rounds=1, warmup_rounds=1 if new <= 128 else 0)
+    result = benchmark.pedantic(generation_run(base, generators, backend, ids, new), rounds=1,
+                                warmup_rounds=1 if new <= 128 else 0)
     if backend != "generate":
         benchmark.extra_info.update(peak_cache=max(result.peak_cache_length),
                                     split={k: round(v, 3) for k, v in result.time_split.items()})
