@@ -1,0 +1,43 @@
+"""The benchmarks' interleaving helper: every path once per round, the first one rotating, medians recorded."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from interleaved import record_interleaved  # noqa: E402
+
+
+class FakeBenchmark:
+    """What ``record_interleaved`` uses of pytest-benchmark's fixture: ``pedantic`` and ``extra_info``."""
+
+    def __init__(self):
+        self.extra_info = {}
+
+    def pedantic(self, target, rounds, iterations, warmup_rounds):
+        assert iterations == 1
+        for _ in range(warmup_rounds + rounds):
+            target()
+
+
+def test_paths_alternate_with_the_first_rotating_and_medians_are_recorded():
+    calls = []
+    paths = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    benchmark = FakeBenchmark()
+    times = record_interleaved(benchmark, paths, rounds=4, baselines=["a"], warmup_rounds=2)
+    warmup, timed = calls[:6], calls[6:]
+    assert warmup == ["a", "b", "c"] * 2
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert {name: len(spent) for name, spent in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert benchmark.extra_info["backend"] == "interleaved" and benchmark.extra_info["rounds"] == 4
+    assert benchmark.extra_info["baselines"] == ["a"]
+    assert benchmark.extra_info["paths"] == {name: statistics.median(spent) for name, spent in times.items()}
+
+
+def test_a_baseline_must_be_one_of_the_paths():
+    with pytest.raises(ValueError, match=r"baselines \['d'\] are not among the paths \['a', 'b'\]"):
+        record_interleaved(FakeBenchmark(), {"a": lambda: None, "b": lambda: None}, rounds=1, baselines=["d"])
