@@ -18,7 +18,11 @@ at 1024 new tokens. The time split (decode / pooling / re-encode / other) and th
 cache length go to ``extra_info``. Each case is one timed run, after the other paths of
 its group: ``test_generation_interleaved`` times the fast path with and without decode
 kernels and ``generate()`` alternating (``interleaved.py``), the ratios to trust on a
-shared machine. With a GPU, two cases also run on it (``cuda`` in
+shared machine. ``test_generation_real_vocabulary``: the same model with R1-Distill-Qwen's
+151,936-token vocabulary, batch 8 of 256-token prompts, 64 new tokens, where the lm_head
+outweighs the rest; the fast path (logits at each row's last position only), the same
+with every position's logits (``keeps_logits = False``, as before 2026-12-04) and
+``generate()``, alternating. With a GPU, two cases also run on it (``cuda`` in
 the test id), for reference: a model this small is launch-bound there.
 """
 
@@ -43,6 +47,7 @@ NO_KERNEL_CASES = [(1, 1024), (8, 512)]
 GPU_CASES = [(1, 1024), (8, 512)]
 INTERLEAVED_CASES = [(1, 512), (8, 256)]
 INTERLEAVED_ROUNDS = 4
+REAL_VOCABULARY = 151936  # R1-Distill-Qwen's
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -97,6 +102,26 @@ def test_generation_interleaved(benchmark, setup, batch, new):
     paths = {backend: generation_run(base, generators, backend, ids, new)
              for backend in ("native", "no-kernels", "generate")}
     record_interleaved(benchmark, paths, rounds=INTERLEAVED_ROUNDS, baselines=["no-kernels", "generate"])
+
+
+def test_generation_real_vocabulary(benchmark, tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=REAL_VOCABULARY, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=4096)).eval()
+    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None).eval()
+    generators = {"native": CompressedGenerator(model, tokenizer, keep_last=4),
+                  "all-logits": CompressedGenerator(model, tokenizer, keep_last=4)}
+    generators["all-logits"].keeps_logits = False
+    batch, prompt, new = 8, 256, 64
+    ids = torch.randint(20, 500, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    benchmark.group = (f"generation interleaved, tiny Qwen2 with a {REAL_VOCABULARY:,}-token vocabulary, batch {batch}, "
+                       f"{prompt}-token prompts, {new} new tokens, W=10 k=4")
+    benchmark.extra_info.update(count=batch * new, unit="tokens")
+    paths = {backend: generation_run(base, generators, backend, ids, new)
+             for backend in ("native", "all-logits", "generate")}
+    record_interleaved(benchmark, paths, rounds=3, baselines=["all-logits", "generate"])
 
 
 @pytest.mark.parametrize("batch,new", CASES, ids=[f"B{b}-{n}-new" for b, n in CASES])

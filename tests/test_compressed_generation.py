@@ -18,6 +18,7 @@ from hcr.compression import CompressionTokens, ExampleConfig, TokenizedTrace, bu
 from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
 from hcr.generation import CompressedGenerator  # noqa: E402
+from hcr.generation.generator import STRATEGIES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,34 @@ def test_each_row_gets_what_it_gets_alone(base, tokenizer):
     for row in range(3):
         alone = generator.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=20, eos_token_id=-1)
         assert torch.equal(batched[row : row + 1], alone)
+
+
+def test_logits_are_computed_at_each_rows_last_position_only(base, tokenizer):
+    """A prefill or re-encode step runs the lm_head at the rows' last fed positions only (over every position,
+    a real vocabulary's lm_head outweighs the step); the tokens are those of the full logits."""
+    model = compression_model(base, tokenizer, 2)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    assert generator.keeps_logits  # transformers 4.50+
+    ids, mask = prompts((5, 9, 3, 12), len(tokenizer), seed=2)
+    kwargs = dict(max_new_tokens=20, eos_token_id=-1, return_dict_in_generate=True)
+    lm_head_rows = {strategy: [] for strategy in STRATEGIES}
+    kept = {}
+    for strategy in STRATEGIES:
+        hook = base.get_output_embeddings().register_forward_hook(
+            lambda module, args, out, seen=lm_head_rows[strategy]: seen.append(tuple(args[0].shape[:-1])))
+        try:
+            kept[strategy] = generator.generate(ids, mask, strategy=strategy, **kwargs)
+        finally:
+            hook.remove()
+    cached = lm_head_rows["cache"]
+    assert cached[0] == (4, 4)  # the prefill of 12 positions: the four prompts' distinct last positions
+    assert all(rows[0] == 4 and rows[1] <= 2 for rows in cached[1:])  # decodes, and re-encodes of rows in step
+    assert any(rows == (4, 1) for rows in cached[1:]) and max(kept["cache"].compressions) > 0
+    assert all(rows == (1, 1) for rows in lm_head_rows["recompute"])  # the oracle: one layout, its last position
+    generator.keeps_logits = False  # a model without logits_to_keep: every position's logits, then picked
+    for strategy in STRATEGIES:
+        full = generator.generate(ids, mask, strategy=strategy, **kwargs)
+        assert torch.equal(full.sequences, kept[strategy].sequences)
 
 
 def test_layout_is_the_training_builders(base, tokenizer):
@@ -325,13 +354,13 @@ def test_graphed_decode_steps_keep_their_shapes_and_cache(base, tokenizer, monke
     calls = []
 
     def recording_compile(fn, **options):
-        def forward(base, embeds, positions, mask, cache):
+        def forward(base, embeds, positions, mask, cache, **forward_kwargs):
             tensors = (*cache.keys, *cache.values)
             calls.append({"options": options, "shapes": (embeds.shape, positions.shape, mask.shape),
                           "span": cache.get_seq_length(), "slots": cache.slots,
                           "addresses": [t.data_ptr() for t in tensors],
                           "static": all(get_static_address_type(t) == "unguarded" for t in tensors)})
-            return fn(base, embeds, positions, mask, cache)
+            return fn(base, embeds, positions, mask, cache, **forward_kwargs)
 
         return forward
 

@@ -27,7 +27,8 @@ Two strategies (``CachedSteps``, ``RecomputedSteps``) share every decision and d
 only in how a step's logits are computed, each with ``prefill()`` and ``step(crops)``:
 
 * ``"cache"`` (default): a static KV cache with per-row lengths; the 4D mask and the
-  position ids are built once per step, for all rows at once.
+  position ids are built once per step, for all rows at once; the logits only at each
+  row's last fed position (``keeps_logits``).
 * ``"recompute"``: re-encodes every row's whole layout every step: slow,
   simple, the correctness oracle.
 
@@ -58,6 +59,7 @@ token count, is what must fit); ``GenerationOutput.stop_reasons`` says which.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -127,14 +129,23 @@ def attention_layer_types(config) -> tuple[str, ...] | None:
     return tuple(sorted(set(types)))
 
 
-def _decoder_forward(base, embeds, positions, mask, cache, **attention_kwargs):
+def _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
     """One forward of the base model against the ragged cache (explicit positions, ready 4D masks): the logits.
 
     ``mask`` is the causal additive mask ``[B, 1, steps, span]``; ``layer_masks`` derives each layer kind's.
-    ``attention_kwargs``: what a ``RaggedAttention`` block's attention calls need (``step_kwargs``).
+    ``forward_kwargs``: what a ``RaggedAttention`` block's attention calls need (``step_kwargs``), and
+    ``logits_to_keep`` (see ``keeps_logits``).
     """
     return base(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{cache.model_keyword: cache},
-                attention_mask=layer_masks(base.config, mask, positions), **attention_kwargs).logits
+                attention_mask=layer_masks(base.config, mask, positions), **forward_kwargs).logits
+
+
+def keeps_logits(base) -> bool:
+    """Whether ``base.forward`` takes ``logits_to_keep`` (transformers 4.50+): the positions whose logits to
+    compute. A prefill or re-encode step needs one position per row, and the lm_head of a real
+    vocabulary over all of them would cost more than the rest of the step (R1-Distill-Qwen-1.5B:
+    152k x 1536 per position; a batch of 8 prompts of 512 tokens would return 2.5 GB of fp32 logits)."""
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def layer_masks(config, causal: torch.Tensor, positions: torch.Tensor):
@@ -234,6 +245,7 @@ class CompressedGenerator:
         self.decode_kernels = decode_kernels
         self.compile_decode = compile_decode
         self.layer_types = attention_layer_types(model.base.config)
+        self.keeps_logits = keeps_logits(model.base)
         self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
 
     # ----------------------------------------------------------------- public
@@ -523,7 +535,8 @@ class RecomputedSteps:
             with self.clock("pooling"):
                 embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
             row.hold(0, layout.ids.tolist())
-            logits.append(model.base(inputs_embeds=embeds, use_cache=False).logits[0, -1])
+            last = {"logits_to_keep": 1} if self.generator.keeps_logits else {}
+            logits.append(model.base(inputs_embeds=embeds, use_cache=False, **last).logits[0, -1])
         width = next(x for x in logits if x is not None)
         return torch.stack([x if x is not None else torch.zeros_like(width) for x in logits])
 
@@ -614,10 +627,14 @@ class CachedSteps:
         # and the attention kernel, which checks every position against the span, reads them at its last slot
         kernel_positions = positions.clamp(max=max(span - 1, 0))
         extra = self.attention.step_kwargs(kernel_positions) if self.attention is not None else {}
+        last = (counts - 1).clamp(min=0)  # each row's last fed position (0 for a row fed nothing)
+        if steps > 1 and generator.keeps_logits:  # the lm_head at the rows' last positions only
+            kept, last = torch.unique(last, return_inverse=True)
+            extra["logits_to_keep"] = kept
         logits = generator._decoder(decode)(model.base, embeds, positions, mask, self.cache, **extra)
         for row, feed in zip(rows, feeds):
             if feed.ids:
                 row.hold(feed.first, feed.ids)
         if steps == 1:
             return logits[:, 0]
-        return logits[torch.arange(len(rows), device=device), (counts - 1).clamp(min=0)]
+        return logits[torch.arange(len(rows), device=device), last]
