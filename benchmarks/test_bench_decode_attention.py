@@ -80,7 +80,7 @@ def test_decode_attention(benchmark, model, slots, steps, path):
     scale = query.shape[-1] ** -0.5
     read = sum(2 * k.numel() * k.element_size() for k, _ in caches)
     benchmark.group = f"decode_attention {model} S={slots} T={steps}, one step (all layers)"
-    benchmark.extra_info.update(path=path, bytes=read)
+    benchmark.extra_info.update(backend=path, bytes=read)
 
     def step():
         with torch.inference_mode():
