@@ -55,15 +55,21 @@ def prompt_ids(batch: int, device) -> torch.Tensor:
     return torch.randint(20, 500, (batch, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
 
 
+def tiny_models(tokenizer, vocab_size: int):
+    """The benchmark's tiny Qwen2 (seeded) with ``vocab_size`` tokens, and its compression model (1-layer pooler)."""
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=4096)).eval()
+    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
+    return base, model.eval()
+
+
 @pytest.fixture(scope="module", params=DEVICES)
 def setup(request, tmp_path_factory):
     tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=4096)).eval()
-    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None)
-    model = model.eval().to(request.param)
+    base, model = tiny_models(tokenizer, len(tokenizer))
+    model = model.to(request.param)
     generators = {
         "native": CompressedGenerator(model, tokenizer, keep_last=4),
         "compiled": CompressedGenerator(model, tokenizer, keep_last=4, compile_decode=True),
@@ -106,11 +112,7 @@ def test_generation_interleaved(benchmark, setup, batch, new):
 
 def test_generation_real_vocabulary(benchmark, tmp_path):
     tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=REAL_VOCABULARY, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=4096)).eval()
-    model = build_compression_model(base, tokenizer, 10, pooler=PoolerSettings(num_hidden_layers=1), lora=None).eval()
+    base, model = tiny_models(tokenizer, REAL_VOCABULARY)
     generators = {"native": CompressedGenerator(model, tokenizer, keep_last=4),
                   "all-logits": CompressedGenerator(model, tokenizer, keep_last=4)}
     generators["all-logits"].keeps_logits = False
