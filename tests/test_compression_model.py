@@ -312,3 +312,41 @@ def test_loss_normalised_by_the_steps_token_count(tokenizer, traces, base):
     for return_logits in (False, True):
         share = model(**batch, num_items_in_batch=torch.tensor(3 * kept), return_logits=return_logits).loss
         torch.testing.assert_close(share, mean / 3, atol=1e-6, rtol=1e-5)
+
+
+def test_merged_adapter_pools_as_the_adapted_pooler(tokenizer, traces, base, tmp_path):
+    """merge_adapter folds LoRA into the pooler's weights: a plain pooler whose windows and splice equal
+    the adapted one's up to fp32 rounding, and whose save loads back bit for bit."""
+    model = build_compression_model(base, tokenizer, WINDOW, pooler=PoolerSettings(num_hidden_layers=1),
+                                    lora=LoraSettings(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero: give every adapter something to contribute
+        for name, parameter in model.pooler.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    model.eval()
+    batch = batch_of(tokenizer, traces)
+    with torch.no_grad():
+        adapted_windows = model.pooled_windows(batch["window_ids"])
+        adapted_embeds = model.compressed_embeddings(batch["input_ids"], batch["window_ids"])
+        with model.pooler.disable_adapter():
+            unadapted = model.pooled_windows(batch["window_ids"])
+    assert (adapted_windows - unadapted).abs().max() > 1e-2  # the adapter matters, so the merge is tested
+
+    assert model.merge_adapter() is model
+    assert type(model.pooler) is EmbedPooler and not any("lora_" in n for n, _ in model.pooler.named_parameters())
+    with torch.no_grad():
+        merged_windows = model.pooled_windows(batch["window_ids"])
+        merged_embeds = model.compressed_embeddings(batch["input_ids"], batch["window_ids"])
+    # one matmul with W + sBA instead of W x + s B(A x): fp32 rounding of reductions over hidden 48 / rank 4
+    torch.testing.assert_close(merged_windows, adapted_windows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_embeds, adapted_embeds, rtol=1e-5, atol=1e-5)
+
+    state = {k: v.clone() for k, v in model.pooler.state_dict().items()}
+    assert model.merge_adapter() is model  # nothing left to merge: unchanged
+    assert all(torch.equal(v, model.pooler.state_dict()[k]) for k, v in state.items())
+    model.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "pooler_adapter").exists()
+    loaded = CompressionModel.from_pretrained(tmp_path / "merged", base_model=base).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.pooled_windows(batch["window_ids"]), merged_windows)

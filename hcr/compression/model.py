@@ -154,6 +154,18 @@ class CompressionModel(PreTrainedModel):
             loss = loss * kept / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
+    def merge_adapter(self) -> "CompressionModel":
+        """Fold the pooler's LoRA adapter into its weights, for inference; returns ``self``.
+
+        Generation runs the pooler on every compressed window, and an unmerged LoRA projection is
+        three matmuls, a scaling and an add where a merged one is one matmul. The merged pooler
+        equals the adapted one up to rounding; it has no adapter left to train, and a save holds
+        the merged weights as a pooler without an adapter. Without an adapter nothing changes.
+        """
+        if hasattr(self.pooler, "peft_config"):
+            self.pooler = self.pooler.merge_and_unload()
+        return self
+
     # ------------------------------------------------------------- saving
 
     def save_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs):

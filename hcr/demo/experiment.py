@@ -159,7 +159,8 @@ def reasoner_stage(settings: DemoSettings, out: Path, tokenizer, traces, tokens)
 
 
 def compressor_stage(settings: DemoSettings, out: Path, window: int, base, tokenizer):
-    """The embed pooler for ``window``, trained with ``train_compressor`` on the lazy stages of the traces."""
+    """The embed pooler for ``window``, trained with ``train_compressor`` on the lazy stages of the traces;
+    returned for evaluation, its LoRA merged (``CompressionModel.merge_adapter``)."""
     from hcr.compression.examples import ExampleConfig
     from hcr.compression.model import CompressionModel
     from hcr.compression.train import (LoraSettings, PoolerSettings, TrainSettings, build_compression_model,
@@ -173,7 +174,7 @@ def compressor_stage(settings: DemoSettings, out: Path, window: int, base, token
     record = _load_stage(folder, key, settings.fresh)
     if record is not None:
         model = CompressionModel.from_pretrained(str(folder), base_model=base)
-        return model.to(settings.device).eval(), record["loss_curve"]
+        return model.merge_adapter().to(settings.device).eval(), record["loss_curve"]
     torch.manual_seed(settings.seed)
     lora = LoraSettings(r=settings.lora_r, alpha=settings.lora_r) if settings.lora_r else None
     model = build_compression_model(base, tokenizer, window, lora=lora, base_model_name_or_path=str(out / "reasoner"),
@@ -189,7 +190,7 @@ def compressor_stage(settings: DemoSettings, out: Path, window: int, base, token
                                examples=ExampleConfig(window=window), settings=train_settings)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     _save_stage(folder, key, loss_curve=curve)
-    return model.to(settings.device).eval(), curve
+    return model.merge_adapter().to(settings.device).eval(), curve  # evaluated only from here: LoRA merged
 
 
 # ---------------------------------------------------------------- the experiment

@@ -173,7 +173,7 @@ class _Answerer:
         config = _check_compressor(path, base, self.tokens, settings.base)
         if settings.window is None:
             settings.window = config.window
-        self.model = CompressionModel.from_pretrained(str(path), base_model=base).to(device).eval()
+        self.model = CompressionModel.from_pretrained(str(path), base_model=base).merge_adapter().to(device).eval()
         self.generator = CompressedGenerator(self.model, self.tokenizer, window_size=settings.window,
                                              keep_last=settings.keep_last)
 

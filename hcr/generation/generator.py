@@ -21,7 +21,9 @@ The algorithm, in named stages (``GenerationOutput.time_split`` times them):
 * **re-encode**: a row that compressed is cropped back to its slot and fed its
   layout from there: the new vector, the end marker, the kept tail. Positions
   stay contiguous, exactly as in a full re-encode. **pooling** is the pooler's
-  share of prefill and re-encode.
+  share of prefill and re-encode. A trained pooler with a LoRA adapter pools
+  faster merged (``CompressionModel.merge_adapter()``, as ``hcr eval`` and the
+  demo do); the generator leaves the model it is given as it is.
 
 Two strategies (``CachedSteps``, ``RecomputedSteps``) share every decision and differ
 only in how a step's logits are computed, each with ``prefill()`` and ``step(crops)``:
