@@ -95,4 +95,3 @@ def test_decode_attention(benchmark, model, slots, steps, path):
                     read_sum(keys), read_sum(values)
 
     benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
-    benchmark.extra_info["GB/s"] = round(read / benchmark.stats.stats.median / 1e9, 1)
