@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from hcr.cli import main  # noqa: E402
 from hcr.compression import tokenize_trace  # noqa: E402
 from hcr.compression.tiny_tokenizer import arithmetic_trace, tiny_tokenizer  # noqa: E402
-from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
+from hcr.compression.train import LoraSettings, PoolerSettings, build_compression_model  # noqa: E402
 from hcr.evaluation.records import RECORD_FIELDS  # noqa: E402
 from hcr.generation.prompts import prompt_ids  # noqa: E402
 
@@ -42,15 +42,16 @@ def _restore_threads():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A saved base + tokenizer, a compressor for it (W = 4), one for a wider base, and a five-item jsonl."""
+    """A saved base + tokenizer, a compressor for it (W = 4, LoRA), one for a wider base, and a five-item jsonl."""
     root = tmp_path_factory.mktemp("eval")
     # a folder of its own: saved beside a Qwen2 config, transformers 5 reloads it as a Qwen2Tokenizer with
     # Qwen2's digit-splitting pre-tokenizer, which tokenizes differently from the tokenizer as built
     tokenizer = tiny_tokenizer(root / "tokenizer")
     base = tiny_base(tokenizer)
     base.save_pretrained(root / "base")
-    model = build_compression_model(base, tokenizer, 4, pooler=PoolerSettings(num_hidden_layers=1), lora=None,
-                                    base_model_name_or_path=str(root / "base"))
+    # with a LoRA adapter, as train-compressor saves one: hcr eval loads it and merges it into the pooler
+    model = build_compression_model(base, tokenizer, 4, pooler=PoolerSettings(num_hidden_layers=1),
+                                    lora=LoraSettings(r=4, alpha=4), base_model_name_or_path=str(root / "base"))
     model.save_pretrained(root / "compressor")
     wide = tiny_base(tokenizer, hidden_size=48)
     wide.save_pretrained(root / "wide")
