@@ -154,6 +154,11 @@ class CompressionModel(PreTrainedModel):
             loss = loss * kept / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the pooler carries a LoRA adapter (peft wraps it) rather than being a plain pooler."""
+        return hasattr(self.pooler, "peft_config")
+
     def merge_adapter(self) -> "CompressionModel":
         """Fold the pooler's LoRA adapter into its weights, for inference; returns ``self``.
 
@@ -162,7 +167,7 @@ class CompressionModel(PreTrainedModel):
         equals the adapted one up to rounding; it has no adapter left to train, and a save holds
         the merged weights as a pooler without an adapter. Without an adapter nothing changes.
         """
-        if hasattr(self.pooler, "peft_config"):
+        if self.has_adapter:
             self.pooler = self.pooler.merge_and_unload()
         return self
 
@@ -188,7 +193,7 @@ class CompressionModel(PreTrainedModel):
 
     def _write(self, directory: Path) -> None:
         pooler, weights = self.pooler, None
-        if hasattr(pooler, "peft_config"):
+        if self.has_adapter:
             pooler.save_pretrained(str(directory / ADAPTER_DIR))
             pooler = pooler.get_base_model()
             # the pooler's own weights, without the LoRA layers peft injected into it
@@ -206,10 +211,10 @@ class CompressionModel(PreTrainedModel):
         if config.window != self.config.window:
             raise ValueError(f"{path} holds a pooler for windows of {config.window}, this model's window is "
                              f"{self.config.window}")
-        has_adapter = (Path(path) / ADAPTER_DIR).is_dir()
-        if has_adapter != hasattr(self.pooler, "peft_config"):
-            raise ValueError(f"{path} holds a pooler {'with' if has_adapter else 'without'} a LoRA adapter, this "
-                             f"model's pooler has {'one' if hasattr(self.pooler, 'peft_config') else 'none'}")
+        saved_adapter = (Path(path) / ADAPTER_DIR).is_dir()
+        if saved_adapter != self.has_adapter:
+            raise ValueError(f"{path} holds a pooler {'with' if saved_adapter else 'without'} a LoRA adapter, this "
+                             f"model's pooler has {'one' if self.has_adapter else 'none'}")
         saved = type(self).from_pretrained(path, base_model=self.base, is_trainable=True)
         self.pooler.load_state_dict(saved.pooler.state_dict())
 
