@@ -14,10 +14,18 @@
 // (transformers' attention output layout) in the query's dtype. Query t of row b sits
 // at cache slot positions[b, t] (slot i holds position i) and attends slots
 // [positions[b, t] - window + 1, positions[b, t]] (from 0 without a window).
-// Per task: the queries (scaled) go to fp32 once; pass 1 streams the keys and writes
-// every query's scores; a softmax per query; pass 2 streams the values into fp32
-// accumulators, a block of slots at a time. Queries are taken in blocks of at most 16
-// (query heads x steps), so the scores stay R x span floats. Pass 1 takes the keys a
+// Per task: the queries (scaled) go to fp32 once; then the span of slots they see goes
+// in chunks that fit in the L2 (flash-decoding's online softmax, on one core): pass 1
+// streams a chunk's keys, writes every query's scores and asks for the chunk's values;
+// the scores join each query's running softmax; pass 2 sums the chunk's values, from
+// the L2, into fp32 accumulators, a block of slots at a time. (One pass over the whole
+// span before this left the values of spans past half the L2 to come from memory in
+// pass 2, after the keys, instead of beside them. AVX2 EPYC, 512 KiB L2, 2 threads,
+// 28 layers of 1.5B bf16 at 2,048 slots, medians of two series of 4-5 alternating
+// runs: B 1 7.7 -> 5.1 and 6.4 -> 5.7 ms, B 8 46 -> 41 and 57 -> 45 ms; the tiny
+// model's shapes within the noise (1,700 slots 3.7 -> 2.9 ms in one series, 3.1 -> 3.6
+// in a third).) Queries are taken in blocks of at most 16
+// (query heads x steps), so the scores stay R x chunk floats. Pass 1 takes the keys a
 // vector's width of rows at a time, 4 rows beside up to 3 query rows (one accumulator
 // per pair, all summed across lanes at once); pass 2 keeps register accumulators per
 // query head of a step (its G heads see the same slots) for one to four vectors of D,
@@ -222,9 +230,9 @@ HCR_INLINE const float* as_floats(const T* in, float* buffer, int64_t n) {
   }
 }
 
-// p[0, n) = exp(p - max) in place; returns 1 / sum.
+// The largest of p[0, n).
 template <int Lanes>
-HCR_INLINE float softmax_in_place(float* p, int64_t n) {
+HCR_INLINE float max_of(const float* p, int64_t n) {
   vfloat<Lanes> tops = vfloat<Lanes>{} - std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + Lanes <= n; i += Lanes) {
@@ -234,19 +242,42 @@ HCR_INLINE float softmax_in_place(float* p, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
   for (int l = 0; l < Lanes; ++l) top = tops[l] > top ? tops[l] : top;
   for (; i < n; ++i) top = p[i] > top ? p[i] : top;
+  return top;
+}
+
+// One chunk's scores p[0, n) of a query row into its running softmax: top (the largest score so far) and
+// total (the sum of exp(score - top) so far) grow to cover the chunk, the row's value accumulators acc[0, D)
+// are rescaled with total where top grows, and p becomes exp(p - top), the chunk's weights for pass 2.
+// Every exponent is <= 0, so nothing overflows whatever the chunk order.
+template <int Lanes>
+HCR_INLINE void fold_into_softmax(float* p, int64_t n, float& top, float& total, float* acc, int64_t D) {
+  const float new_top = std::max(top, max_of<Lanes>(p, n));
+  if (new_top > top && total > 0.0f) {  // total is 0 before the row's first visible chunk
+    const float factor = exp_approx(top - new_top);
+    total *= factor;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= factor;
+  }
+  top = new_top;
   vfloat<Lanes> sum{};
-  i = 0;
+  int64_t i = 0;
   for (; i + Lanes <= n; i += Lanes) {
     const vfloat<Lanes> e = exp_nonpositive_v<Lanes>(load_v<Lanes>(p + i) - top);
     store_v<Lanes>(p + i, e);
     sum += e;
   }
-  float total = halving_sum<Lanes>(sum);
+  float chunk_total = halving_sum<Lanes>(sum);
   for (; i < n; ++i) {
     p[i] = exp_approx(p[i] - top);
-    total += p[i];
+    chunk_total += p[i];
   }
-  return 1.0f / total;
+  total += chunk_total;
+}
+
+// Slots per chunk of the span: a chunk's key and value rows (row_bytes each) fill at most a quarter of this
+// core's L2 each, so the values pass 1 asks for are still there for pass 2 while the next chunk's keys and
+// the scores come through; whole blocks of pass 2's value rows, at least one.
+int64_t chunk_slots(int64_t row_bytes) {
+  return std::max<int64_t>(1, l2_bytes() / 4 / row_bytes / kSlotBlock) * kSlotBlock;
 }
 
 struct Shape {
@@ -257,13 +288,57 @@ struct Shape {
 // A thread's working memory for the tasks it runs in one call: allocated at its first task and reused by the
 // next ones (eight allocations per task cost ~1 us of a 2-4 us task at a decode step's short caches).
 struct Scratch {
-  std::vector<float> q, acc, row, inverse, scores, block;
-  std::vector<int64_t> first, last;  // each query row's visible slots
+  std::vector<float> q, acc, row, top, total, scores, block;  // top, total: each query row's running softmax
+  std::vector<int64_t> first, last;                            // each query row's visible slots
 };
 
 // One (row b, key/value head h) task: every query of the group's heads and the step's steps.
 template <typename T>
 struct AttendGroup {
+  // Pass 1 over the chunk [c0, c1] of the span (which ends at hi): every query row's score at every slot
+  // (all written, whichever row sees them; the softmax and pass 2 use each row's own slots only) into
+  // scores[r * width + slot - c0]. Blocks of Lanes key rows, the last one shifted back to end at c1
+  // (recomputing a few scores, bit for bit the same); a chunk shorter than a block goes slot by slot.
+  // Beside each block of keys, the block's value rows are asked for into the L2, so pass 2 reads them from
+  // there (the chunk is sized to keep them; see chunk_slots), and the key rows kKeyPrefetchBytes ahead into
+  // the outer caches too: without it a block's arithmetic and the wait for its keys add up (pass 1 ran at
+  // about half a plain read's speed from memory, and at the same time per byte from the L2). Measured
+  // side by side (2 threads, 3-4 runs, time / a warmed read of the same bytes): 1,700 slots T = 1
+  // 1.80 -> 1.36 (AVX-512), 1.51 -> 1.33 (AVX2 variant); 1.5B bf16 B1 1.37 -> 1.00, B8 0.76 -> 0.57;
+  // re-encode T = 6 unchanged; the tiny model at 256 slots, whose 8 MB of keys and values sit in the L3,
+  // 1.35 -> 1.45. 8-16 KiB ahead measured alike, 32-128 KiB less good (1.44-1.51), into the L1 (16 KiB
+  // ahead) much slower than none. (AMD EPYC, 1 MiB L2; the automatic route still times the kernel against
+  // the model's own attention on every machine.)
+  template <int Lanes>
+  static HCR_INLINE void score_chunk(const float* q, const T* k_base, const T* v_base, const Shape& s, int64_t G,
+                                     int64_t R, int64_t c0, int64_t c1, int64_t hi, float* scores, float* block,
+                                     float* row) {
+    const int64_t D = s.D, width = c1 - c0 + 1, row_bytes = D * int64_t(sizeof(T));
+    const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / row_bytes);  // D >= 1 here
+    if (width < Lanes) {
+      for (int64_t slot = c0; slot <= c1; ++slot) {
+        const float* k = as_floats<T, Lanes>(k_base + slot * s.k_stride[2], row, D);
+        for (int64_t r = 0; r < R; r += G) group_dots<Lanes>(q + r * D, k, G, D, scores + r * width + slot - c0, width);
+      }
+      return;
+    }
+    for (int64_t b0 = c0; b0 <= c1; b0 += Lanes) {
+      const int64_t start = std::min(b0, c1 + 1 - Lanes);
+      const float* k;  // the block's key rows as fp32: the cache itself, or converted into `block`
+      int64_t k_stride;
+      if constexpr (std::is_same_v<T, float>) {
+        k = k_base + start * s.k_stride[2], k_stride = s.k_stride[2];
+      } else {
+        for (int64_t j = 0; j < Lanes; ++j) to_float<T, Lanes>(k_base + (start + j) * s.k_stride[2], block + j * D, D);
+        k = block, k_stride = D;
+      }
+      prefetch_rows<1>(v_base, s.v_stride[2], start, start + Lanes, row_bytes);
+      prefetch_rows<1>(k_base, s.k_stride[2], std::min(hi + 1, start + key_ahead),
+                       std::min(hi + 1, start + key_ahead + Lanes), row_bytes);
+      rows_block_dots<Lanes>(q, k, k_stride, R, D, scores + start - c0, width);
+    }
+  }
+
   template <int Lanes>
   static HCR_INLINE void run(const T* query, const T* keys, const T* values, const int64_t* positions, T* out,
                              const Shape& s, float scale, int64_t window, int64_t b, int64_t h, Scratch& scratch) {
@@ -272,8 +347,9 @@ struct AttendGroup {
     const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
     const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
     const int64_t rows = steps_per_block * G;  // more than kBlockQueries where one step's G heads are more
-    auto& [q, acc, row, inverse, scores, block, first, last] = scratch;
-    q.resize(rows * D), acc.resize(rows * D), row.resize(D), inverse.resize(rows), first.resize(rows), last.resize(rows);
+    auto& [q, acc, row, top, total, scores, block, first, last] = scratch;
+    q.resize(rows * D), acc.resize(rows * D), row.resize(D), top.resize(rows), total.resize(rows);
+    first.resize(rows), last.resize(rows);
     block.resize(std::is_same_v<T, float> ? 0 : Lanes * D);
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
@@ -290,65 +366,33 @@ struct AttendGroup {
           for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
         }
       }
-      const int64_t span = hi - lo + 1;
-      // Pass 1: every query row's score at every slot of [lo, hi] (all written, whichever row sees them;
-      // the softmax and pass 2 use each row's own slots only). Blocks of Lanes key rows, the last one
-      // shifted back to end at hi (recomputing a few scores, bit for bit the same); a span shorter than
-      // a block goes slot by slot.
-      scores.resize(R * span);
-      // Where the span's value rows fit in half the L2, pass 1 asks for them beside each block of keys, so
-      // pass 2 reads them from the L2; longer spans would evict their own first rows, so pass 2 asks for its
-      // next block of value rows instead (it reads them a vector of D at a time across 64 rows, not in
-      // address order). Measured at 1.7k-2k slots (AVX-512, 1 MiB L2, two runs each): the pass-2 prefetch
-      // 1.03-1.07x faster than none; the pass-1 one 1.15-1.21x faster than the pass-2 one for re-encode
-      // steps and the 1.5B shapes, 0.96x and 1.15x for the tiny model's decode step.
-      // The key rows kKeyPrefetchBytes ahead are asked for into the outer caches too: without it a block's
-      // arithmetic and the wait for its keys add up (pass 1 ran at about half a plain read's speed from
-      // memory, and at the same time per byte from the L2). Measured side by side (2 threads, 3-4 runs,
-      // time / a warmed read of the same bytes): 1,700 slots T = 1 1.80 -> 1.36 (AVX-512), 1.51 -> 1.33
-      // (AVX2 variant); 1.5B bf16 B1 1.37 -> 1.00, B8 0.76 -> 0.57; re-encode T = 6 unchanged; the tiny
-      // model at 256 slots, whose 8 MB of keys and values sit in the L3, 1.35 -> 1.45. 8-16 KiB ahead
-      // measured alike, 32-128 KiB less good (1.44-1.51), into the L1 (16 KiB ahead) much slower than none.
-      // Only measured on this one CPU (AMD EPYC, 1 MiB L2); the automatic route still times the kernel
-      // against the model's own attention on every machine.
-      const int64_t row_bytes = D * int64_t(sizeof(T));
-      const bool values_to_l2 = span * row_bytes <= l2_bytes() / 2;
-      const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / row_bytes);  // D >= 1 here
-      if (span >= Lanes) {
-        for (int64_t b0 = lo; b0 <= hi; b0 += Lanes) {
-          const int64_t start = std::min(b0, hi + 1 - Lanes);
-          const float* k;  // the block's key rows as fp32: the cache itself, or converted into `block`
-          int64_t k_stride;
-          if constexpr (std::is_same_v<T, float>) {
-            k = k_base + start * s.k_stride[2], k_stride = s.k_stride[2];
-          } else {
-            for (int64_t j = 0; j < Lanes; ++j) to_float<T, Lanes>(k_base + (start + j) * s.k_stride[2], block.data() + j * D, D);
-            k = block.data(), k_stride = D;
-          }
-          if (values_to_l2) prefetch_rows<1>(v_base, s.v_stride[2], start, start + Lanes, row_bytes);
-          prefetch_rows<1>(k_base, s.k_stride[2], std::min(hi + 1, start + key_ahead),
-                           std::min(hi + 1, start + key_ahead + Lanes), row_bytes);
-          rows_block_dots<Lanes>(q.data(), k, k_stride, R, D, scores.data() + start - lo, span);
-        }
-      } else {
-        for (int64_t slot = lo; slot <= hi; ++slot) {
-          const float* k = as_floats<T, Lanes>(k_base + slot * s.k_stride[2], row.data(), D);
-          for (int64_t r = 0; r < R; r += G) group_dots<Lanes>(q.data() + r * D, k, G, D, scores.data() + r * span + slot - lo, span);
-        }
-      }
-      for (int64_t r = 0; r < R; ++r) {  // each query's own slots; its other scores are never read
-        inverse[r] = softmax_in_place<Lanes>(scores.data() + r * span + first[r] - lo, last[r] - first[r] + 1);
-      }
+      // The span [lo, hi] goes in chunks whose keys and values fit in half the L2 together (see chunk_slots):
+      // pass 1 scores a chunk's keys for every query row and asks for the chunk's values beside them, the
+      // chunk's scores become exponentials against each row's running maximum (folding the chunk into the
+      // row's running sum, and rescaling the sum and accumulators of earlier chunks where the maximum
+      // grows), and pass 2 sums the chunk's values, now in the L2, into the accumulators.
+      const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));
       std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
-      // pass 2: values, in blocks of slots small enough to stay in L1 while each vector of D is summed
-      const float* weights = scores.data() - lo;  // weights[r * span + slot]
-      for (int64_t b0 = lo; b0 <= hi; b0 += kSlotBlock) {
-        const int64_t b1 = std::min(hi + 1, b0 + kSlotBlock);
-        if (!values_to_l2) prefetch_rows<3>(v_base, s.v_stride[2], b1, std::min(hi + 1, b1 + kSlotBlock), row_bytes);
-        for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
-          const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
-          if (s0 < s1) {
-            group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * span, span, G, s0, s1, acc.data() + r * D, D);
+      std::fill(top.begin(), top.begin() + R, -std::numeric_limits<float>::infinity());
+      std::fill(total.begin(), total.begin() + R, 0.0f);
+      for (int64_t c0 = lo; c0 <= hi; c0 += chunk) {
+        const int64_t c1 = std::min(hi, c0 + chunk - 1), width = c1 - c0 + 1;
+        scores.resize(std::max<int64_t>(int64_t(scores.size()), R * width));
+        score_chunk<Lanes>(q.data(), k_base, v_base, s, G, R, c0, c1, hi, scores.data(), block.data(), row.data());
+        for (int64_t r = 0; r < R; ++r) {  // each query's own slots of the chunk; its other scores are never read
+          const int64_t from = std::max(first[r], c0), to = std::min(last[r], c1);
+          if (from <= to) {
+            fold_into_softmax<Lanes>(scores.data() + r * width + from - c0, to - from + 1, top[r], total[r], acc.data() + r * D, D);
+          }
+        }
+        const float* weights = scores.data() - c0;  // weights[r * width + slot]
+        for (int64_t b0 = c0; b0 <= c1; b0 += kSlotBlock) {  // blocks of value rows that stay in L1
+          const int64_t b1 = std::min(c1 + 1, b0 + kSlotBlock);
+          for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
+            const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
+            if (s0 < s1) {
+              group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * width, width, G, s0, s1, acc.data() + r * D, D);
+            }
           }
         }
       }
@@ -356,7 +400,8 @@ struct AttendGroup {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (t - t0) * G + g;
           T* dst = out + ((b * s.T + t) * s.Hq + h * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inverse[r]);
+          const float inverse = 1.0f / total[r];  // total >= 1: the maximum's own term
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inverse);
         }
       }
     }
@@ -382,6 +427,11 @@ void attend_all(const at::Tensor& query, const at::Tensor& keys, const at::Tenso
 }  // namespace
 
 int64_t decode_attention_block_queries() { return kBlockQueries; }
+
+int64_t decode_attention_chunk_slots(int64_t row_bytes) {
+  TORCH_CHECK(row_bytes > 0, "decode_attention_chunk_slots: row_bytes must be positive, got ", row_bytes);
+  return chunk_slots(row_bytes);
+}
 
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
                                 const at::Tensor& positions, double scale, int64_t window) {

@@ -11,7 +11,8 @@
 #include "cpu_isa.h"
 
 namespace hcr {
-int64_t decode_attention_block_queries();  // decode_attention_cpu.cpp
+int64_t decode_attention_block_queries();                // decode_attention_cpu.cpp
+int64_t decode_attention_chunk_slots(int64_t row_bytes);  // decode_attention_cpu.cpp
 }
 
 #ifdef HCR_WITH_CUDA
@@ -53,4 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &hcr::set_active_isa, "Run the CPU kernels with this instruction set", pybind11::arg("name"));
   // Read by hcr_kernels.decode_attention (BLOCK_QUERIES), so Python never restates the kernel's constant.
   m.attr("DECODE_ATTENTION_BLOCK_QUERIES") = hcr::decode_attention_block_queries();
+  m.def("decode_attention_chunk_slots", &hcr::decode_attention_chunk_slots,
+        "Slots of a span decode_attention's CPU kernel takes per chunk, for cache rows of row_bytes (this core's L2)",
+        pybind11::arg("row_bytes"));
 }

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hcr_kernels import decode_attention, decode_attention_ref
 from hcr_kernels._extension import extension_loaded
-from hcr_kernels.decode_attention import BLOCK_QUERIES
+from hcr_kernels.decode_attention import BLOCK_QUERIES, chunk_slots
 from hcr_kernels.decode_attention import op as op_module
 from param_sets import tolerance
 
@@ -101,11 +101,27 @@ def test_more_heads_per_group_than_one_query_block(steps):
 
 
 @pytest.mark.usefixtures("cpu_isa")
-def test_values_past_the_l2():
-    """Values of a span that fit in half the L2 are prefetched by pass 1, longer ones block by block in pass 2:
-    a 2.1 MiB span of values (past half of any L2 up to 4 MiB) takes the second way."""
-    query, keys, values, _ = operands(1, 2, 1, 1, 4200, 128, torch.float32)
-    assert_matches_oracle(query, keys, values, torch.tensor([[4199]]))
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES[:2])
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+@pytest.mark.parametrize("tail", [0, 3, 69], ids=["whole-chunks", "tail-under-a-key-block", "tail-69"])
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "window"])
+def test_spans_of_several_chunks(dtype, trend, tail, windowed):
+    """The kernel takes a long span in chunks that fit in this core's L2 (chunk_slots), each folded into a
+    running softmax: two whole chunks and a last one of ``tail`` slots (none, fewer than a key block, more
+    than a block of value rows). Key norms rising along the slots put each row's largest scores in its last
+    chunk (every chunk raises the running maximum: the rescaling path); falling, in its first. Two steps
+    per row, one span ending a chunk before the other; with a window of half a chunk and 5 slots, the
+    first chunk (counted from the earlier window's start) holds no slot of the later step."""
+    head_dim = 24
+    chunk = chunk_slots(head_dim, dtype)
+    assert chunk > 0 and chunk % 64 == 0, chunk
+    slots = 2 * chunk + tail
+    query, keys, values, _ = operands(2, 6, 2, 2, slots, head_dim, dtype, seed=tail)
+    norms = torch.linspace(0.3, 2.0, slots)
+    keys = (keys.float() * (norms if trend == "rising" else norms.flip(0))[:, None]).to(dtype)
+    positions = torch.tensor([[slots - 1, slots - 1 - chunk], [slots - 1 - chunk, slots - 1]])
+    window = chunk // 2 + 5 if windowed else None
+    assert_matches_oracle(query, keys, values, positions, window=window, what=f"{slots} slots, chunks of {chunk}")
 
 
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])

@@ -15,7 +15,7 @@ compiled extension, CPU; fp32, bf16, fp16). Inference only (no autograd).
 generation where it was measured faster than the model's own on this machine.
 """
 
-from hcr_kernels.decode_attention.op import BACKEND_CHECKS, BLOCK_QUERIES, NATIVE_DTYPES, decode_attention
+from hcr_kernels.decode_attention.op import BACKEND_CHECKS, BLOCK_QUERIES, NATIVE_DTYPES, chunk_slots, decode_attention
 from hcr_kernels.decode_attention.reference import decode_attention_ref
 
-__all__ = ["decode_attention", "decode_attention_ref", "BLOCK_QUERIES", "BACKEND_CHECKS", "NATIVE_DTYPES"]
+__all__ = ["decode_attention", "decode_attention_ref", "BLOCK_QUERIES", "BACKEND_CHECKS", "NATIVE_DTYPES", "chunk_slots"]

@@ -9,7 +9,7 @@ from hcr_kernels._validate import check_same_device, check_same_dtype, check_ten
 from hcr_kernels.decode_attention import native
 from hcr_kernels.decode_attention.reference import decode_attention_ref
 
-__all__ = ["decode_attention", "BACKEND_CHECKS", "NATIVE_DTYPES", "BLOCK_QUERIES"]
+__all__ = ["decode_attention", "BACKEND_CHECKS", "NATIVE_DTYPES", "BLOCK_QUERIES", "chunk_slots"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -20,6 +20,14 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # cache (kBlockQueries in csrc/decode_attention_cpu.cpp, read from the build): more take one
 # pass per block. 0 without the compiled extension (there is no native kernel to block for).
 BLOCK_QUERIES = _extension._C.DECODE_ATTENTION_BLOCK_QUERIES if _extension.extension_loaded() else 0
+
+
+def chunk_slots(head_dim: int, dtype: torch.dtype) -> int:
+    """Slots of a span the native kernel scores and sums per chunk (its keys and values stay in this core's
+    L2 between the two passes), for cache rows of ``head_dim`` values of ``dtype``: the kernel's own rule."""
+    if not _extension.extension_loaded():
+        raise RuntimeError("chunk_slots: the native extension hcr_kernels._C is not built")
+    return _extension._C.decode_attention_chunk_slots(head_dim * torch.empty((), dtype=dtype).element_size())
 
 
 def decode_attention(
