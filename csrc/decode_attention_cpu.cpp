@@ -21,10 +21,10 @@
 // the L2, into fp32 accumulators, a block of slots at a time. (One pass over the whole
 // span before this left the values of spans past half the L2 to come from memory in
 // pass 2, after the keys, instead of beside them. AVX2 EPYC, 512 KiB L2, 2 threads,
-// 28 layers of 1.5B bf16 at 2,048 slots, medians of two series of 4-5 alternating
-// runs: B 1 7.7 -> 5.1 and 6.4 -> 5.7 ms, B 8 46 -> 41 and 57 -> 45 ms; the tiny
-// model's shapes within the noise (1,700 slots 3.7 -> 2.9 ms in one series, 3.1 -> 3.6
-// in a third).) Queries are taken in blocks of at most 16
+// 28 layers of 1.5B bf16 at 2,048 slots, medians of four series of 3-6 alternating
+// runs: B 1 7.7 -> 5.1, 6.4 -> 5.7, 8.9 -> 5.2 and 6.8 -> 5.7 ms; B 8 within the
+// noise (46 -> 41, 57 -> 45, 45 -> 49, 56 -> 55 ms), as are the tiny model's shapes.)
+// Queries are taken in blocks of at most 16
 // (query heads x steps), so the scores stay R x chunk floats. Pass 1 takes the keys a
 // vector's width of rows at a time, 4 rows beside up to 3 query rows (one accumulator
 // per pair, all summed across lanes at once); pass 2 keeps register accumulators per
