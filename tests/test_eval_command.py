@@ -133,6 +133,27 @@ def test_with_compressor(work, compressed_run, plain_run):
     assert summary["mean_peak_cache"] < json.loads((plain_run / "summary.json").read_text())["mean_peak_cache"]
 
 
+def test_no_merge_generates_with_the_adapter_as_trained(work, compressed_run, tmp_path):
+    """--no-merge keeps the pooler's LoRA adapter unmerged (the default folds it in); the setting is recorded,
+    so a rerun into the same --out with the other choice is refused rather than mixing records."""
+    from hcr.evaluation.runner import EvalSettings, _Answerer
+
+    settings = dict(base=work["base"], tokenizer=work["tokenizer_dir"], dataset=work["data"], out=str(tmp_path),
+                    compressor=work["compressor"])
+    assert _Answerer(EvalSettings(**settings, merge_adapter=False), torch.device("cpu")).model.has_adapter
+    assert not _Answerer(EvalSettings(**settings), torch.device("cpu")).model.has_adapter
+
+    out = tmp_path / "unmerged"
+    assert run_eval(work, out, "--compressor", work["compressor"], "--keep-last", "1", "--no-merge") == 0
+    records, summary = check_files(work, out)
+    assert summary["settings"]["merge_adapter"] is False
+    assert json.loads((compressed_run / "summary.json").read_text())["settings"]["merge_adapter"] is True
+    # the fixture's adapter is as built (its B matrices zero): merging it changes no weight, so the same tokens
+    assert [r["output"] for r in records] == [r["output"] for r in records_of(compressed_run)]
+    with pytest.raises(ValueError, match="merge_adapter: False -> True"):
+        run_eval(work, out, "--compressor", work["compressor"], "--keep-last", "1")
+
+
 def test_prompt_is_the_training_layout(work):
     """The prompt is exactly the start of a training trace, up to where the reasoning begins."""
     tokenizer = work["tokenizer"]

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer path or name (default: the base's)")
     parser.add_argument("--compressor", default=d.compressor,
                         help="a CompressionModel.save_pretrained folder: generate compressing the reasoning")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="generate with the compressor's LoRA adapter as trained, instead of folded into the "
+                             "pooler's weights (the default: equal up to rounding, faster)")
     parser.add_argument("--window", type=positive_int, default=d.window,
                         help="tokens per compressed vector (default: the compressor's)")
     parser.add_argument("--keep-last", type=non_negative_int, default=d.keep_last,
@@ -56,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = EvalSettings(
         base=args.base, dataset=args.dataset, out=args.out, tokenizer=args.tokenizer, compressor=args.compressor,
+        merge_adapter=not args.no_merge,
         question_field=args.question_field, answer_field=args.answer_field, split=args.split, window=args.window,
         keep_last=args.keep_last, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -31,8 +31,9 @@ __all__ = ["EvalSettings", "evaluate"]
 
 RESULTS, SUMMARY = "results.jsonl", "summary.json"
 # Settings that change what a record says: a rerun into the same --out must not mix records made under others.
-RESULT_SETTINGS = ("base", "tokenizer", "compressor", "dataset", "split", "question_field", "answer_field", "window",
-                   "keep_last", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+RESULT_SETTINGS = ("base", "tokenizer", "compressor", "merge_adapter", "dataset", "split", "question_field",
+                   "answer_field", "window", "keep_last", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                   "seed")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class EvalSettings:
     out: str
     tokenizer: str | None = None
     compressor: str | None = None
+    # fold the compressor's LoRA into its pooler before generating (equal up to rounding, faster); False
+    # generates with the adapted pooler exactly as trained
+    merge_adapter: bool = True
     question_field: str = "question"
     answer_field: str = "answer"
     split: str | None = None
@@ -173,7 +177,10 @@ class _Answerer:
         config = _check_compressor(path, base, self.tokens, settings.base)
         if settings.window is None:
             settings.window = config.window
-        self.model = CompressionModel.from_pretrained(str(path), base_model=base).merge_adapter().to(device).eval()
+        self.model = CompressionModel.from_pretrained(str(path), base_model=base)
+        if settings.merge_adapter:
+            self.model.merge_adapter()
+        self.model.to(device).eval()
         self.generator = CompressedGenerator(self.model, self.tokenizer, window_size=settings.window,
                                              keep_last=settings.keep_last)
 
