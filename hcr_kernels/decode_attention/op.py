@@ -27,7 +27,7 @@ def chunk_slots(head_dim: int, dtype: torch.dtype) -> int:
     L2 between the two passes), for cache rows of ``head_dim`` values of ``dtype``: the kernel's own rule."""
     if not _extension.extension_loaded():
         raise RuntimeError("chunk_slots: the native extension hcr_kernels._C is not built")
-    return _extension._C.decode_attention_chunk_slots(head_dim * torch.empty((), dtype=dtype).element_size())
+    return _extension._C.decode_attention_chunk_slots(head_dim * dtype.itemsize)
 
 
 def decode_attention(
