@@ -41,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -276,8 +277,13 @@ HCR_INLINE void fold_into_softmax(float* p, int64_t n, float& top, float& total,
 // Slots per chunk of the span: a chunk's key and value rows (row_bytes each) fill at most a quarter of this
 // core's L2 each, so the values pass 1 asks for are still there for pass 2 while the next chunk's keys and
 // the scores come through; whole blocks of pass 2's value rows, at least one.
+// Tests set a chunk of a few slots (any size is correct), so that small spans cross chunk boundaries; 0 = the
+// L2 rule.
+std::atomic<int64_t> chunk_slots_override{0};
+
 int64_t chunk_slots(int64_t row_bytes) {
-  return std::max<int64_t>(1, l2_bytes() / 4 / row_bytes / kSlotBlock) * kSlotBlock;
+  const int64_t chosen = chunk_slots_override.load(std::memory_order_relaxed);
+  return chosen > 0 ? chosen : std::max<int64_t>(1, l2_bytes() / 4 / row_bytes / kSlotBlock) * kSlotBlock;
 }
 
 struct Shape {
@@ -431,6 +437,11 @@ int64_t decode_attention_block_queries() { return kBlockQueries; }
 int64_t decode_attention_chunk_slots(int64_t row_bytes) {
   TORCH_CHECK(row_bytes > 0, "decode_attention_chunk_slots: row_bytes must be positive, got ", row_bytes);
   return chunk_slots(row_bytes);
+}
+
+void decode_attention_set_chunk_slots(int64_t slots) {
+  TORCH_CHECK(slots >= 0, "decode_attention_set_chunk_slots: slots must be >= 0 (0: the L2 rule), got ", slots);
+  chunk_slots_override.store(slots, std::memory_order_relaxed);
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,

@@ -13,6 +13,7 @@
 namespace hcr {
 int64_t decode_attention_block_queries();                // decode_attention_cpu.cpp
 int64_t decode_attention_chunk_slots(int64_t row_bytes);  // decode_attention_cpu.cpp
+void decode_attention_set_chunk_slots(int64_t slots);     // decode_attention_cpu.cpp
 }
 
 #ifdef HCR_WITH_CUDA
@@ -57,4 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_chunk_slots", &hcr::decode_attention_chunk_slots,
         "Slots of a span decode_attention's CPU kernel takes per chunk, for cache rows of row_bytes (this core's L2)",
         pybind11::arg("row_bytes"));
+  m.def("decode_attention_set_chunk_slots", &hcr::decode_attention_set_chunk_slots,
+        "For tests: decode_attention's CPU kernel takes spans in chunks of this many slots (0: its L2 rule)",
+        pybind11::arg("slots"));
 }

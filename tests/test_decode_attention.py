@@ -10,6 +10,8 @@ generator routed through it writes the oracle's tokens.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -162,10 +164,14 @@ def test_a_query_reads_no_slot_past_its_position():
     window=st.one_of(st.none(), st.integers(1, 20)),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
+    chunk=st.one_of(st.none(), st.integers(1, 40)),
 )
-def test_property_native_matches_oracle(batch, kv_heads, groups, steps, slots, head_dim, window, dtype, seed):
-    assert_matches_oracle(*operands(batch, kv_heads * groups, kv_heads, steps, slots, head_dim, dtype, seed=seed),
-                          window=window)
+def test_property_native_matches_oracle(batch, kv_heads, groups, steps, slots, head_dim, window, dtype, seed, chunk):
+    """``chunk``: the kernel's chunk of the span set to a few slots (op.chunk_slots_set_to), so that these small
+    spans cross chunk boundaries anywhere: chunks shorter than a key block, rows with no slot in a chunk."""
+    operands_ = operands(batch, kv_heads * groups, kv_heads, steps, slots, head_dim, dtype, seed=seed)
+    with op_module.chunk_slots_set_to(chunk) if chunk else contextlib.nullcontext():
+        assert_matches_oracle(*operands_, window=window)
 
 
 def test_empty_step():

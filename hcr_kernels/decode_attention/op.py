@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from hcr_kernels import _dispatch, _extension
@@ -9,7 +11,7 @@ from hcr_kernels._validate import check_same_device, check_same_dtype, check_ten
 from hcr_kernels.decode_attention import native
 from hcr_kernels.decode_attention.reference import decode_attention_ref
 
-__all__ = ["decode_attention", "BACKEND_CHECKS", "NATIVE_DTYPES", "BLOCK_QUERIES", "chunk_slots"]
+__all__ = ["decode_attention", "BACKEND_CHECKS", "NATIVE_DTYPES", "BLOCK_QUERIES", "chunk_slots", "chunk_slots_set_to"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -28,6 +30,21 @@ def chunk_slots(head_dim: int, dtype: torch.dtype) -> int:
     if not _extension.extension_loaded():
         raise RuntimeError("chunk_slots: the native extension hcr_kernels._C is not built")
     return _extension._C.decode_attention_chunk_slots(head_dim * dtype.itemsize)
+
+
+@contextlib.contextmanager
+def chunk_slots_set_to(slots: int):
+    """For tests: the native kernel takes spans in chunks of ``slots`` slots inside the block (any size is
+    correct; a few slots make small spans cross chunk boundaries), its L2 rule again after."""
+    if not _extension.extension_loaded():
+        raise RuntimeError("chunk_slots_set_to: the native extension hcr_kernels._C is not built")
+    if slots < 1:
+        raise ValueError(f"chunk_slots_set_to: slots must be >= 1, got {slots}")
+    _extension._C.decode_attention_set_chunk_slots(slots)
+    try:
+        yield
+    finally:
+        _extension._C.decode_attention_set_chunk_slots(0)
 
 
 def decode_attention(
