@@ -357,6 +357,7 @@ struct AttendGroup {
     q.resize(rows * D), acc.resize(rows * D), row.resize(D), top.resize(rows), total.resize(rows);
     first.resize(rows), last.resize(rows);
     block.resize(std::is_same_v<T, float> ? 0 : Lanes * D);
+    const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));  // slots per chunk of a span (the same for every block)
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
@@ -377,7 +378,6 @@ struct AttendGroup {
       // chunk's scores become exponentials against each row's running maximum (folding the chunk into the
       // row's running sum, and rescaling the sum and accumulators of earlier chunks where the maximum
       // grows), and pass 2 sums the chunk's values, now in the L2, into the accumulators.
-      const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));
       std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
       std::fill(top.begin(), top.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + R, 0.0f);

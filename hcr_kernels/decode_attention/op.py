@@ -27,8 +27,7 @@ BLOCK_QUERIES = _extension._C.DECODE_ATTENTION_BLOCK_QUERIES if _extension.exten
 def chunk_slots(head_dim: int, dtype: torch.dtype) -> int:
     """Slots of a span the native kernel scores and sums per chunk (its keys and values stay in this core's
     L2 between the two passes), for cache rows of ``head_dim`` values of ``dtype``: the kernel's own rule."""
-    if not _extension.extension_loaded():
-        raise RuntimeError("chunk_slots: the native extension hcr_kernels._C is not built")
+    _extension.require_native(torch.device("cpu"))
     return _extension._C.decode_attention_chunk_slots(head_dim * dtype.itemsize)
 
 
@@ -36,8 +35,7 @@ def chunk_slots(head_dim: int, dtype: torch.dtype) -> int:
 def chunk_slots_set_to(slots: int):
     """For tests: the native kernel takes spans in chunks of ``slots`` slots inside the block (any size is
     correct; a few slots make small spans cross chunk boundaries), its L2 rule again after."""
-    if not _extension.extension_loaded():
-        raise RuntimeError("chunk_slots_set_to: the native extension hcr_kernels._C is not built")
+    _extension.require_native(torch.device("cpu"))
     if slots < 1:
         raise ValueError(f"chunk_slots_set_to: slots must be >= 1, got {slots}")
     _extension._C.decode_attention_set_chunk_slots(slots)
