@@ -16,9 +16,9 @@
   the inputs and warming up at a tiny shape, then reports ``VmHWM - VmRSS`` (bytes
   above the inputs). Targets: fused peak <= 1/8 of the reference's, time <= 1.3x.
   ``test_fused_linear_ce_interleaved`` times the two alternating (``interleaved.py``): the
-  time ratio to trust on a shared machine. Back to back, native always timed after the
-  reference, four runs on the AVX2 machine gave 0.62-0.74x (2026-12-04), while the two
-  alternating in one process gave 0.74-1.04x in the same hour.
+  time ratio to trust on a shared machine. On the AVX2 machine (2026-12-04) the back-to-back
+  cases gave 0.62-0.74x in four runs that began with the example-building benchmark and
+  0.91-0.99x in three that did not; the interleaved case 0.81x and 0.94x (README).
 
 ``python -m pytest benchmarks/test_bench_cross_entropy.py --benchmark-only`` (add ``-s``
 to see the peak-memory lines).
