@@ -17,8 +17,8 @@
   above the inputs). Targets: fused peak <= 1/8 of the reference's, time <= 1.3x.
   ``test_fused_linear_ce_interleaved`` times the two alternating (``interleaved.py``): the
   time ratio to trust on a shared machine. On the AVX2 machine (2026-12-04) the back-to-back
-  cases gave 0.62-0.74x in four runs that began with the example-building benchmark and
-  0.91-0.99x in three that did not; the interleaved case 0.81x and 0.94x (README).
+  cases gave 0.62-0.76x in six runs after the example-building benchmark's Python-list case
+  and 0.91-0.99x in four without it; the interleaved case 0.81x and 0.94x (README).
 
 ``python -m pytest benchmarks/test_bench_cross_entropy.py --benchmark-only`` (add ``-s``
 to see the peak-memory lines).
