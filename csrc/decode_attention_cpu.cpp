@@ -15,27 +15,29 @@
 // at cache slot positions[b, t] (slot i holds position i) and attends slots
 // [positions[b, t] - window + 1, positions[b, t]] (from 0 without a window).
 // Per task: the queries (scaled) go to fp32 once; then the span of slots they see goes
-// in chunks that fit in the L2 (flash-decoding's online softmax, on one core): pass 1
-// streams a chunk's keys, writes every query's scores and asks for the chunk's values;
-// the scores join each query's running softmax; pass 2 sums the chunk's values, from
-// the L2, into fp32 accumulators, a block of slots at a time. (One pass over the whole
-// span before this left the values of spans past half the L2 to come from memory in
-// pass 2, after the keys, instead of beside them. AVX2 EPYC, 512 KiB L2, 2 threads,
-// 28 layers of 1.5B bf16 at 2,048 slots, medians of four series of 3-6 alternating
-// runs: B 1 7.7 -> 5.1, 6.4 -> 5.7, 8.9 -> 5.2 and 6.8 -> 5.7 ms; B 8 within the
-// noise (46 -> 41, 57 -> 45, 45 -> 49, 56 -> 55 ms), as are the tiny model's shapes.)
-// Queries are taken in blocks of at most 16
-// (query heads x steps), so the scores stay R x chunk floats. Pass 1 takes the keys a
-// vector's width of rows at a time, 4 rows beside up to 3 query rows (one accumulator
-// per pair, all summed across lanes at once); pass 2 keeps register accumulators per
-// query head of a step (its G heads see the same slots) for one to four vectors of D,
-// loading each value vector once for all of them. Both keep about 8 or more FMA chains
-// in flight: with 4 they ran at half the FMA rate, the bf16 1.5B shapes compute-bound
-// on a CPU whose L2 does not hold a span's values (2 threads, AMD EPYC with AVX2 only,
-// 512 KiB L2, 3 alternating runs: B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms, with the
-// one-instruction bf16 widening of vec_math.h; same results bit for bit). fp32
-// math for fp32, bf16 and fp16. Compiled for AVX-512, AVX2 and the baseline, each with vectors of its register
-// width (cpu_isa.h).
+// in chunks (flash-decoding's online softmax, on one core): pass 1 streams a chunk's
+// keys and writes every query's scores; the scores join each query's running softmax;
+// pass 2 sums the chunk's values into fp32 accumulators, a block of slots at a time.
+// Queries are taken in blocks of at most 16 (query heads x steps), so the scores stay
+// R x chunk floats. Pass 1 takes the keys a vector's width of rows at a time, 4 rows
+// beside 2 query rows (one accumulator per pair, all summed across lanes at once);
+// pass 2 keeps register accumulators per query head of a step (its G heads see the
+// same slots) for two to four vectors of D, loading each value vector once for all
+// of them. Both keep about 8 or more FMA chains in flight: with 4 they ran at half the
+// FMA rate (2 threads, AMD EPYC with AVX2 only, 512 KiB L2, 3 alternating runs: 1.5B
+// bf16 B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms).
+// Keys and values are read straight from the cache and widened in registers, bf16 as
+// even and odd elements (vec_math.h's load_pair_half: a shift or a mask, no lane
+// shuffle); the queries are stored in the same order, and the accumulators stay in it
+// until the output is written (store_paired). Against converting each block of keys to
+// fp32 first, query rows by 3, the output one scalar at a time and the values asked for
+// in pass 1 (both kernels built into one process, alternating, 2 threads, AVX2 EPYC,
+// 512 KiB L2, time new / old): one task of the 1.5B shape, its 1 MiB in the L3,
+// 0.73-0.80; the tiny model at 256 slots (in the L3) 0.76-0.99; the shapes whose caches
+// come from memory unchanged (1.5B B1 0.90-1.09, B8 0.93-1.07, 1,700 slots 0.86-1.06):
+// there the kernel reads at about half a plain read's speed either way.
+// fp32 math for fp32, bf16 and fp16. Compiled for AVX-512, AVX2 and the baseline,
+// each with vectors of its register width (cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,25 +85,36 @@ HCR_INLINE void group_dots(const float* q, const float* k, int64_t G, int64_t n,
   if (g < G) dots<1, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
 }
 
-// out[r * out_stride + j] = <q + r * n, k + j * k_stride> for QR query rows and the Lanes key rows of a
-// block: one register accumulator per (query row, key row), summed across lanes all at once per query
-// row (transposed_sums) and stored as one vector: for T = 1 and G = 2 this pass took 1.5x less time in
-// L2 than one halving_sum per (head, slot). Key rows go 4 at a time with the QR query rows beside them:
-// 4 * QR FMA chains in flight (one query row's 4 chains waited on the FMA latency: half the FMA rate),
-// each key vector loaded once for the QR rows.
+// s[row][r] += q_row * key[r] for QR query rows (one vector each, n apart) and 4 key vectors: block_dots' step.
 template <int QR, int Lanes>
-HCR_INLINE void block_dots(const float* q, const float* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
+HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>* key, vfloat<Lanes> (&s)[QR][4]) {
+  for (int row = 0; row < QR; ++row) {
+    const vfloat<Lanes> qv = load_v<Lanes>(q + row * n);
+    for (int r = 0; r < 4; ++r) s[row][r] += qv * key[r];
+  }
+}
+
+// out[r * out_stride + j] = <q + r * n, k + j * k_stride> for QR query rows (fp32, in widen_paired's order)
+// and the Lanes key rows of a block (the cache's own rows, widened in registers): one register accumulator
+// per (query row, key row), summed across lanes all at once per query row (transposed_sums) and stored as
+// one vector: for T = 1 and G = 2 this pass took 1.5x less time in L2 than one halving_sum per (head,
+// slot). Key rows go 4 at a time with the QR query rows beside them: 4 * QR FMA chains in flight (one query
+// row's 4 chains waited on the FMA latency: half the FMA rate), each key vector loaded once for the QR rows.
+template <typename T, int QR, int Lanes>
+HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
   vfloat<Lanes> sum[QR][Lanes];
-  const int64_t vectors = n - n % Lanes;
+  const int64_t pairs = n - n % (2 * Lanes), vectors = n - n % Lanes;
   for (int j = 0; j < Lanes; j += 4) {
-    vfloat<Lanes> s[QR][4] = {};
-    for (int64_t i = 0; i < vectors; i += Lanes) {
-      vfloat<Lanes> kv[4];
-      for (int r = 0; r < 4; ++r) kv[r] = load_v<Lanes>(k + (j + r) * k_stride + i);
-      for (int row = 0; row < QR; ++row) {
-        const vfloat<Lanes> qv = load_v<Lanes>(q + row * n + i);
-        for (int r = 0; r < 4; ++r) s[row][r] += qv * kv[r];
+    vfloat<Lanes> s[QR][4] = {}, kv[4];
+    for (int64_t i = 0; i < pairs; i += 2 * Lanes) {
+      for (int half = 0; half < 2; ++half) {
+        for (int r = 0; r < 4; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
+        multiply_add_keys<QR, Lanes>(q + i + half * Lanes, n, kv, s);
       }
+    }
+    for (int64_t i = pairs; i < vectors; i += Lanes) {
+      for (int r = 0; r < 4; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
+      multiply_add_keys<QR, Lanes>(q + i, n, kv, s);
     }
     for (int row = 0; row < QR; ++row)
       for (int r = 0; r < 4; ++r) sum[row][j + r] = s[row][r];
@@ -109,30 +122,39 @@ HCR_INLINE void block_dots(const float* q, const float* k, int64_t k_stride, int
   for (int row = 0; row < QR; ++row) {
     vfloat<Lanes> total = transposed_sums<Lanes>(sum[row]);
     for (int64_t i = vectors; i < n; ++i) {
-      for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * k[j * k_stride + i];
+      for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * static_cast<float>(k[j * k_stride + i]);
     }
     store_v<Lanes>(out + row * out_stride, total);
   }
 }
 
-// block_dots for R query rows, in groups of 3, 2 and 1.
-template <int Lanes>
-HCR_INLINE void rows_block_dots(const float* q, const float* k, int64_t k_stride, int64_t R, int64_t n, float* out,
+// block_dots for R query rows, in pairs and one alone.
+template <typename T, int Lanes>
+HCR_INLINE void rows_block_dots(const float* q, const T* k, int64_t k_stride, int64_t R, int64_t n, float* out,
                                 int64_t out_stride) {
   int64_t r = 0;
-  for (; r + 3 <= R; r += 3) block_dots<3, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
-  for (; r + 2 <= R; r += 2) block_dots<2, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
-  if (r < R) block_dots<1, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  for (; r + 2 <= R; r += 2) block_dots<T, 2, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  if (r < R) block_dots<T, 1, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+}
+
+// Vector e of the values at p: in widen_paired's order where Paired (p starts a whole pair), else as stored.
+template <typename T, int Lanes, bool Paired>
+HCR_INLINE vfloat<Lanes> load_value_vector(const T* p, int e) {
+  if constexpr (Paired) {
+    return load_pair_half<T, Lanes>(p + e / 2 * 2 * Lanes, e % 2);
+  } else {
+    return load_as_float<T, Lanes>(p + e * Lanes);
+  }
 }
 
 // acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for the DV
-// vectors of d from d0, for R query rows j sharing the value rows: R * DV register accumulators over the
-// slots (each value vector loaded once for the R rows, each weight broadcast once for the DV vectors), so
-// nothing but the value rows goes through memory. With one or two rows, even and odd slots go to separate
-// accumulators (Split). The caller picks DV so that about 8 FMA chains are in flight: each chain waits
-// on its own previous FMA, and fewer chains left the FMA units idle (one vector of d for 4 rows: half
-// their rate). Each sum's order is the same whatever DV.
-template <typename T, int R, int DV, int Lanes>
+// vectors of d from d0 (in widen_paired's order where Paired), for R query rows j sharing the value rows:
+// R * DV register accumulators over the slots (each value vector loaded once for the R rows, each weight
+// broadcast once for the DV vectors), so nothing but the value rows goes through memory. With one or two
+// rows, even and odd slots go to separate accumulators (Split). The caller picks DV so that about 8 FMA
+// chains are in flight: each chain waits on its own previous FMA, and fewer chains left the FMA units idle
+// (one vector of d for 4 rows: half their rate). Each sum's order is the same whatever DV.
+template <typename T, int R, int DV, bool Paired, int Lanes>
 HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0,
                                      int64_t s1, float* acc, int64_t n, int64_t d0) {
   constexpr int Split = R <= 2 ? 2 : 1;
@@ -141,7 +163,7 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   for (; slot + Split <= s1; slot += Split) {
     for (int h = 0; h < Split; ++h) {
       vfloat<Lanes> value[DV];
-      for (int e = 0; e < DV; ++e) value[e] = load_as_float<T, Lanes>(v + (slot + h) * v_stride + d0 + e * Lanes);
+      for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + (slot + h) * v_stride + d0, e);
       for (int j = 0; j < R; ++j) {
         const float weight = p[j * p_stride + slot + h];
         for (int e = 0; e < DV; ++e) sum[h][j][e] += weight * value[e];
@@ -150,7 +172,7 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   }
   for (; slot < s1; ++slot) {
     for (int e = 0; e < DV; ++e) {
-      const vfloat<Lanes> value = load_as_float<T, Lanes>(v + slot * v_stride + d0 + e * Lanes);
+      const vfloat<Lanes> value = load_value_vector<T, Lanes, Paired>(v + slot * v_stride + d0, e);
       for (int j = 0; j < R; ++j) sum[0][j][e] += p[j * p_stride + slot] * value;
     }
   }
@@ -165,14 +187,24 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
 }
 
 // acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for every d < n
-// and R query rows j: DV vectors of d at a time (weighted_sum_vectors), then single vectors, then scalars.
+// and R query rows j, acc in widen_paired's order: DV vectors of d at a time (weighted_sum_vectors) over the
+// whole pairs, then pairs, then single vectors, then scalars.
 template <typename T, int R, int Lanes>
 HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0, int64_t s1,
                               float* acc, int64_t n) {
-  constexpr int DV = std::max(1, 8 / (R * (R <= 2 ? 2 : 1)));
+  constexpr int DV = std::max(2, 8 / (R * (R <= 2 ? 2 : 1)));
+  static_assert(DV % 2 == 0, "DV vectors must be whole pairs");
+  const int64_t pairs = n - n % (2 * Lanes);
   int64_t d = 0;
-  for (; d + DV * Lanes <= n; d += DV * Lanes) weighted_sum_vectors<T, R, DV, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
-  for (; d + Lanes <= n; d += Lanes) weighted_sum_vectors<T, R, 1, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
+  for (; d + DV * Lanes <= pairs; d += DV * Lanes) {
+    weighted_sum_vectors<T, R, DV, true, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
+  }
+  for (; d < pairs; d += 2 * Lanes) {
+    weighted_sum_vectors<T, R, 2, true, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
+  }
+  for (; d + Lanes <= n; d += Lanes) {
+    weighted_sum_vectors<T, R, 1, false, Lanes>(v, v_stride, p, p_stride, s0, s1, acc, n, d);
+  }
   for (; d < n; ++d) {
     for (int64_t slot = s0; slot < s1; ++slot) {
       const float value = static_cast<float>(v[slot * v_stride + d]);
@@ -213,20 +245,14 @@ int64_t l2_bytes() {
   return bytes;
 }
 
+// A row of n values as fp32 in widen_paired's order: the row itself for fp32 (whose order is the stored
+// one), else widened into `buffer`.
 template <typename T, int Lanes>
-HCR_INLINE void to_float(const T* in, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
-  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
-}
-
-// n values as fp32: the values themselves for fp32, else converted into `buffer`.
-template <typename T, int Lanes>
-HCR_INLINE const float* as_floats(const T* in, float* buffer, int64_t n) {
+HCR_INLINE const float* as_paired_floats(const T* in, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return in;
   } else {
-    to_float<T, Lanes>(in, buffer, n);
+    widen_paired<T, Lanes>(in, buffer, n);
     return buffer;
   }
 }
@@ -275,8 +301,7 @@ HCR_INLINE void fold_into_softmax(float* p, int64_t n, float& top, float& total,
 }
 
 // Slots per chunk of the span: a chunk's key and value rows (row_bytes each) fill at most a quarter of this
-// core's L2 each, so the values pass 1 asks for are still there for pass 2 while the next chunk's keys and
-// the scores come through; whole blocks of pass 2's value rows, at least one.
+// core's L2 each; whole blocks of pass 2's value rows, at least one.
 // Tests set a chunk of a few slots (any size is correct), so that small spans cross chunk boundaries; 0 = the
 // L2 rule.
 std::atomic<int64_t> chunk_slots_override{0};
@@ -294,7 +319,7 @@ struct Shape {
 // A thread's working memory for the tasks it runs in one call: allocated at its first task and reused by the
 // next ones (eight allocations per task cost ~1 us of a 2-4 us task at a decode step's short caches).
 struct Scratch {
-  std::vector<float> q, acc, row, top, total, scores, block;  // top, total: each query row's running softmax
+  std::vector<float> q, acc, row, top, total, scores;  // top, total: each query row's running softmax
   std::vector<int64_t> first, last;                            // each query row's visible slots
 };
 
@@ -305,43 +330,38 @@ struct AttendGroup {
   // (all written, whichever row sees them; the softmax and pass 2 use each row's own slots only) into
   // scores[r * width + slot - c0]. Blocks of Lanes key rows, the last one shifted back to end at c1
   // (recomputing a few scores, bit for bit the same); a chunk shorter than a block goes slot by slot.
-  // Beside each block of keys, the block's value rows are asked for into the L2, so pass 2 reads them from
-  // there (the chunk is sized to keep them; see chunk_slots), and the key rows kKeyPrefetchBytes ahead into
-  // the outer caches too: without it a block's arithmetic and the wait for its keys add up (pass 1 ran at
-  // about half a plain read's speed from memory, and at the same time per byte from the L2). Measured
-  // side by side (2 threads, 3-4 runs, time / a warmed read of the same bytes): 1,700 slots T = 1
-  // 1.80 -> 1.36 (AVX-512), 1.51 -> 1.33 (AVX2 variant); 1.5B bf16 B1 1.37 -> 1.00, B8 0.76 -> 0.57;
-  // re-encode T = 6 unchanged; the tiny model at 256 slots, whose 8 MB of keys and values sit in the L3,
-  // 1.35 -> 1.45. 8-16 KiB ahead measured alike, 32-128 KiB less good (1.44-1.51), into the L1 (16 KiB
-  // ahead) much slower than none. (AMD EPYC, 1 MiB L2; the automatic route still times the kernel against
-  // the model's own attention on every machine.)
+  // Beside each block of keys, the key rows kKeyPrefetchBytes ahead are asked for into the outer caches:
+  // without it a block's arithmetic and the wait for its keys add up (pass 1 ran at about half a plain
+  // read's speed from memory, and at the same time per byte from the L2). Measured side by side, with the
+  // value rows of each block asked for too (2 threads, 3-4 runs, time / a warmed read of the same bytes):
+  // 1,700 slots T = 1 1.80 -> 1.36 (AVX-512), 1.51 -> 1.33 (AVX2 variant); 1.5B bf16 B1 1.37 -> 1.00,
+  // B8 0.76 -> 0.57; re-encode T = 6 unchanged; the tiny model at 256 slots, whose 8 MB of keys and values
+  // sit in the L3, 1.35 -> 1.45. 8-16 KiB ahead measured alike, 32-128 KiB less good (1.44-1.51), into the
+  // L1 (16 KiB ahead) much slower than none (AMD EPYC, 1 MiB L2). Once keys were widened in registers,
+  // asking for the values too (into the L2, for pass 2) gained nothing and cost time at some shapes (AVX2
+  // EPYC, 512 KiB L2, 2 threads, the kernel with and without it and the previous kernel built into one
+  // process, alternating; time / the previous kernel's, two runs: 1.5B B1 1.13, 1.07 with vs 1.01, 1.04
+  // without; B8 1.23, 1.03 vs 1.06, 0.96; 256 slots 0.96, 0.90 vs 0.87, 0.86), nor did asking for pass
+  // 2's next block of values there (B1 0.94, 0.99 vs 0.90, 1.01; B8 1.03, 0.95 vs 1.07, 0.96). So only
+  // keys are asked for.
+  // (The automatic route still times the kernel against the model's own attention on every machine.)
   template <int Lanes>
-  static HCR_INLINE void score_chunk(const float* q, const T* k_base, const T* v_base, const Shape& s, int64_t G,
-                                     int64_t R, int64_t c0, int64_t c1, int64_t hi, float* scores, float* block,
-                                     float* row) {
+  static HCR_INLINE void score_chunk(const float* q, const T* k_base, const Shape& s, int64_t G, int64_t R,
+                                     int64_t c0, int64_t c1, int64_t hi, float* scores, float* row) {
     const int64_t D = s.D, width = c1 - c0 + 1, row_bytes = D * int64_t(sizeof(T));
     const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / row_bytes);  // D >= 1 here
     if (width < Lanes) {
       for (int64_t slot = c0; slot <= c1; ++slot) {
-        const float* k = as_floats<T, Lanes>(k_base + slot * s.k_stride[2], row, D);
+        const float* k = as_paired_floats<T, Lanes>(k_base + slot * s.k_stride[2], row, D);
         for (int64_t r = 0; r < R; r += G) group_dots<Lanes>(q + r * D, k, G, D, scores + r * width + slot - c0, width);
       }
       return;
     }
     for (int64_t b0 = c0; b0 <= c1; b0 += Lanes) {
       const int64_t start = std::min(b0, c1 + 1 - Lanes);
-      const float* k;  // the block's key rows as fp32: the cache itself, or converted into `block`
-      int64_t k_stride;
-      if constexpr (std::is_same_v<T, float>) {
-        k = k_base + start * s.k_stride[2], k_stride = s.k_stride[2];
-      } else {
-        for (int64_t j = 0; j < Lanes; ++j) to_float<T, Lanes>(k_base + (start + j) * s.k_stride[2], block + j * D, D);
-        k = block, k_stride = D;
-      }
-      prefetch_rows<1>(v_base, s.v_stride[2], start, start + Lanes, row_bytes);
       prefetch_rows<1>(k_base, s.k_stride[2], std::min(hi + 1, start + key_ahead),
                        std::min(hi + 1, start + key_ahead + Lanes), row_bytes);
-      rows_block_dots<Lanes>(q, k, k_stride, R, D, scores + start - c0, width);
+      rows_block_dots<T, Lanes>(q, k_base + start * s.k_stride[2], s.k_stride[2], R, D, scores + start - c0, width);
     }
   }
 
@@ -353,10 +373,9 @@ struct AttendGroup {
     const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
     const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
     const int64_t rows = steps_per_block * G;  // more than kBlockQueries where one step's G heads are more
-    auto& [q, acc, row, top, total, scores, block, first, last] = scratch;
+    auto& [q, acc, row, top, total, scores, first, last] = scratch;
     q.resize(rows * D), acc.resize(rows * D), row.resize(D), top.resize(rows), total.resize(rows);
     first.resize(rows), last.resize(rows);
-    block.resize(std::is_same_v<T, float> ? 0 : Lanes * D);
     const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));  // slots per chunk of a span (the same for every block)
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
@@ -369,7 +388,7 @@ struct AttendGroup {
           const int64_t r = (t - t0) * G + g;
           first[r] = from, last[r] = pos;
           const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
-          to_float<T, Lanes>(src, q.data() + r * D, D);
+          widen_paired<T, Lanes>(src, q.data() + r * D, D);
           for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
         }
       }
@@ -384,7 +403,7 @@ struct AttendGroup {
       for (int64_t c0 = lo; c0 <= hi; c0 += chunk) {
         const int64_t c1 = std::min(hi, c0 + chunk - 1), width = c1 - c0 + 1;
         scores.resize(std::max<int64_t>(int64_t(scores.size()), R * width));
-        score_chunk<Lanes>(q.data(), k_base, v_base, s, G, R, c0, c1, hi, scores.data(), block.data(), row.data());
+        score_chunk<Lanes>(q.data(), k_base, s, G, R, c0, c1, hi, scores.data(), row.data());
         for (int64_t r = 0; r < R; ++r) {  // each query's own slots of the chunk; its other scores are never read
           const int64_t from = std::max(first[r], c0), to = std::min(last[r], c1);
           if (from <= to) {
@@ -406,8 +425,7 @@ struct AttendGroup {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (t - t0) * G + g;
           T* dst = out + ((b * s.T + t) * s.Hq + h * G + g) * D;
-          const float inverse = 1.0f / total[r];  // total >= 1: the maximum's own term
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inverse);
+          store_paired<T, Lanes>(acc.data() + r * D, 1.0f / total[r], dst, D);  // total >= 1: the maximum's own term
         }
       }
     }

@@ -33,38 +33,25 @@
 namespace hcr {
 namespace {
 
-// The 2 * Lanes values at p as the two fp32 vectors the dot loop multiplies into its even and
-// odd chains. fp32 and fp16: the first and the second Lanes values. bf16: the values at even
-// and at odd offsets, widened from one 32-bit load by a shift and a mask (a bf16 is the high
-// half of an fp32), fewer instructions than widening two halves (side by side, 2 threads:
-// 1.02-1.23x on the bf16 benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths).
-// The input rows are stored in the same order (WidenInputRows), so the products pair up.
-template <typename T, int Lanes>
-HCR_INLINE void load_pair(const T* p, vfloat<Lanes>& first, vfloat<Lanes>& second) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    vu32<Lanes> bits;
-    std::memcpy(&bits, p, sizeof(bits));
-    first = bits_to_float<Lanes>(bits << 16);
-    second = bits_to_float<Lanes>(bits & 0xffff0000u);
-  } else {
-    first = load_as_float<T, Lanes>(p);
-    second = load_as_float<T, Lanes>(p + Lanes);
-  }
-}
-
 // dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
-// rows x_r = x + r * K (fp32, each whole block of 2 * Lanes in load_pair's order), one pass
-// over the weight rows: each weight vector is loaded and widened once for all R input rows,
-// each input vector loaded once for all NR weight rows. Every pair sums in the same order
-// whatever NR and R (two chains of vectors over k, even and odd, then the lanes, then the
-// scalar tail), so a row's result does not depend on the batch it is in.
+// rows x_r = x + r * K (fp32 in widen_paired's order), one pass over the weight rows: bf16
+// weights widen as even and odd values (load_pair_half: a shift and a mask of one load, fewer
+// instructions than widening two halves; side by side, 2 threads: 1.02-1.23x on the bf16
+// benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths). Each weight vector is loaded
+// and widened once for all R input rows, each input vector loaded once for all NR weight rows.
+// Every pair sums in the same order whatever NR and R (two chains of vectors over k, even and
+// odd, then the lanes, then the scalar tail), so a row's result does not depend on the batch
+// it is in.
 template <typename T, int NR, int R, int Lanes>
 HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
   vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
   int64_t k = 0;
   for (; k + 2 * Lanes <= K; k += 2 * Lanes) {
     vfloat<Lanes> w0[NR], w1[NR];
-    for (int i = 0; i < NR; ++i) load_pair<T, Lanes>(w + i * weight_stride + k, w0[i], w1[i]);
+    for (int i = 0; i < NR; ++i) {
+      w0[i] = load_pair_half<T, Lanes>(w + i * weight_stride + k, 0);
+      w1[i] = load_pair_half<T, Lanes>(w + i * weight_stride + k, 1);
+    }
     for (int r = 0; r < R; ++r) {
       const vfloat<Lanes> x0 = load_v<Lanes>(x + r * K + k), x1 = load_v<Lanes>(x + r * K + k + Lanes);
       for (int i = 0; i < NR; ++i) {
@@ -179,22 +166,12 @@ struct WidenToFloat {
   }
 };
 
-// out = M rows of K input values as fp32, each whole block of 2 * Lanes in load_pair's order
-// (the rest of a row as it is), for dot_tile.
+// out = M rows of K input values as fp32 in widen_paired's order, for dot_tile.
 template <typename T>
 struct WidenInputRows {
   template <int Lanes>
   static HCR_INLINE void run(const T* in, float* out, int64_t M, int64_t K) {
-    for (int64_t m = 0; m < M; ++m, in += K, out += K) {
-      int64_t k = 0;
-      for (; k + 2 * Lanes <= K; k += 2 * Lanes) {
-        vfloat<Lanes> first, second;
-        load_pair<T, Lanes>(in + k, first, second);
-        store_v<Lanes>(out + k, first);
-        store_v<Lanes>(out + k + Lanes, second);
-      }
-      WidenToFloat<T>::template run<Lanes>(in + k, out + k, K - k);
-    }
+    for (int64_t m = 0; m < M; ++m) widen_paired<T, Lanes>(in + m * K, out + m * K, K);
   }
 };
 
@@ -207,7 +184,7 @@ const float* fp32_as_is(const at::Tensor& t) {
   return nullptr;
 }
 
-// The input rows as dot_tile reads them: fp32 input as it is (load_pair keeps fp32's order),
+// The input rows as dot_tile reads them: fp32 input as it is (widen_paired keeps fp32's order),
 // else widened into `storage` by the kernel's own loop (no ATen op: a decode step calls this
 // per layer, where an op's dispatch and allocation cost as much as the conversion).
 template <typename T>

@@ -227,6 +227,37 @@ HCR_INLINE vfloat<Lanes> load_as_float(const T* p) {
   }
 }
 
+// Half `half` (0 or 1) of the 2 * Lanes values at p as fp32, in the order each storage widens
+// fastest: fp32 and fp16 the first and the second Lanes values; bf16 the values at even and at
+// odd offsets, widened from one 32-bit load by a shift (even) or a mask (odd), with no lane
+// shuffle (a bf16 is the high half of an fp32). Sums over the 2 * Lanes values do not depend on
+// the order, so a dot product takes both operands in it (widen_paired stores rows so), and an
+// elementwise sum keeps it until the result is written back (store_paired). Callers pass a
+// constant `half` (unrolled loops), so the choice folds away.
+template <typename T, int Lanes>
+HCR_INLINE vfloat<Lanes> load_pair_half(const T* p, int half) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    vu32<Lanes> bits;
+    std::memcpy(&bits, p, sizeof(bits));
+    return bits_to_float<Lanes>(half == 0 ? bits << 16 : bits & 0xffff0000u);
+  } else {
+    return load_as_float<T, Lanes>(p + half * Lanes);
+  }
+}
+
+// A row of n values as fp32 in the paired order: each whole block of 2 * Lanes in load_pair_half's
+// order, the rest as stored.
+template <typename T, int Lanes>
+HCR_INLINE void widen_paired(const T* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 2 * Lanes <= n; i += 2 * Lanes) {
+    store_v<Lanes>(out + i, load_pair_half<T, Lanes>(in + i, 0));
+    store_v<Lanes>(out + i + Lanes, load_pair_half<T, Lanes>(in + i, 1));
+  }
+  for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
 // `Lanes` fp32 values into fp32, bf16 or fp16 storage, each rounded to nearest even as
 // c10's scalar conversions round (bf16 NaN -> 0x7fc0 as there). fp16 uses the F16C
 // instruction vcvtps2ph on the AVX2 and AVX-512 variants (inline asm, for the reason
@@ -253,6 +284,32 @@ HCR_INLINE void store_from_float(T* p, vfloat<Lanes> v) {
 #endif
     for (int i = 0; i < Lanes; ++i) p[i] = static_cast<T>(v[i]);
   }
+}
+
+// Lane k of the interleaving of a and b (a[0], b[0], a[1], b[1], ...), from lane Offset on.
+template <int Lanes, int Offset, int... Out>
+HCR_INLINE vint<Lanes> interleave_mask(std::integer_sequence<int, Out...>) {
+  return vint<Lanes>{((Offset + Out) % 2 * Lanes + (Offset + Out) / 2)...};
+}
+
+// out[0, n) = scale * row[0, n) in storage order, rounded as store_from_float, for a row of fp32 in
+// widen_paired's order (bf16 pairs are interleaved back: two shuffles per 2 * Lanes values).
+template <typename T, int Lanes>
+HCR_INLINE void store_paired(const float* row, float scale, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 2 * Lanes <= n; i += 2 * Lanes) {
+    vfloat<Lanes> first = load_v<Lanes>(row + i) * scale, second = load_v<Lanes>(row + i + Lanes) * scale;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      constexpr auto lanes = std::make_integer_sequence<int, Lanes>{};
+      const vfloat<Lanes> low = __builtin_shuffle(first, second, interleave_mask<Lanes, 0>(lanes));
+      second = __builtin_shuffle(first, second, interleave_mask<Lanes, Lanes>(lanes));
+      first = low;
+    }
+    store_from_float<T, Lanes>(out + i, first);
+    store_from_float<T, Lanes>(out + i + Lanes, second);
+  }
+  for (; i + Lanes <= n; i += Lanes) store_from_float<T, Lanes>(out + i, load_v<Lanes>(row + i) * scale);
+  for (; i < n; ++i) out[i] = static_cast<T>(row[i] * scale);
 }
 
 HCR_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_approx(-x)); }
