@@ -159,11 +159,7 @@ struct LinearBlock {
 template <typename T>
 struct WidenToFloat {
   template <int Lanes>
-  static HCR_INLINE void run(const T* in, float* out, int64_t n) {
-    int64_t i = 0;
-    for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
-    for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
-  }
+  static HCR_INLINE void run(const T* in, float* out, int64_t n) { widen_to_float<T, Lanes>(in, out, n); }
 };
 
 // out = M rows of K input values as fp32 in widen_paired's order, for dot_tile.

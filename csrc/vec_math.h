@@ -245,6 +245,14 @@ HCR_INLINE vfloat<Lanes> load_pair_half(const T* p, int half) {
   }
 }
 
+// out[i] = float(in[i]) for i < n, in storage order.
+template <typename T, int Lanes>
+HCR_INLINE void widen_to_float(const T* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
 // A row of n values as fp32 in the paired order: each whole block of 2 * Lanes in load_pair_half's
 // order, the rest as stored.
 template <typename T, int Lanes>
@@ -254,8 +262,7 @@ HCR_INLINE void widen_paired(const T* in, float* out, int64_t n) {
     store_v<Lanes>(out + i, load_pair_half<T, Lanes>(in + i, 0));
     store_v<Lanes>(out + i + Lanes, load_pair_half<T, Lanes>(in + i, 1));
   }
-  for (; i + Lanes <= n; i += Lanes) store_v<Lanes>(out + i, load_as_float<T, Lanes>(in + i));
-  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+  widen_to_float<T, Lanes>(in + i, out + i, n - i);
 }
 
 // `Lanes` fp32 values into fp32, bf16 or fp16 storage, each rounded to nearest even as
