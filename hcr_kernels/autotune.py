@@ -110,9 +110,12 @@ def _write_cache(machine: str, key: str, record: dict) -> None:
 @functools.cache
 def _eviction_buffer(threads: int) -> torch.Tensor:
     """Twice the L2 of each core torch runs on (1 MiB per core where the OS does not say): the fill is
-    shared among the threads, so every core that runs a timed call gets its L2 written over."""
+    shared among the threads, so every core that runs a timed call gets its L2 written over. Made outside
+    inference mode: a first measurement under ``torch.inference_mode`` (a generation's) would otherwise
+    leave an inference tensor that a later measurement outside it may not write."""
     l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
-    return torch.empty(2 * max(l2, 1 << 20) * threads, dtype=torch.uint8)
+    with torch.inference_mode(False):
+        return torch.empty(2 * max(l2, 1 << 20) * threads, dtype=torch.uint8)
 
 
 def evict_core_caches() -> None:

@@ -156,3 +156,13 @@ def test_the_eviction_writes_over_twice_every_cores_l2():
     l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
     buffer = autotune._eviction_buffer(torch.get_num_threads())
     assert buffer.numel() >= 2 * max(l2, 1 << 20) * torch.get_num_threads() and bool((buffer == 1).all())
+
+
+def test_an_eviction_first_made_in_inference_mode_works_outside_it():
+    """A generation (under inference mode) may be the first to measure; a later measurement outside it
+    must still be able to write the buffer."""
+    autotune._eviction_buffer.cache_clear()
+    with torch.inference_mode():
+        autotune.evict_core_caches()
+    autotune.evict_core_caches()
+    assert not autotune._eviction_buffer(torch.get_num_threads()).is_inference()
