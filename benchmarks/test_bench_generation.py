@@ -10,14 +10,16 @@ A tiny Qwen2 (hidden 256, 4 layers, intermediate 1024; the built-in tokenizer's
   the compile time goes to ``extra_info``, not into the timed runs);
 * ``no-kernels``: the eager fast path with ``decode_kernels=False`` (two cases: what
   the decode kernel adds);
+* ``model-forward``: the eager fast path with ``direct_forward=False`` (each step through
+  transformers' own forward; interleaved only: what ``direct_forward`` adds);
 * ``reference``: the recompute oracle (batch 1 only: it re-encodes everything every step);
 * ``generate``: transformers' ``generate()`` on the same base without compression.
 
 Targets: fast path >= 0.8x generate()'s tokens/s while compressing, >= 10x the oracle
 at 1024 new tokens. The time split (decode / pooling / re-encode / other) and the peak
 cache length go to ``extra_info``. Each case is one timed run, after the other paths of
-its group: ``test_generation_interleaved`` times the fast path with and without decode
-kernels and ``generate()`` alternating (``interleaved.py``), the ratios to trust on a
+its group: ``test_generation_interleaved`` times the fast path, the same through the
+model's own forward, without decode kernels, and ``generate()`` alternating (``interleaved.py``), the ratios to trust on a
 shared machine. ``test_generation_real_vocabulary``: the same model with R1-Distill-Qwen's
 151,936-token vocabulary, batch 8 of 256-token prompts, 64 new tokens, where the lm_head
 outweighs the rest; the fast path (logits at each row's last position only), the same
@@ -74,6 +76,7 @@ def setup(request, tmp_path_factory):
         "native": CompressedGenerator(model, tokenizer, keep_last=4),
         "compiled": CompressedGenerator(model, tokenizer, keep_last=4, compile_decode=True),
         "no-kernels": CompressedGenerator(model, tokenizer, keep_last=4, decode_kernels=False),
+        "model-forward": CompressedGenerator(model, tokenizer, keep_last=4, direct_forward=False),
     }
     began = time.perf_counter()
     for batch in (1, 8):  # compiles the prefill, decode and re-encode graphs for both batch sizes
@@ -98,7 +101,8 @@ def generation_run(base, generators, backend: str, ids: torch.Tensor, new: int):
 
 @pytest.mark.parametrize("batch,new", INTERLEAVED_CASES, ids=[f"B{b}-{n}-new" for b, n in INTERLEAVED_CASES])
 def test_generation_interleaved(benchmark, setup, batch, new):
-    """The fast path with and without decode kernels and generate(), alternating (``interleaved.py``)."""
+    """The fast path, through the model's own forward, without decode kernels, and generate(), alternating
+    (``interleaved.py``)."""
     base, generators, _ = setup
     if base.device.type == "cuda":
         pytest.skip("interleaved on the CPU only")
@@ -106,8 +110,8 @@ def test_generation_interleaved(benchmark, setup, batch, new):
     benchmark.group = f"generation interleaved, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
     benchmark.extra_info.update(count=batch * new, unit="tokens")
     paths = {backend: generation_run(base, generators, backend, ids, new)
-             for backend in ("native", "no-kernels", "generate")}
-    record_interleaved(benchmark, paths, rounds=INTERLEAVED_ROUNDS, baselines=["no-kernels", "generate"])
+             for backend in ("native", "model-forward", "no-kernels", "generate")}
+    record_interleaved(benchmark, paths, rounds=INTERLEAVED_ROUNDS, baselines=["model-forward", "no-kernels", "generate"])
 
 
 def test_generation_real_vocabulary(benchmark, tmp_path):

@@ -41,6 +41,12 @@ the native kernel does faster than the BLAS ``F.linear`` calls on most CPUs; eac
 layer takes it only at row counts where it was measured faster on this machine
 (``hcr_kernels.autotune``), so the routing never makes a step slower.
 
+An eager cached step of a Qwen2 base (``direct_forward``, on by default) calls the
+model's layers directly instead of ``base(...)``: the same arithmetic, bit for bit, without
+transformers' wrappers, which are most of a small model's step on a CPU. The generator
+checks the two against each other at its first decode step and keeps ``base(...)`` (with a
+warning) if they differ.
+
 With ``compile_decode=True`` every forward of ``"cache"`` (prefill, decode,
 re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model a
 decode step is mostly Python and per-op overhead, which compilation removes. Dynamic
@@ -70,6 +76,7 @@ import torch
 
 from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
+from hcr.generation import direct_forward as direct
 from hcr.generation.attention import RaggedAttention
 from hcr.generation.cache import RaggedStaticCache
 from hcr.timing import StageClock
@@ -140,6 +147,18 @@ def _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
     """
     return base(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{cache.model_keyword: cache},
                 attention_mask=layer_masks(base.config, mask, positions), **forward_kwargs).logits
+
+
+def _direct_decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
+    """``_decoder_forward``'s logits through ``direct_forward`` (transformers' Qwen2 only; see its module)."""
+    return direct.direct_forward(base, embeds, positions, layer_masks(base.config, mask, positions), cache,
+                                 **forward_kwargs)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def keeps_logits(base) -> bool:
@@ -227,7 +246,8 @@ class GenerationOutput:
 
 class CompressedGenerator:
     def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache",
-                 compress_answer: bool = False, decode_kernels: bool = True, compile_decode: bool = False):
+                 compress_answer: bool = False, decode_kernels: bool = True, compile_decode: bool = False,
+                 direct_forward: bool = True):
         if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
             raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
         window_size = model.config.window if window_size is None else window_size
@@ -246,6 +266,8 @@ class CompressedGenerator:
         self.compress_answer = compress_answer
         self.decode_kernels = decode_kernels
         self.compile_decode = compile_decode
+        # None: not yet checked against base(...) (at the first decode step); False: base(...) throughout
+        self._direct: bool | None = None if direct_forward and direct.supports(model.base) else False
         self.layer_types = attention_layer_types(model.base.config)
         self.keeps_logits = keeps_logits(model.base)
         self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
@@ -500,12 +522,29 @@ class CompressedGenerator:
         """The forward of a cached step: eager, or compiled (a decode step with ``_compile_options``,
         prefill and re-encode, whose lengths change from step to step, with dynamic shapes)."""
         if not self.compile_decode:
-            return _decoder_forward
+            if self._direct is None and decode:
+                return self._checked_direct_forward
+            return _direct_decoder_forward if self._direct else _decoder_forward
         options = _compile_options(self.model.device) if decode else DYNAMIC
         key = tuple(sorted(options.items()))
         if key not in self._compiled:
             self._compiled[key] = torch.compile(_decoder_forward, **options)
         return self._compiled[key]
+
+    def _checked_direct_forward(self, base, embeds, positions, mask, cache, **forward_kwargs):
+        """A decode step through both forwards, ``base(...)``'s last (its cache writes and logits are the
+        step's); ``direct_forward`` is kept for the steps after only if its logits are the same, bit for bit."""
+        why = "gave other logits than the model's own forward"
+        try:
+            direct_logits = _direct_decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs)
+        except (AttributeError, TypeError, KeyError) as error:  # a transformers whose Qwen2 changed shape
+            direct_logits, why = None, f"failed ({type(error).__name__}: {error})"
+        logits = _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs)
+        self._direct = direct_logits is not None and torch.equal(direct_logits, logits)
+        if not self._direct:
+            warnings.warn(f"hcr.generation.direct_forward {why} with transformers {_transformers_version()}: "
+                          "CompressedGenerator uses the model's forward (slower on CPU)", stacklevel=2)
+        return logits
 
 
 class RecomputedSteps:

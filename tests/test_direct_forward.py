@@ -1,0 +1,169 @@
+"""direct_forward: bit for bit the logits of transformers' own Qwen2 forward; the generator's check of it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
+from hcr.generation import CompressedGenerator, RaggedStaticCache  # noqa: E402
+from hcr.generation import direct_forward as direct  # noqa: E402
+from hcr.generation.attention import RaggedAttention  # noqa: E402
+from hcr.generation.generator import layer_masks  # noqa: E402
+from hcr_kernels import decode_linears  # noqa: E402
+
+
+def qwen2(dtype=torch.float32, sliding=False, **overrides):
+    torch.manual_seed(0)
+    settings = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, max_position_embeddings=256)
+    if sliding:  # layers 1 and 2 slide over 5 positions
+        settings.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    settings.update(overrides)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**settings)).to(dtype).eval()
+
+
+def causal_mask(positions: torch.Tensor, span: int, dtype) -> torch.Tensor:
+    visible = torch.arange(span)[None, None, :] <= positions[:, :, None]
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def both_forwards(base, cache_slots=40, routed=False):
+    """A prefill of ragged rows, a decode step and a re-encode step (a crop, logits at chosen positions), each
+    through base(...) and direct_forward, every one against its own cache: the pairs of logits."""
+    batch, dtype = 3, base.dtype
+    caches = [RaggedStaticCache.for_model(base, batch, cache_slots) for _ in range(2)]
+    generator = torch.Generator().manual_seed(1)
+    steps = [  # (first slot per row, states fed per row, T, logits_to_keep)
+        ([0, 0, 0], [9, 4, 7], 9, 0),
+        ([9, 4, 7], [1, 1, 1], 1, 0),
+        ([6, 4, 3], [5, 3, 0], 5, torch.tensor([2, 4])),
+    ]
+    pairs = []
+    attention = RaggedAttention(base) if routed else None
+    with torch.inference_mode(), (attention or _nothing()):
+        for starts, counts, steps_, keep in steps:
+            embeds = torch.randn(batch, steps_, base.config.hidden_size, generator=generator).to(dtype)
+            start, count = torch.tensor(starts), torch.tensor(counts)
+            positions = start[:, None] + torch.arange(steps_)
+            span = int((start + count).max())
+            mask = causal_mask(positions, span, dtype)
+            extra = attention.step_kwargs(positions.clamp(max=span - 1)) if attention else {}
+            logits = []
+            for cache, forward in zip(caches, ("model", "direct")):
+                cache.begin_step(start, count, span)
+                masks = layer_masks(base.config, mask, positions)
+                if forward == "model":
+                    logits.append(base(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                                       attention_mask=masks, logits_to_keep=keep,
+                                       **{cache.model_keyword: cache}, **extra).logits)
+                else:
+                    logits.append(direct.direct_forward(base, embeds, positions, masks, cache, logits_to_keep=keep,
+                                                        **extra))
+            pairs.append(logits)
+        for layer in range(base.config.num_hidden_layers):
+            assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
+            assert torch.equal(caches[0].values[layer], caches[1].values[layer])
+    return pairs
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sliding", [False, True], ids=["full", "sliding"])
+def test_logits_bit_for_bit(dtype, sliding):
+    base = qwen2(dtype, sliding)
+    assert direct.supports(base)
+    for model_logits, direct_logits in both_forwards(base):
+        assert model_logits.shape == direct_logits.shape
+        assert torch.equal(model_logits, direct_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_bit_for_bit_with_decode_kernels(dtype):
+    """Under decode_linears and RaggedAttention (the generator's default on CPU) the two still agree."""
+    base = qwen2(dtype)
+    with decode_linears(base):
+        for model_logits, direct_logits in both_forwards(base, routed=True):
+            assert torch.equal(model_logits, direct_logits)
+
+
+def test_supports_only_transformers_own_qwen2():
+    base = qwen2()
+    assert direct.supports(base)
+
+    class Subclassed(transformers.Qwen2ForCausalLM):
+        pass
+
+    assert not direct.supports(Subclassed(base.config))
+    changed = qwen2()
+    changed.model.layers[1].mlp = torch.nn.Identity()
+    assert not direct.supports(changed)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96))
+    assert not direct.supports(llama)
+
+
+@pytest.fixture(scope="module")
+def compression(tmp_path_factory):
+    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=256)).eval()
+    model = build_compression_model(base, tokenizer, 3, pooler=PoolerSettings(num_hidden_layers=1), lora=None).eval()
+    return model, tokenizer
+
+
+def prompt(tokenizer, batch=2):
+    return torch.randint(20, len(tokenizer), (batch, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("decode_kernels", [True, False])
+def test_generator_uses_and_checks_it(compression, decode_kernels):
+    model, tokenizer = compression
+    ids = prompt(tokenizer)
+    directly = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=decode_kernels)
+    plainly = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=decode_kernels, direct_forward=False)
+    assert directly._direct is None and plainly._direct is False  # unchecked until the first decode step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = directly.generate(ids, max_new_tokens=20, eos_token_id=-1, return_dict_in_generate=True)
+    theirs = plainly.generate(ids, max_new_tokens=20, eos_token_id=-1, return_dict_in_generate=True)
+    assert directly._direct is True
+    assert max(ours.compressions) > 0  # re-encode steps ran through it too
+    assert torch.equal(ours.sequences, theirs.sequences) and ours.layouts == theirs.layouts
+
+
+@pytest.mark.parametrize("failure", ["other logits", "an exception"])
+def test_generator_falls_back_when_it_differs(compression, monkeypatch, failure):
+    model, tokenizer = compression
+    ids = prompt(tokenizer)
+    expected = CompressedGenerator(model, tokenizer, keep_last=1, direct_forward=False).generate(
+        ids, max_new_tokens=12, eos_token_id=-1)
+    real = direct.direct_forward
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if failure == "an exception":
+            raise AttributeError("'Qwen2Attention' object has no attribute 'scaling'")
+        return real(*args, **kwargs) + 1.0
+
+    monkeypatch.setattr(direct, "direct_forward", broken)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    with pytest.warns(UserWarning, match="uses the model's forward"):
+        produced = generator.generate(ids, max_new_tokens=12, eos_token_id=-1)
+    assert generator._direct is False and len(calls) == 1  # tried once, at the first decode step
+    assert torch.equal(produced, expected)
