@@ -90,6 +90,14 @@ def test_logits_bit_for_bit(dtype, sliding):
         assert torch.equal(model_logits, direct_logits)
 
 
+def test_logits_bit_for_bit_with_eager_attention():
+    """The attention function comes from the config, as in transformers' own forward (here its eager one)."""
+    base = qwen2()
+    base.config._attn_implementation = "eager"
+    for model_logits, direct_logits in both_forwards(base):
+        assert torch.equal(model_logits, direct_logits)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_bit_for_bit_with_decode_kernels(dtype):
     """Under decode_linears and RaggedAttention (the generator's default on CPU) the two still agree."""
