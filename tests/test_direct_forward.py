@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -18,13 +19,12 @@ from hcr.generation.generator import layer_masks  # noqa: E402
 from hcr_kernels import decode_linears  # noqa: E402
 
 
-def qwen2(dtype=torch.float32, sliding=False, **overrides):
+def qwen2(dtype=torch.float32, sliding=False):
     torch.manual_seed(0)
     settings = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=96, max_position_embeddings=256)
     if sliding:  # layers 1 and 2 slide over 5 positions
         settings.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
-    settings.update(overrides)
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**settings)).to(dtype).eval()
 
 
@@ -46,7 +46,7 @@ def both_forwards(base, cache_slots=40, routed=False):
     ]
     pairs = []
     attention = RaggedAttention(base) if routed else None
-    with torch.inference_mode(), (attention or _nothing()):
+    with torch.inference_mode(), (attention or contextlib.nullcontext()):
         for starts, counts, steps_, keep in steps:
             embeds = torch.randn(batch, steps_, base.config.hidden_size, generator=generator).to(dtype)
             start, count = torch.tensor(starts), torch.tensor(counts)
@@ -70,14 +70,6 @@ def both_forwards(base, cache_slots=40, routed=False):
             assert torch.equal(caches[0].keys[layer], caches[1].keys[layer])
             assert torch.equal(caches[0].values[layer], caches[1].values[layer])
     return pairs
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
