@@ -13,7 +13,8 @@ fires once per step (the prefill, then one token per row per step, a compression
 step included), stamps the time and, every 64 steps and at the last one, reads the
 process RSS (``/proc/self/statm``) and the cache length the step reached (largest
 ``position_ids`` + 1; the rows move in lockstep here). Sampling inside the run, not
-after it, keeps the end point before ``generate()`` frees its cache. The hook also
+after it, keeps the end point before ``generate()`` frees its cache. (The hook makes the
+generator step through the model's own forward: ``direct_forward`` would skip it.) The hook also
 masks ``</think>``'s logit: the untrained model writes it at random within 16k greedy
 tokens, after which a row stops compressing (by design) and its layout grows freely.
 

@@ -136,12 +136,12 @@ def test_generator_uses_and_checks_it(compression, decode_kernels):
     ids = prompt(tokenizer)
     directly = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=decode_kernels)
     plainly = CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=decode_kernels, direct_forward=False)
-    assert directly._direct is None and plainly._direct is False  # unchecked until the first decode step
+    assert directly._direct_checked is None  # unchecked until the first decode step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours = directly.generate(ids, max_new_tokens=20, eos_token_id=-1, return_dict_in_generate=True)
     theirs = plainly.generate(ids, max_new_tokens=20, eos_token_id=-1, return_dict_in_generate=True)
-    assert directly._direct is True
+    assert directly._direct_checked is True and plainly._direct_checked is None
     assert max(ours.compressions) > 0  # re-encode steps ran through it too
     assert torch.equal(ours.sequences, theirs.sequences) and ours.layouts == theirs.layouts
 
@@ -165,5 +165,49 @@ def test_generator_falls_back_when_it_differs(compression, monkeypatch, failure)
     generator = CompressedGenerator(model, tokenizer, keep_last=1)
     with pytest.warns(UserWarning, match="uses the model's forward"):
         produced = generator.generate(ids, max_new_tokens=12, eos_token_id=-1)
-    assert generator._direct is False and len(calls) == 1  # tried once, at the first decode step
+    assert generator._direct_checked is False and len(calls) == 1  # tried once, at the first decode step
     assert torch.equal(produced, expected)
+
+
+def test_supports_refuses_hooks_it_would_skip():
+    """A hook on a module direct_forward does not call would silently not run: such a model is refused, and
+    accepted again once the hook is gone. Hooks on the modules it does call (norms, projections) still run."""
+    base = qwen2()
+    noop = lambda *args: None  # noqa: E731
+    for module, register in [(base, "register_forward_hook"), (base.model, "register_forward_pre_hook"),
+                             (base.model.layers[2], "register_forward_hook"),
+                             (base.model.layers[0].self_attn, "register_forward_pre_hook")]:
+        handle = getattr(module, register)(noop)
+        assert not direct.supports(base), (type(module).__name__, register)
+        handle.remove()
+        assert direct.supports(base)
+    assert direct.supports(base)
+    handle = torch.nn.modules.module.register_module_forward_hook(noop)
+    try:
+        assert not direct.supports(base)
+    finally:
+        handle.remove()
+    attention = base.model.layers[1].self_attn
+    attention.forward = attention.forward  # replaced on the instance, as accelerate's offloading hooks do
+    assert not direct.supports(base)
+    handle = base.model.layers[0].input_layernorm.register_forward_hook(noop)
+    del attention.forward
+    assert direct.supports(base)
+    handle.remove()
+
+
+def test_generator_keeps_a_hook_registered_after_it_was_made(compression):
+    """The check runs at every generate() call: a hook on the model added later fires at every step."""
+    model, tokenizer = compression
+    ids = prompt(tokenizer)
+    generator = CompressedGenerator(model, tokenizer, keep_last=1)
+    first = generator.generate(ids, max_new_tokens=12, eos_token_id=-1)
+    assert generator._direct_checked is True
+    calls = []
+    handle = model.base.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        second = generator.generate(ids, max_new_tokens=12, eos_token_id=-1)
+    finally:
+        handle.remove()
+    assert len(calls) == 12  # the prefill and 11 steps, each through the model's own forward
+    assert torch.equal(first, second)

@@ -13,8 +13,11 @@ logits are bit for bit those of ``base(...)``: tests compare the two, and
 stays in effect: ``decode_linears``' routed projections, a kernel-hub norm, LoRA layers.
 
 Only a model built from transformers' own Qwen2 classes qualifies (``supports``), with
-per-layer attention kinds in its config (``layer_types``, transformers 4.53+); any other
-model takes ``base(...)``.
+per-layer attention kinds in its config (``layer_types``, transformers 4.53+), and only
+while nothing hooks the modules it does not call (the model, its decoder stack, layers
+and attention blocks: a forward hook or pre-hook, a global one, a ``forward`` replaced on
+the instance as accelerate's offloading does), since those would silently not run; any
+other model takes ``base(...)``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,26 @@ def supports(base: torch.nn.Module) -> bool:
         return False
     attention_attributes = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "sliding_window",
                             "attention_dropout")
-    return all(
+    layers = base.model.layers
+    if len(layers) != base.config.num_hidden_layers or not all(
         type(layer) is qwen2.Qwen2DecoderLayer and type(layer.self_attn) is qwen2.Qwen2Attention
         and type(layer.mlp) is qwen2.Qwen2MLP and all(hasattr(layer.self_attn, name) for name in attention_attributes)
-        for layer in base.model.layers
-    ) and len(base.model.layers) == base.config.num_hidden_layers
+        for layer in layers
+    ):
+        return False
+    bypassed = [base, base.model, *layers, *(layer.self_attn for layer in layers)]
+    return not _global_hooks() and not any(_hooked(module) for module in bypassed)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def direct_forward(base, embeds: torch.Tensor, positions: torch.Tensor, masks, cache, logits_to_keep=0,

@@ -266,8 +266,10 @@ class CompressedGenerator:
         self.compress_answer = compress_answer
         self.decode_kernels = decode_kernels
         self.compile_decode = compile_decode
-        # None: not yet checked against base(...) (at the first decode step); False: base(...) throughout
-        self._direct: bool | None = None if direct_forward and direct.supports(model.base) else False
+        self.direct_forward = direct_forward
+        # whether direct_forward agreed with base(...) at this generator's first decode step (None: not yet)
+        self._direct_checked: bool | None = None
+        self._direct_now = False  # whether this generate() call may step through direct_forward
         self.layer_types = attention_layer_types(model.base.config)
         self.keeps_logits = keeps_logits(model.base)
         self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
@@ -315,6 +317,9 @@ class CompressedGenerator:
         # the cached steps' attention through hcr_kernels.decode_attention where it wins (eager steps only: a
         # compiled step keeps the model's attention; the recompute oracle runs the model untouched)
         routed = self.decode_kernels and strategy == "cache" and not self.compile_decode
+        # asked at every call: a hook registered since the last one makes the model's own forward necessary
+        self._direct_now = (self.direct_forward and self._direct_checked is not False
+                            and direct.supports(self.model.base))
         attention = RaggedAttention(self.model.base) if routed else None
         with torch.inference_mode(), kernels, attention or contextlib.nullcontext():
             if strategy == "cache":
@@ -522,9 +527,9 @@ class CompressedGenerator:
         """The forward of a cached step: eager, or compiled (a decode step with ``_compile_options``,
         prefill and re-encode, whose lengths change from step to step, with dynamic shapes)."""
         if not self.compile_decode:
-            if self._direct is None and decode:
+            if self._direct_now and self._direct_checked is None and decode:
                 return self._checked_direct_forward
-            return _direct_decoder_forward if self._direct else _decoder_forward
+            return _direct_decoder_forward if self._direct_now and self._direct_checked else _decoder_forward
         options = _compile_options(self.model.device) if decode else DYNAMIC
         key = tuple(sorted(options.items()))
         if key not in self._compiled:
@@ -540,8 +545,8 @@ class CompressedGenerator:
         except (AttributeError, TypeError, KeyError) as error:  # a transformers whose Qwen2 changed shape
             direct_logits, why = None, f"failed ({type(error).__name__}: {error})"
         logits = _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs)
-        self._direct = direct_logits is not None and torch.equal(direct_logits, logits)
-        if not self._direct:
+        self._direct_checked = direct_logits is not None and torch.equal(direct_logits, logits)
+        if not self._direct_checked:
             warnings.warn(f"hcr.generation.direct_forward {why} with transformers {_transformers_version()}: "
                           "CompressedGenerator uses the model's forward (slower on CPU)", stacklevel=2)
         return logits
