@@ -170,7 +170,7 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   constexpr int Split = R <= 2 ? 2 : 1;
   vfloat<Lanes> sum[Split][R][DV] = {};
   // 16-bit value rows: the sweep that starts a 64-byte line of the rows asks for that line kValuePrefetchRows
-  // rows ahead (rows below ask_end only), into the L1 (see kValuePrefetchRows' use in AttendGroup::run).
+  // rows ahead (rows below ask_end only), into the L1 (why, and what it measured: kValuePrefetchRows).
   const bool ask = sizeof(T) == 2 && (d0 * int64_t(sizeof(T))) % 64 == 0;
   int64_t slot = s0;
   for (; slot + Split <= s1; slot += Split) {
