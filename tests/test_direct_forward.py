@@ -14,7 +14,7 @@ from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
 from hcr.generation import CompressedGenerator, RaggedStaticCache  # noqa: E402
 from hcr.generation import direct_forward as direct  # noqa: E402
-from hcr.generation.attention import RaggedAttention  # noqa: E402
+from hcr.generation.attention import RaggedAttention, causal_mask  # noqa: E402
 from hcr.generation.generator import layer_masks  # noqa: E402
 from hcr_kernels import decode_linears  # noqa: E402
 
@@ -26,11 +26,6 @@ def qwen2(dtype=torch.float32, sliding=False):
     if sliding:  # layers 1 and 2 slide over 5 positions
         settings.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**settings)).to(dtype).eval()
-
-
-def causal_mask(positions: torch.Tensor, span: int, dtype) -> torch.Tensor:
-    visible = torch.arange(span)[None, None, :] <= positions[:, :, None]
-    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def both_forwards(base, cache_slots=40, routed=False):

@@ -121,9 +121,7 @@ class RaggedAttention:
                        for _ in range(2)] for _ in range(self.config.num_hidden_layers)]
             queries = torch.randn(query.shape, generator=generator).to(query.dtype)
             positions = AUTOTUNE_SLOTS - steps + torch.arange(steps).expand(batch, steps)
-            visible = torch.arange(AUTOTUNE_SLOTS)[None, None, :] <= positions[:, :, None]
-            mask = torch.zeros(visible.shape, dtype=query.dtype).masked_fill(~visible, torch.finfo(query.dtype).min)
-            return caches, queries, positions, mask[:, None]
+            return caches, queries, positions, causal_mask(positions, AUTOTUNE_SLOTS, query.dtype)
 
         def fast():
             caches, queries, positions, _ = inputs()
@@ -136,6 +134,15 @@ class RaggedAttention:
                 self.fallback(module, queries, keys, values, mask, scaling=scale, dropout=0.0)
 
         return fast, reference
+
+
+def causal_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask ``[B, 1, T, span]`` of queries at ``positions`` ``[B, T]`` over cache slots
+    ``[0, span)`` (slot i holds position i): 0 where a slot is at or before the query, the dtype's
+    minimum after it. What the model's own attention reads; the kernel takes the positions."""
+    visible = torch.arange(span, device=positions.device)[None, None, :] <= positions[:, :, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)[:, None]
 
 
 def _shape_class(query: torch.Tensor, kv_heads: int, layers: int) -> str:

@@ -77,7 +77,7 @@ import torch
 from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
 from hcr.generation import direct_forward as direct
-from hcr.generation.attention import RaggedAttention
+from hcr.generation.attention import RaggedAttention, causal_mask
 from hcr.generation.cache import RaggedStaticCache
 from hcr.timing import StageClock
 from hcr_kernels import decode_linears
@@ -663,10 +663,7 @@ class CachedSteps:
         starts = torch.tensor([feed.first for feed in feeds], dtype=torch.long, device=device)
         counts = torch.tensor(lengths, dtype=torch.long, device=device)
         positions = starts[:, None] + torch.arange(steps, device=device)
-        visible = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # causal, per row
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device).masked_fill(
-            ~visible, torch.finfo(embeds.dtype).min
-        )[:, None]
+        mask = causal_mask(positions, span, embeds.dtype)  # causal, per row
         self.cache.begin_step(starts, counts, span)
         # a feed shorter than `steps` (a finished row, a decode beside a re-encode) has filler queries at
         # positions past its slots, past the span where that row is the longest: their outputs are dropped,
