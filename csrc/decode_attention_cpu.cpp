@@ -64,6 +64,12 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // build with and without, alternating in one process, 12 rounds; AVX2 EPYC, 2 threads; time with / without):
 // 1.5B bf16 B 1 0.94, 1.01, 0.97, 1.00; B 8 0.95, 0.90, 0.99, 0.93; fp16 B 1 0.90, 0.93, 0.99; one task in
 // the L3 0.99, 0.98. The fp32 caches of the tiny model lost with it (1.01-1.13), so they do not ask.
+// The same sweep also asks for its line kKeyPrefetchBytes ahead into the L2 (as pass 1 does for keys): pass 2
+// read its values at about half a plain read's speed. Measured side by side the same way on an Intel Xeon
+// with AVX-512 (2 MiB L2, 2 threads; time with / without, 12 rounds): 1.5B bf16 B 8 0.88, 0.87, AVX2 path
+// 0.90; B 1 0.98, 1.01, AVX2 path 0.98 (not measured on the AMD EPYCs; asking for a whole block of values
+// ahead at once, measured on the AVX2 EPYC, had gained nothing there). 16-bit caches only, as the L1 ask;
+// fp32 caches were not measured with it.
 constexpr int64_t kValuePrefetchRows = 8;
 
 // out[r * out_stride] = <q + r * n, k> for R query rows sharing one key row: R independent
@@ -170,14 +176,17 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   constexpr int Split = R <= 2 ? 2 : 1;
   vfloat<Lanes> sum[Split][R][DV] = {};
   // 16-bit value rows: the sweep that starts a 64-byte line of the rows asks for that line kValuePrefetchRows
-  // rows ahead (rows below ask_end only), into the L1 (why, and what it measured: kValuePrefetchRows).
+  // rows ahead into the L1, and `far` rows ahead into the L2 (rows below ask_end only; why, and what each
+  // measured: kValuePrefetchRows).
   const bool ask = sizeof(T) == 2 && (d0 * int64_t(sizeof(T))) % 64 == 0;
+  const int64_t far = kKeyPrefetchBytes / (n * int64_t(sizeof(T)));  // rows as far ahead as pass 1's keys
   int64_t slot = s0;
   for (; slot + Split <= s1; slot += Split) {
     for (int h = 0; h < Split; ++h) {
       if (ask && slot + h + kValuePrefetchRows < ask_end) {
         __builtin_prefetch(v + (slot + h + kValuePrefetchRows) * v_stride + d0, 0, 3);
       }
+      if (ask && slot + h + far < ask_end) __builtin_prefetch(v + (slot + h + far) * v_stride + d0, 0, 1);
       vfloat<Lanes> value[DV];
       for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + (slot + h) * v_stride + d0, e);
       for (int j = 0; j < R; ++j) {
@@ -363,7 +372,7 @@ struct AttendGroup {
   // process, alternating; time / the previous kernel's, two runs: 1.5B B1 1.13, 1.07 with vs 1.01, 1.04
   // without; B8 1.23, 1.03 vs 1.06, 0.96; 256 slots 0.96, 0.90 vs 0.87, 0.86), nor did asking for pass
   // 2's next block of values there (B1 0.94, 0.99 vs 0.90, 1.01; B8 1.03, 0.95 vs 1.07, 0.96). So pass 1
-  // asks for keys only; pass 2 asks for its 16-bit value rows itself, a few rows ahead (kValuePrefetchRows).
+  // asks for keys only; pass 2 asks for its 16-bit value rows itself, as it sweeps them (kValuePrefetchRows).
   // (On an AVX-512 EPYC with a 1 MiB L2 the value prefetch had gained 1.04-1.39x at
   // 1.7k-2k slots, with keys converted into an L1 block first; not measured there since.)
   // (The automatic route still times the kernel against the model's own attention on every machine.)
@@ -418,7 +427,7 @@ struct AttendGroup {
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores
       // become exponentials against each row's running maximum (folding the chunk into the row's running
       // sum, and rescaling the sum and accumulators of earlier chunks where the maximum grows), and pass 2
-      // sums the chunk's values into the accumulators (asking for 16-bit value rows a few rows ahead).
+      // sums the chunk's values into the accumulators (asking for 16-bit value rows ahead as it goes).
       std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
       std::fill(top.begin(), top.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + R, 0.0f);
