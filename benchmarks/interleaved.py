@@ -4,7 +4,10 @@ pytest-benchmark times a group's paths one after another, so a minute of another
 tenant's load can fall on one path only: in a whole-suite run ``decode_linear``'s
 automatic choice came out at 0.59x of a ``reference`` timed minutes apart, and at
 1.63x with the two alternating. ``record_interleaved`` runs every path once per round
-(the first path rotating, so none always follows the same one) inside
+(the first path rotating, and every other round in reverse order, so each path follows
+both of its neighbours in the list in turn: a path can pay for the one before it, e.g.
+F.linear after the native ``decode_linear`` took 1.25x its time on an Intel Xeon, and a
+rotation alone kept the order in which the paths follow each other) inside
 ``benchmark.pedantic``: the group's timed figure is a whole round, and each path's
 median goes to ``extra_info["paths"]``, which the summary (``conftest.py``) prints
 with the ratios to the paths named in ``extra_info["baselines"]``.
@@ -31,8 +34,10 @@ def record_interleaved(benchmark, paths: dict[str, Callable[[], object]], *, rou
     times: dict[str, list[float]] = {name: [] for name in names}
 
     def one_round():
-        first = len(times[names[0]]) % len(names)
-        for name in names[first:] + names[:first]:
+        done = len(times[names[0]])
+        first = done // 2 % len(names)
+        order = names[first:] + names[:first]
+        for name in (reversed(order) if done % 2 else order):
             began = time.perf_counter()
             paths[name]()
             times[name].append(time.perf_counter() - began)

@@ -1,8 +1,10 @@
-"""The benchmarks' interleaving helper: every path once per round, the first one rotating, medians recorded."""
+"""The benchmarks' interleaving helper: every path once per round, the first one rotating and every other round
+reversed, medians recorded."""
 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -24,16 +26,20 @@ class FakeBenchmark:
             target()
 
 
-def test_paths_alternate_with_the_first_rotating_and_medians_are_recorded():
+def test_paths_alternate_with_the_first_rotating_every_other_round_reversed_and_medians_are_recorded():
     calls = []
     paths = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     benchmark = FakeBenchmark()
-    times = record_interleaved(benchmark, paths, rounds=4, baselines=["a"], warmup_rounds=2)
+    times = record_interleaved(benchmark, paths, rounds=6, baselines=["a"], warmup_rounds=2)
     warmup, timed = calls[:6], calls[6:]
     assert warmup == ["a", "b", "c"] * 2
-    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
-    assert {name: len(spent) for name, spent in times.items()} == {"a": 4, "b": 4, "c": 4}
-    assert benchmark.extra_info["backend"] == "interleaved" and benchmark.extra_info["rounds"] == 4
+    rounds = [timed[i:i + 3] for i in range(0, 18, 3)]
+    assert rounds == [list("abc"), list("cba"), list("bca"), list("acb"), list("cab"), list("bac")]
+    # within rounds, every path follows every other one equally often (a path can pay for the one before it)
+    successions = Counter((r[i], r[i + 1]) for r in rounds for i in range(2))
+    assert set(successions.values()) == {2} and len(successions) == 6
+    assert {name: len(spent) for name, spent in times.items()} == {"a": 6, "b": 6, "c": 6}
+    assert benchmark.extra_info["backend"] == "interleaved" and benchmark.extra_info["rounds"] == 6
     assert benchmark.extra_info["baselines"] == ["a"]
     assert benchmark.extra_info["paths"] == {name: statistics.median(spent) for name, spent in times.items()}
 
