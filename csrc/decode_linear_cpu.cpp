@@ -3,9 +3,11 @@
 //
 // Why a kernel of our own: with one to a few rows, a linear layer reads every
 // weight once and does two flops per weight, so its speed is how fast it streams
-// the weights. On this project's machines (AMD EPYC) the BLAS call F.linear reaches
-// for M = 1 (MKL sgemv) streams them at about a third of what this plain vectorised
-// loop gets (benchmarks/test_bench_decode_linear.py).
+// the weights. On this project's AMD EPYCs the BLAS call F.linear reaches for M = 1
+// (MKL sgemv) streamed them at about a third of what this plain vectorised loop gets;
+// on an Intel Xeon MKL streams fp32 weights as fast as a copy and wins, while this loop
+// still wins for 16-bit weights at 1-4 rows (benchmarks/test_bench_decode_linear.py).
+// Which to take is measured per machine (hcr_kernels/decode_linear, autotune).
 //
 // Layout: input [..., K] (M rows in all), weight [N, K] (rows contiguous, any row
 // stride), bias [N] or none, out [..., N] in the input's dtype. Parallel over output
