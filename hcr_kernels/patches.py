@@ -117,16 +117,21 @@ def decode_linears(model: torch.nn.Module, *, backend: str | None = None) -> Ite
     """Inside the block every plain ``nn.Linear`` of ``model`` runs ``decode_linear(..., backend=backend)``.
 
     The backend is chosen per layer on entry (``HCR_BACKEND`` is read then); a call
-    only compares its row count with the layer's limit. Layers whose ``forward`` was
-    already replaced on the instance (by an outer ``decode_linears`` or anything
-    else) are left alone, so blocks nest.
+    only compares its row count with the layer's limit. A layer that would take the
+    native kernel at no row count (limit 0: the reference backend, or F.linear measured
+    faster at every count, as MKL's is for fp32 on an Intel Xeon) keeps its own
+    ``forward``: the same ``F.linear`` call without a routing layer of Python on every
+    call. Layers whose ``forward`` was already replaced on the instance (by an outer
+    ``decode_linears`` or anything else) are left alone, so blocks nest.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"decode_linears: model must be a torch.nn.Module, got {type(model).__name__}")
-    routed = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
-    limits = [native_row_limit(m.weight, backend) for m in routed]  # raises before anything is patched
-    for module, limit in zip(routed, limits):
-        _patch_forward(module, _routed_forward, native_rows=limit)
+    plain = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    limits = [native_row_limit(m.weight, backend) for m in plain]  # raises before anything is patched
+    routed = [module for module, limit in zip(plain, limits) if limit > 0]
+    for module, limit in zip(plain, limits):
+        if limit > 0:
+            _patch_forward(module, _routed_forward, native_rows=limit)
     try:
         yield model
     finally:

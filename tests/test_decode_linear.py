@@ -344,10 +344,31 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
     assert torch.equal(model(x), expected)
 
 
+def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(monkeypatch):
+    """A layer whose row limit is 0 (F.linear measured faster at every row count) is not routed: the same
+    F.linear call, without the routing's Python on every call."""
+    def decide(op, shape_class, fast, reference):  # the kernel wins on the 16 -> 32 layer only
+        return autotune.FASTER if "N=32 K=16" in shape_class else autotune.SLOWER
+
+    monkeypatch.setattr(autotune, "compare", decide)
+    autotune.forget()
+    try:
+        model, x = small_model(), torch.randn(1, 1, 16)
+        expected = model(x)
+        with decode_linears(model):
+            assert [("forward" in vars(m)) for m in model] == [True, False, False, False]
+            assert model[0]._hcr_native_rows == 32  # every row count of the ladder won
+            torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+        assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
+    finally:
+        autotune.forget()
+
+
 def test_decode_linears_reference_is_bit_identical_and_gradients_flow():
     model, x = small_model(), torch.randn(3, 16)
     expected = model(x)
     with decode_linears(model, backend="reference"):
+        assert not any("forward" in vars(m) for m in model)  # limit 0 everywhere: nothing routed
         assert torch.equal(model(x), expected)
     with decode_linears(model):
         loss = model(x[:1]).square().sum()
@@ -355,7 +376,7 @@ def test_decode_linears_reference_is_bit_identical_and_gradients_flow():
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
-def test_decode_linears_restores_after_an_exception_and_nests():
+def test_decode_linears_restores_after_an_exception_and_nests(native_wins_up_to_4_rows):
     model = small_model()
     with pytest.raises(RuntimeError, match="boom"):
         with decode_linears(model):
