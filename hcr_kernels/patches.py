@@ -128,12 +128,11 @@ def decode_linears(model: torch.nn.Module, *, backend: str | None = None) -> Ite
         raise TypeError(f"decode_linears: model must be a torch.nn.Module, got {type(model).__name__}")
     plain = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
     limits = [native_row_limit(m.weight, backend) for m in plain]  # raises before anything is patched
-    routed = [module for module, limit in zip(plain, limits) if limit > 0]
-    for module, limit in zip(plain, limits):
-        if limit > 0:
-            _patch_forward(module, _routed_forward, native_rows=limit)
+    routed = [(module, limit) for module, limit in zip(plain, limits) if limit > 0]
+    for module, limit in routed:
+        _patch_forward(module, _routed_forward, native_rows=limit)
     try:
         yield model
     finally:
-        for module in routed:
+        for module, _ in routed:
             _unpatch_forward(module, "native_rows")

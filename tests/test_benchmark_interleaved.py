@@ -4,8 +4,8 @@ reversed, medians recorded."""
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
