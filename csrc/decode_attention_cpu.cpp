@@ -183,10 +183,11 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   int64_t slot = s0;
   for (; slot + Split <= s1; slot += Split) {
     for (int h = 0; h < Split; ++h) {
-      if (ask && slot + h + kValuePrefetchRows < ask_end) {
-        __builtin_prefetch(v + (slot + h + kValuePrefetchRows) * v_stride + d0, 0, 3);
+      if (ask) {
+        const int64_t row = slot + h;
+        if (row + kValuePrefetchRows < ask_end) __builtin_prefetch(v + (row + kValuePrefetchRows) * v_stride + d0, 0, 3);
+        if (row + far < ask_end) __builtin_prefetch(v + (row + far) * v_stride + d0, 0, 1);
       }
-      if (ask && slot + h + far < ask_end) __builtin_prefetch(v + (slot + h + far) * v_stride + d0, 0, 1);
       vfloat<Lanes> value[DV];
       for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + (slot + h) * v_stride + d0, e);
       for (int j = 0; j < R; ++j) {
