@@ -94,6 +94,19 @@ def test_logits_bit_for_bit_with_decode_kernels(dtype):
             assert torch.equal(model_logits, direct_logits)
 
 
+def test_hooks_on_the_modules_it_calls_still_run():
+    """A StepPlan skips ``nn.Module.__call__`` only where nothing hooks a module: a hook that changes a
+    projection's output and one on a norm run as in the model's own forward."""
+    base = qwen2()
+    calls = []
+    base.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: out * 2)
+    base.model.layers[1].post_attention_layernorm.register_forward_pre_hook(lambda *args: calls.append(1))
+    assert direct.supports(base)
+    for model_logits, direct_logits in both_forwards(base):
+        assert torch.equal(model_logits, direct_logits)
+    assert len(calls) == 6  # 3 steps, each through both forwards
+
+
 def test_supports_only_transformers_own_qwen2():
     base = qwen2()
     assert direct.supports(base)
@@ -147,7 +160,7 @@ def test_generator_falls_back_when_it_differs(compression, monkeypatch, failure)
     ids = prompt(tokenizer)
     expected = CompressedGenerator(model, tokenizer, keep_last=1, direct_forward=False).generate(
         ids, max_new_tokens=12, eos_token_id=-1)
-    real = direct.direct_forward
+    real = direct.StepPlan.__call__
     calls = []
 
     def broken(*args, **kwargs):
@@ -156,7 +169,7 @@ def test_generator_falls_back_when_it_differs(compression, monkeypatch, failure)
             raise AttributeError("'Qwen2Attention' object has no attribute 'scaling'")
         return real(*args, **kwargs) + 1.0
 
-    monkeypatch.setattr(direct, "direct_forward", broken)
+    monkeypatch.setattr(direct.StepPlan, "__call__", broken)
     generator = CompressedGenerator(model, tokenizer, keep_last=1)
     with pytest.warns(UserWarning, match="uses the model's forward"):
         produced = generator.generate(ids, max_new_tokens=12, eos_token_id=-1)
@@ -171,7 +184,8 @@ def test_supports_refuses_hooks_it_would_skip():
     noop = lambda *args: None  # noqa: E731
     for module, register in [(base, "register_forward_hook"), (base.model, "register_forward_pre_hook"),
                              (base.model.layers[2], "register_forward_hook"),
-                             (base.model.layers[0].self_attn, "register_forward_pre_hook")]:
+                             (base.model.layers[0].self_attn, "register_forward_pre_hook"),
+                             (base.model.layers[1].mlp, "register_forward_hook")]:
         handle = getattr(module, register)(noop)
         assert not direct.supports(base), (type(module).__name__, register)
         handle.remove()

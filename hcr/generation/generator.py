@@ -67,6 +67,7 @@ token count, is what must fit); ``GenerationOutput.stop_reasons`` says which.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 import warnings
@@ -149,10 +150,10 @@ def _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
                 attention_mask=layer_masks(base.config, mask, positions), **forward_kwargs).logits
 
 
-def _direct_decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
-    """``_decoder_forward``'s logits through ``direct_forward`` (transformers' Qwen2 only; see its module)."""
-    return direct.direct_forward(base, embeds, positions, layer_masks(base.config, mask, positions), cache,
-                                 **forward_kwargs)
+def _direct_decoder_forward(plan, base, embeds, positions, mask, cache, **forward_kwargs):
+    """``_decoder_forward``'s logits through ``plan``, a ``direct_forward.StepPlan`` of ``base`` (transformers'
+    Qwen2 only; see its module)."""
+    return plan(embeds, positions, layer_masks(base.config, mask, positions), cache, **forward_kwargs)
 
 
 def _transformers_version() -> str:
@@ -270,6 +271,7 @@ class CompressedGenerator:
         # whether direct_forward agreed with base(...) at this generator's first decode step (None: not yet)
         self._direct_checked: bool | None = None
         self._direct_now = False  # whether this generate() call may step through direct_forward
+        self._step_plan = None  # that call's direct_forward.StepPlan
         self.layer_types = attention_layer_types(model.base.config)
         self.keeps_logits = keeps_logits(model.base)
         self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
@@ -322,6 +324,7 @@ class CompressedGenerator:
                             and direct.supports(self.model.base))
         attention = RaggedAttention(self.model.base) if routed else None
         with torch.inference_mode(), kernels, attention or contextlib.nullcontext():
+            self._step_plan = None  # looked up at the first direct step, once the blocks have routed the layers
             if strategy == "cache":
                 steps = CachedSteps(self, rows, max_new_tokens, clock, attention)
             else:
@@ -529,19 +532,28 @@ class CompressedGenerator:
         if not self.compile_decode:
             if self._direct_now and self._direct_checked is None and decode:
                 return self._checked_direct_forward
-            return _direct_decoder_forward if self._direct_now and self._direct_checked else _decoder_forward
+            if self._direct_now and self._direct_checked:
+                return functools.partial(_direct_decoder_forward, self._plan())
+            return _decoder_forward
         options = _compile_options(self.model.device) if decode else DYNAMIC
         key = tuple(sorted(options.items()))
         if key not in self._compiled:
             self._compiled[key] = torch.compile(_decoder_forward, **options)
         return self._compiled[key]
 
+    def _plan(self) -> direct.StepPlan:
+        """This generate() call's ``StepPlan`` of the base model, made at its first direct step."""
+        if self._step_plan is None:
+            self._step_plan = direct.StepPlan(self.model.base)
+        return self._step_plan
+
     def _checked_direct_forward(self, base, embeds, positions, mask, cache, **forward_kwargs):
         """A decode step through both forwards, ``base(...)``'s last (its cache writes and logits are the
         step's); ``direct_forward`` is kept for the steps after only if its logits are the same, bit for bit."""
         why = "gave other logits than the model's own forward"
         try:
-            direct_logits = _direct_decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs)
+            direct_logits = _direct_decoder_forward(self._plan(), base, embeds, positions, mask, cache,
+                                                    **forward_kwargs)
         except (AttributeError, TypeError, KeyError) as error:  # a transformers whose Qwen2 changed shape
             direct_logits, why = None, f"failed ({type(error).__name__}: {error})"
         logits = _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs)
