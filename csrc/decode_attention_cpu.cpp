@@ -50,6 +50,7 @@
 
 #include <unistd.h>
 
+#include "decode_ops.h"
 #include "vec_math.h"
 
 namespace hcr {

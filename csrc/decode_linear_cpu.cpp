@@ -30,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "decode_ops.h"
 #include "vec_math.h"
 
 namespace hcr {

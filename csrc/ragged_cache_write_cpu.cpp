@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "decode_ops.h"
 #include "ragged_cache_write.h"
 
 namespace hcr {

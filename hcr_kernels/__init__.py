@@ -26,6 +26,7 @@ from hcr_kernels.cross_entropy import (
 )
 from hcr_kernels.decode_attention import decode_attention, decode_attention_ref
 from hcr_kernels.decode_linear import decode_linear, decode_linear_ref, decode_linears
+from hcr_kernels.decoder_step import Qwen2DecoderStack, Qwen2LayerWeights, qwen2_decoder_step_ref
 from hcr_kernels.kv_cache import ragged_cache_write_, ragged_cache_write_ref
 from hcr_kernels.patches import apply_hcr_kernels_to_mamba, remove_hcr_kernels_from_mamba
 from hcr_kernels.pool_scatter import pool_scatter, pool_scatter_ref, window_mean_pool, window_mean_pool_ref
@@ -39,6 +40,8 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
     "IGNORE_INDEX",
+    "Qwen2DecoderStack",
+    "Qwen2LayerWeights",
     "answer_loss_weights",
     "apply_hcr_kernels_to_mamba",
     "causal_conv1d",
@@ -53,6 +56,7 @@ __all__ = [
     "weighted_cross_entropy",
     "weighted_cross_entropy_ref",
     "pool_scatter",
+    "qwen2_decoder_step_ref",
     "pool_scatter_ref",
     "ragged_cache_write_",
     "ragged_cache_write_ref",

@@ -461,6 +461,7 @@ WORKLOADS = research_workloads()
 OPS_WITHOUT_ROWS = {
     "window_mean_pool": "the pool_scatter rows: the same kernel (pool rows) without template rows",
     "decode_attention": "a CPU kernel only: on GPUs the model's own attention (SDPA, flash) serves",
+    "qwen2_decoder_step": "a CPU kernel only, against Python overhead: on GPUs compile_decode's CUDA graphs serve",
 }
 
 # ---------------------------------------------------------------------------------------------------------------

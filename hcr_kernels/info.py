@@ -20,6 +20,7 @@ from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
 from hcr_kernels.decode_attention import BACKEND_CHECKS as DECODE_ATTENTION_BACKENDS
 from hcr_kernels.decode_linear import BACKEND_CHECKS as DECODE_LINEAR_BACKENDS
+from hcr_kernels.decoder_step import BACKEND_CHECKS as DECODER_STEP_BACKENDS
 from hcr_kernels.kv_cache import BACKEND_CHECKS as KV_CACHE_BACKENDS
 from hcr_kernels.pool_scatter import BACKEND_CHECKS as POOL_SCATTER_BACKENDS
 from hcr_kernels.selective_scan import BACKEND_CHECKS as SELECTIVE_SCAN_BACKENDS
@@ -35,6 +36,7 @@ OPS = {
     "ragged_cache_write_": KV_CACHE_BACKENDS,
     "decode_linear": DECODE_LINEAR_BACKENDS,
     "decode_attention": DECODE_ATTENTION_BACKENDS,
+    "qwen2_decoder_step": DECODER_STEP_BACKENDS,
 }
 
 

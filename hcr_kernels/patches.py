@@ -33,7 +33,7 @@ from hcr_kernels.causal_conv1d import causal_conv1d
 from hcr_kernels.decode_linear.op import apply_decode_linear, native_row_limit
 from hcr_kernels.selective_scan import selective_scan
 
-__all__ = ["apply_hcr_kernels_to_mamba", "remove_hcr_kernels_from_mamba", "decode_linears"]
+__all__ = ["apply_hcr_kernels_to_mamba", "remove_hcr_kernels_from_mamba", "decode_linears", "decode_linear_rows"]
 
 MIXER_CLASS = "MambaMixer"
 MIXER_ATTRIBUTES = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "time_step_rank", "ssm_state_size")
@@ -110,6 +110,18 @@ def remove_hcr_kernels_from_mamba(model: torch.nn.Module) -> torch.nn.Module:
 
 def _routed_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return apply_decode_linear(input, self.weight, self.bias, self._hcr_native_rows)
+
+
+def decode_linear_rows(module: torch.nn.Module) -> int | None:
+    """The most input rows for which calling ``module`` takes ``decode_linear``'s kernel: 0 for a plain
+    ``nn.Linear`` (always ``F.linear``), its limit inside ``decode_linears``; None for anything else (a
+    subclass, a LoRA layer, a ``forward`` replaced by something other than ``decode_linears``)."""
+    if type(module) is not torch.nn.Linear:
+        return None
+    forward = vars(module).get("forward")
+    if forward is None:
+        return 0
+    return module._hcr_native_rows if getattr(forward, "__func__", None) is _routed_forward else None
 
 
 @contextlib.contextmanager

@@ -700,16 +700,22 @@ def test_decode_attention_route_gives_the_oracles_tokens(tokenizer, monkeypatch,
     of a generator without hcr's kernels. The config's attention implementation is restored."""
     from hcr_kernels import autotune
     from hcr_kernels.decode_attention import native
+    from hcr_kernels.decoder_step import native as native_step
 
     monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
-    steps_seen = []
+    steps_seen = []  # the query steps of each layer's call of the kernel
 
     def spy(query, *args):
         steps_seen.append(query.shape[2])
         return original(query, *args)
 
-    original = native.decode_attention
+    def step_spy(embeds, *args):  # the native step: every layer's attention through the kernel, in C++
+        steps_seen.extend([embeds.shape[1]] * model.base.config.num_hidden_layers)
+        return original_step(embeds, *args)
+
+    original, original_step = native.decode_attention, native_step.qwen2_decoder_step
     monkeypatch.setattr(native, "decode_attention", spy)
+    monkeypatch.setattr(native_step, "qwen2_decoder_step", step_spy)
     model = compression_model(sliding_base(tokenizer, sliding_window), tokenizer, 3).float()
     ids, mask = prompts(RAGGED8, len(tokenizer), seed=4)
     kwargs = dict(max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)

@@ -94,6 +94,50 @@ def test_logits_bit_for_bit_with_decode_kernels(dtype):
             assert torch.equal(model_logits, direct_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding", [False, True], ids=["full", "sliding"])
+def test_native_step_gives_the_models_logits(monkeypatch, dtype, sliding):
+    """With every layer plain and the attention kernel winning (made to win here), decode and re-encode
+    steps run as one native call (hcr_kernels' qwen2_decoder_step): transformers' logits and cache writes,
+    bit for bit. The prefill (9 steps x 2 query heads per key/value head: more than one query block) does not."""
+    from hcr_kernels import autotune
+    from hcr_kernels.decoder_step import native as native_step
+
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
+    steps_fused = []
+    original = native_step.qwen2_decoder_step
+    monkeypatch.setattr(native_step, "qwen2_decoder_step",
+                        lambda embeds, *args: steps_fused.append(embeds.shape[1]) or original(embeds, *args))
+    base = qwen2(dtype, sliding)
+    with decode_linears(base):
+        assert direct.StepPlan(base).stack is not None
+        for model_logits, direct_logits in both_forwards(base, routed=True):
+            assert torch.equal(model_logits, direct_logits)
+    assert steps_fused == [1, 5]
+
+
+def test_native_step_only_for_plain_layers():
+    """A hook on a projection or activation, a projection of another class (as a LoRA layer is), another
+    activation or a dtype the kernels lack: the plan calls the modules (and still gives the model's logits)."""
+    assert direct.StepPlan(qwen2()).stack is not None
+    assert direct.StepPlan(qwen2(torch.float64)).stack is None
+
+    class Subclassed(torch.nn.Linear):
+        pass
+
+    changes = [
+        lambda base: base.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *args: None),
+        lambda base: base.model.layers[0].mlp.act_fn.register_forward_pre_hook(lambda *args: None),
+        lambda base: setattr(base.model.layers[0].mlp, "act_fn", torch.nn.GELU()),
+        lambda base: setattr(base.model.layers[2].mlp, "up_proj", Subclassed(64, 96, bias=False)),
+        lambda base: setattr(base.model.layers[0].self_attn.o_proj, "forward", lambda x: x),
+    ]
+    for change in changes:
+        base = qwen2()
+        change(base)
+        assert direct.StepPlan(base).stack is None
+
+
 def test_hooks_on_the_modules_it_calls_still_run():
     """A StepPlan skips ``nn.Module.__call__`` only where nothing hooks a module: a hook that changes a
     projection's output and one on a norm run as in the model's own forward."""

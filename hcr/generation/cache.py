@@ -63,6 +63,10 @@ class RaggedStaticCache:
         check_write_bounds(start, count, steps=int(count.max()) if len(count) else 0, slots=self.slots)
         self._start, self._count, self._span = start, count, span
 
+    def step_writes(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What ``begin_step`` set: each row's first slot and count of new states, and the span attention reads."""
+        return self._start, self._count, self._span
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # the extra arguments (``cache_kwargs`` in older transformers, ``kwargs=`` in newer) say nothing a
         # static ragged cache needs: where to write was set by ``begin_step``

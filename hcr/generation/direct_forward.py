@@ -30,6 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hcr.generation.attention import KEYWORD, RaggedStep
+from hcr.generation.cache import RaggedStaticCache
+from hcr_kernels import _extension
+from hcr_kernels.decode_linear import decode_linear_rows
+from hcr_kernels.decoder_step import NATIVE_DTYPES, Qwen2DecoderStack, Qwen2LayerWeights
+
 
 def supports(base: torch.nn.Module) -> bool:
     """Whether ``direct_forward`` reproduces ``base``'s forward: transformers' own ``Qwen2ForCausalLM``, its
@@ -57,7 +63,11 @@ def supports(base: torch.nn.Module) -> bool:
 
 def _hooked(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` runs more than its class's ``forward``."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+    return _has_hooks(module) or "forward" in vars(module)
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks) or _global_hooks()
 
 
 def _global_hooks() -> bool:
@@ -84,7 +94,7 @@ def _call(module: torch.nn.Module):
     a third of a small model's decode step): ``F.linear`` on its tensors for a plain ``nn.Linear``, its
     ``forward`` (the instance's, if replaced, as ``decode_linears`` does) for anything else; the module
     itself where a hook must run."""
-    if module._forward_hooks or module._forward_pre_hooks or _global_hooks():
+    if _has_hooks(module):
         return module
     if type(module) is torch.nn.Linear and "forward" not in vars(module):
         weight, bias = module.weight, module.bias
@@ -132,12 +142,45 @@ class StepPlan:
             for index, layer in enumerate(model.layers)
         ]
         self.rotary, self.norm, self.lm_head = _call(model.rotary_emb), _call(model.norm), _call(base.lm_head)
+        self.stack = _native_stack(base, self.qwen2)
+        self._fuses: dict[tuple[int, int], bool] = {}  # per (batch, steps): whether attention takes the kernel
 
     def __call__(self, embeds, positions, masks, cache, logits_to_keep=0, **attention_kwargs) -> torch.Tensor:
         qwen2 = self.qwen2
-        batch, steps, _ = embeds.shape
         cos, sin = self.rotary(embeds, positions)
-        attend, rotate = self.attend, qwen2.apply_rotary_pos_emb
+        step = attention_kwargs.get(KEYWORD)
+        if self._fused(embeds, cache, step):
+            start, count, span = cache.step_writes()
+            hidden = self.stack.step(embeds, cos, sin, cache.keys, cache.values, start, count, span, step.positions,
+                                     backend="native")
+        else:
+            hidden = self._layers(embeds, cos, sin, masks, cache, attention_kwargs)
+        hidden = self.norm(hidden)
+        keep = getattr(qwen2, "slice_logits_to_keep", None)
+        if keep is not None:
+            hidden = keep(hidden, logits_to_keep)
+        else:  # transformers < 5 sliced inline: an int keeps the last n positions (0: all), a tensor those positions
+            hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
+        return self.lm_head(hidden)
+
+    def _fused(self, embeds: torch.Tensor, cache, step: RaggedStep | None) -> bool:
+        """Whether this step runs as one native call: plain layers (``_native_stack``), a ``RaggedStaticCache``,
+        and attention that takes hcr's kernel at this shape (``RaggedAttention.native_wins``)."""
+        if self.stack is None or step is None or not isinstance(cache, RaggedStaticCache):
+            return False
+        batch, steps, _ = embeds.shape
+        if (batch, steps) not in self._fuses:
+            attention, head_dim = self.layers[0].attention, self.stack.head_dim
+            heads, kv_heads = (self.stack.layers[0].q.shape[0] // head_dim, self.stack.layers[0].k.shape[0] // head_dim)
+            query = embeds.new_empty(batch, heads, steps, head_dim)
+            self._fuses[batch, steps] = step.owner.native_wins(attention, query,
+                                                               embeds.new_empty(batch, kv_heads, 0, head_dim))
+        return self._fuses[batch, steps]
+
+    def _layers(self, embeds, cos, sin, masks, cache, attention_kwargs) -> torch.Tensor:
+        """The decoder layers through their modules' calls: the hidden states before the final norm."""
+        batch, steps, _ = embeds.shape
+        attend, rotate = self.attend, self.qwen2.apply_rotary_pos_emb
         hidden = embeds
         for index, layer in enumerate(self.layers):
             attention = layer.attention
@@ -156,10 +199,39 @@ class StepPlan:
             hidden = hidden + layer.o_proj(attended.reshape(batch, steps, -1).contiguous())
             normed = layer.post_norm(hidden)
             hidden = hidden + layer.down_proj(layer.act(layer.gate_proj(normed)) * layer.up_proj(normed))
-        hidden = self.norm(hidden)
-        keep = getattr(qwen2, "slice_logits_to_keep", None)
-        if keep is not None:
-            hidden = keep(hidden, logits_to_keep)
-        else:  # transformers < 5 sliced inline: an int keeps the last n positions (0: all), a tensor those positions
-            hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
-        return self.lm_head(hidden)
+        return hidden
+
+
+def _native_stack(base, qwen2) -> Qwen2DecoderStack | None:
+    """``base``'s layers packed for ``hcr_kernels``' native Qwen2 step, or None where the step must call the
+    modules: the extension missing, a model off the CPU or of a dtype the kernels lack, or a layer that is
+    not plain (a hook, a norm, projection or activation of another class such as a LoRA layer, a
+    ``forward`` replaced by anything but ``decode_linears``)."""
+    from transformers import activations
+
+    silu = tuple(cls for cls in (torch.nn.SiLU, getattr(activations, "SiLUActivation", None)) if cls is not None)
+    if (not _extension.extension_loaded() or base.device.type != "cpu" or base.dtype not in NATIVE_DTYPES
+            or getattr(base.config, "hidden_act", None) != "silu"):
+        return None
+    layers = []
+    for layer in base.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
+                       mlp.up_proj, mlp.down_proj)
+        rows = tuple(decode_linear_rows(projection) for projection in projections)
+        if (None in rows or any(_has_hooks(module) for module in (*projections, mlp.act_fn))
+                or any(type(norm) is not qwen2.Qwen2RMSNorm or _hooked(norm) for norm in norms)
+                or type(mlp.act_fn) not in silu or "forward" in vars(mlp.act_fn)
+                or [projection.bias is None for projection in projections] != [False] * 3 + [True] * 4):
+            return None
+        q, k, v, o, gate, up, down = projections
+        layers.append(Qwen2LayerWeights(
+            norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, norms[1].weight,
+            gate.weight, up.weight, down.weight, input_eps=float(norms[0].variance_epsilon),
+            post_eps=float(norms[1].variance_epsilon), scale=float(attention.scaling),
+            sliding_window=int(attention.sliding_window or 0), native_rows=rows))
+    try:
+        return Qwen2DecoderStack(layers, head_dim=int(base.model.layers[0].self_attn.head_dim))
+    except (TypeError, ValueError):  # shapes the native step does not take (an odd head_dim): the modules' calls
+        return None

@@ -27,7 +27,7 @@ from hcr_kernels.decode_linear.op import (
     native_row_limit,
 )
 from hcr_kernels.decode_linear.reference import decode_linear_ref
-from hcr_kernels.patches import decode_linears  # after .op, which patches imports
+from hcr_kernels.patches import decode_linear_rows, decode_linears  # after .op, which patches imports
 
-__all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "apply_decode_linear", "native_row_limit",
-           "measured_row_limit", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]
+__all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_rows", "apply_decode_linear",
+           "native_row_limit", "measured_row_limit", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]

@@ -1,0 +1,146 @@
+"""The public op: a Qwen2 decoder stack's weights checked once, a step's arguments, the backend choice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hcr_kernels import _dispatch
+from hcr_kernels._validate import check_tensor
+from hcr_kernels.decoder_step import native
+from hcr_kernels.decoder_step.reference import qwen2_decoder_step_ref
+
+__all__ = ["Qwen2LayerWeights", "Qwen2DecoderStack", "BACKEND_CHECKS", "NATIVE_DTYPES"]
+
+BACKEND_CHECKS = {
+    "reference": _dispatch.require_nothing,
+    "native": _dispatch.native_cpu_check("qwen2_decoder_step", "reference"),
+}
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the order of ``native_rows``
+# the order the native op takes a layer's tensors in (kWeights in csrc/decoder_step_cpu.cpp)
+WEIGHTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "post_norm", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Qwen2LayerWeights:
+    """One Qwen2 decoder layer: its tensors (``[out, in]`` projections, q/k/v with biases), its two norms'
+    eps, the attention's scale and sliding window (0: none), and per projection the most rows that take
+    ``decode_linear``'s kernel (0: always ``F.linear``; ``hcr_kernels.decode_linears``' limits)."""
+
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    q_bias: torch.Tensor
+    k: torch.Tensor
+    k_bias: torch.Tensor
+    v: torch.Tensor
+    v_bias: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    input_eps: float
+    post_eps: float
+    scale: float
+    sliding_window: int
+    native_rows: tuple[int, int, int, int, int, int, int]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors in the order the native op takes them."""
+        return [getattr(self, name) for name in WEIGHTS]
+
+
+class Qwen2DecoderStack:
+    """A Qwen2 decoder stack's layers, checked and packed once, for many ``step`` calls."""
+
+    def __init__(self, layers: Sequence[Qwen2LayerWeights], *, head_dim: int):
+        if not layers or not all(isinstance(layer, Qwen2LayerWeights) for layer in layers):
+            raise TypeError("Qwen2DecoderStack: layers must be a non-empty sequence of Qwen2LayerWeights")
+        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"Qwen2DecoderStack: head_dim must be an even int >= 2, got {head_dim!r}")
+        for index, layer in enumerate(layers):
+            _check_layer(index, layer, head_dim, layers[0].q)
+        self.layers, self.head_dim = tuple(layers), head_dim
+        self.dtype, self.device = layers[0].q.dtype, layers[0].q.device
+        self._packed = ([tensor for layer in layers for tensor in layer.tensors()],
+                        [rows for layer in layers for rows in layer.native_rows],
+                        [eps for layer in layers for eps in (layer.input_eps, layer.post_eps)],
+                        [layer.scale for layer in layers], [layer.sliding_window for layer in layers], head_dim)
+
+    def step(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_caches: Sequence[torch.Tensor],
+             value_caches: Sequence[torch.Tensor], start: torch.Tensor, count: torch.Tensor, span: int,
+             positions: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+        """One cached step of every layer: the hidden states ``[B, T, hidden]`` before the final norm.
+
+        ``embeds`` ``[B, T, hidden]``; ``cos``/``sin`` ``[B, T, head_dim]`` (the model's rotary embedding at
+        the step's positions); ``key_caches``/``value_caches`` one ``[B, Hkv, S, head_dim]`` pair per layer,
+        row b written in place at slots ``start[b]`` on (its first ``count[b]`` states, as
+        ``ragged_cache_write_``); attention over slots ``[0, span)``, query t of row b at slot
+        ``positions[b, t]`` (``decode_attention``'s convention). Inference only.
+        """
+        _check_step(self, embeds, cos, sin, key_caches, value_caches, span)
+        chosen = _dispatch.choose_backend("qwen2_decoder_step", embeds.device, backend, BACKEND_CHECKS)
+        if chosen == "native" and self.dtype not in NATIVE_DTYPES:
+            if backend == "native":
+                raise TypeError(f"qwen2_decoder_step: backend 'native' takes {NATIVE_DTYPES}, got {self.dtype}")
+            chosen = "reference"
+        if chosen == "native":
+            return native.qwen2_decoder_step(embeds, cos, sin, self._packed, list(key_caches), list(value_caches),
+                                             start, count, span, positions)
+        return qwen2_decoder_step_ref(embeds, cos, sin, self.layers, key_caches, value_caches, start, count, span,
+                                      positions, head_dim=self.head_dim)
+
+
+def _check_layer(index: int, layer: Qwen2LayerWeights, head_dim: int, first: torch.Tensor) -> None:
+    name = f"layers[{index}]"
+    hidden = first.shape[1]
+    shapes = {"input_norm": (hidden,), "post_norm": (hidden,), "q_bias": (layer.q.shape[0],),
+              "k_bias": (layer.k.shape[0],), "v_bias": (layer.v.shape[0],), "o": (hidden, layer.q.shape[0]),
+              "gate": (layer.gate.shape[0], hidden), "up": (layer.gate.shape[0], hidden),
+              "down": (hidden, layer.gate.shape[0])}
+    for field, tensor in zip(WEIGHTS, layer.tensors()):
+        check_tensor(f"{name}.{field}", tensor, floating=True)
+        if tensor.dtype != first.dtype or tensor.device != first.device:
+            raise ValueError(f"{name}.{field} is {tensor.dtype} on {tensor.device}; every weight must be "
+                             f"{first.dtype} on {first.device} (layers[0].q's)")
+    for projection in ("q", "k", "v"):
+        weight = getattr(layer, projection)
+        if weight.dim() != 2 or weight.shape[1] != hidden or weight.shape[0] % head_dim:
+            raise ValueError(f"{name}.{projection} must be [heads * head_dim, hidden] = [n * {head_dim}, {hidden}], "
+                             f"got {tuple(weight.shape)}")
+    if layer.k.shape != layer.v.shape or layer.q.shape[0] % layer.k.shape[0]:
+        raise ValueError(f"{name}: k and v must be one shape whose heads divide q's, got q {tuple(layer.q.shape)}, "
+                         f"k {tuple(layer.k.shape)}, v {tuple(layer.v.shape)}")
+    for field, shape in shapes.items():
+        if tuple(getattr(layer, field).shape) != shape:
+            raise ValueError(f"{name}.{field} must be {list(shape)}, got {tuple(getattr(layer, field).shape)}")
+    if len(layer.native_rows) != len(PROJECTIONS) or not all(isinstance(r, int) and r >= 0 for r in layer.native_rows):
+        raise ValueError(f"{name}.native_rows must be {len(PROJECTIONS)} ints >= 0 ({', '.join(PROJECTIONS)}), "
+                         f"got {layer.native_rows!r}")
+    if not isinstance(layer.sliding_window, int) or layer.sliding_window < 0:
+        raise ValueError(f"{name}.sliding_window must be an int >= 0 (0: none), got {layer.sliding_window!r}")
+
+
+def _check_step(stack: Qwen2DecoderStack, embeds, cos, sin, key_caches, value_caches, span) -> None:
+    check_tensor("embeds", embeds, dim=3)
+    if torch.is_grad_enabled() and (embeds.requires_grad or any(t.requires_grad for t in stack._packed[0])):
+        raise RuntimeError("qwen2_decoder_step is inference only (no gradients): call it under torch.no_grad() or "
+                           "torch.inference_mode()")
+    hidden = stack.layers[0].q.shape[1]
+    if embeds.shape[2] != hidden or embeds.dtype != stack.dtype or embeds.device != stack.device:
+        raise ValueError(f"embeds must be [B, T, {hidden}] {stack.dtype} on {stack.device} (the weights'), got "
+                         f"{tuple(embeds.shape)} {embeds.dtype} on {embeds.device}")
+    expected = (*embeds.shape[:2], stack.head_dim)
+    for name, value in (("cos", cos), ("sin", sin)):
+        check_tensor(name, value, dim=3)
+        if tuple(value.shape) != expected or value.dtype != stack.dtype:
+            raise ValueError(f"{name} must be [B, T, head_dim] = {list(expected)} {stack.dtype}, got "
+                             f"{tuple(value.shape)} {value.dtype}")
+    if len(key_caches) != len(stack.layers) or len(value_caches) != len(stack.layers):
+        raise ValueError(f"key_caches and value_caches must hold one cache per layer ({len(stack.layers)}), got "
+                         f"{len(key_caches)} and {len(value_caches)}")
+    if not isinstance(span, int) or span < 0 or span > key_caches[0].shape[2]:
+        raise ValueError(f"span must be an int in [0, S] = [0, {key_caches[0].shape[2]}], got {span!r}")

@@ -1,0 +1,79 @@
+"""The reference of ``qwen2_decoder_step``: the ops of transformers' Qwen2 decoder layers, in plain PyTorch.
+
+The order and the operands of every op are those of ``Qwen2DecoderLayer.forward``,
+``Qwen2RMSNorm.forward``, ``apply_rotary_pos_emb`` and ``Qwen2MLP.forward``. The three
+ops the native step calls kernels for (the projections, the cache write, the attention)
+come from ``ops``: torch-only references by default (the oracle), or hcr's native ops,
+which the fused step must then match bit for bit (the test of the fusion itself).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from hcr_kernels.decode_attention.reference import decode_attention_ref
+from hcr_kernels.kv_cache.reference import ragged_cache_write_ref
+
+
+class StepOps(NamedTuple):
+    """The kernels of a step: ``linear(input, weight, bias, native_rows)``, ``write(key_cache, value_cache,
+    keys, values, start, count)`` (in place) and ``attend(query, keys, values, positions, scale, window)``."""
+
+    linear: Callable
+    write: Callable
+    attend: Callable
+
+
+REFERENCE_OPS = StepOps(
+    linear=lambda input, weight, bias, native_rows: F.linear(input, weight, bias),
+    write=ragged_cache_write_ref,
+    attend=lambda query, keys, values, positions, scale, window: decode_attention_ref(
+        query, keys, values, positions, scale=scale, sliding_window=window or None),
+)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Qwen2RMSNorm.forward``: the square mean in fp32, the weight times the normed states in their dtype."""
+    states = hidden.to(torch.float32)
+    variance = states.pow(2).mean(-1, keepdim=True)
+    states = states * torch.rsqrt(variance + eps)
+    return weight * states.to(hidden.dtype)
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb`` on one of query / key ``[B, H, T, D]`` (``cos``/``sin`` ``[B, 1, T, D]``)."""
+    half = states.shape[-1] // 2
+    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+    return states * cos + rotated * sin
+
+
+def qwen2_decoder_step_ref(embeds, cos, sin, layers, key_caches, value_caches, start, count, span: int, positions,
+                           *, head_dim: int, ops: StepOps = REFERENCE_OPS) -> torch.Tensor:
+    """The hidden states after every layer (before the final norm); the caches written in place.
+
+    ``layers``: a ``Qwen2LayerWeights`` per layer; the arguments otherwise as ``Qwen2DecoderStack.step``'s.
+    """
+    linear = ops.linear
+    batch, steps, _ = embeds.shape
+    heads = (batch, steps, -1, head_dim)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    hidden = embeds
+    for layer, keys, values in zip(layers, key_caches, value_caches):
+        q_rows, k_rows, v_rows, o_rows, gate_rows, up_rows, down_rows = layer.native_rows
+        normed = rms_norm(hidden, layer.input_norm, layer.input_eps)
+        query = linear(normed, layer.q, layer.q_bias, q_rows).view(heads).transpose(1, 2)
+        key = linear(normed, layer.k, layer.k_bias, k_rows).view(heads).transpose(1, 2)
+        value = linear(normed, layer.v, layer.v_bias, v_rows).view(heads).transpose(1, 2)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        ops.write(keys, values, key, value, start, count)
+        attended = ops.attend(query, keys[:, :, :span], values[:, :, :span], positions, layer.scale,
+                              layer.sliding_window)
+        hidden = hidden + linear(attended.reshape(batch, steps, -1).contiguous(), layer.o, None, o_rows)
+        normed = rms_norm(hidden, layer.post_norm, layer.post_eps)
+        gated = F.silu(linear(normed, layer.gate, None, gate_rows)) * linear(
+            normed, layer.up, None, up_rows)
+        hidden = hidden + linear(gated, layer.down, None, down_rows)
+    return hidden
