@@ -64,6 +64,7 @@ class Qwen2DecoderStack:
         for index, layer in enumerate(layers):
             _check_layer(index, layer, head_dim, layers[0].q)
         self.layers, self.head_dim = tuple(layers), head_dim
+        self.heads, self.kv_heads = layers[0].q.shape[0] // head_dim, layers[0].k.shape[0] // head_dim
         self.dtype, self.device = layers[0].q.dtype, layers[0].q.device
         self._packed = ([tensor for layer in layers for tensor in layer.tensors()],
                         [rows for layer in layers for rows in layer.native_rows],
