@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels import autotune
-from hcr_kernels.decode_linear import ROW_LADDER, native_row_limit
+from hcr_kernels.decode_linear import ROW_LADDER, decode_linear_rows, native_row_limit
 from param_sets import tolerance
 
 NATIVE_DTYPES = [
@@ -178,18 +178,29 @@ def test_gradients_match_reference(dtype, with_bias):
 
 
 @pytest.fixture
-def native_wins_up_to_4_rows(monkeypatch):
+def measured_by(monkeypatch):
+    """``measured_by(rule)``: autotune's measurements replaced by ``rule(shape_class) -> verdict`` from then on,
+    with no decision remembered from before or kept after the test."""
+
+    def use(rule):
+        monkeypatch.setattr(autotune, "compare", lambda op, shape_class, *calls: rule(shape_class))
+        autotune.forget()
+
+    yield use
+    autotune.forget()
+
+
+def rows_of(shape_class: str) -> int:
+    return int(shape_class.rsplit("rows=", 1)[1])
+
+
+@pytest.fixture
+def native_wins_up_to_4_rows(measured_by):
     """Measurements replaced by a rule: the native kernel wins for at most 4 rows; the classes asked are recorded."""
     asked = []
-
-    def decide(op, shape_class, fast, reference):
-        asked.append(shape_class)
-        return autotune.FASTER if int(shape_class.rsplit("rows=", 1)[1]) <= 4 else autotune.SLOWER
-
-    monkeypatch.setattr(autotune, "compare", decide)
-    autotune.forget()
-    yield asked
-    autotune.forget()
+    measured_by(lambda shape_class: asked.append(shape_class) or (
+        autotune.FASTER if rows_of(shape_class) <= 4 else autotune.SLOWER))
+    return asked
 
 
 def test_automatic_choice_takes_native_up_to_the_measured_row_count(native_wins_up_to_4_rows):
@@ -211,23 +222,18 @@ def test_automatic_choice_takes_native_up_to_the_measured_row_count(native_wins_
     ("tie tie tie tie tie tie", 0),
     ("faster slower faster faster faster faster", 1),  # a loss ends the range
 ])
-def test_a_measured_tie_neither_extends_nor_ends_the_native_row_range(monkeypatch, verdicts, limit):
+def test_a_measured_tie_neither_extends_nor_ends_the_native_row_range(measured_by, verdicts, limit):
     by_rows = dict(zip(ROW_LADDER, verdicts.split()))
-    monkeypatch.setattr(autotune, "compare", lambda op, shape_class, *calls: by_rows[int(shape_class.rsplit("=", 1)[1])])
-    autotune.forget()
+    measured_by(lambda shape_class: by_rows[rows_of(shape_class)])
     assert native_row_limit(torch.randn(24, 16)) == limit
-    autotune.forget()
 
 
-def test_automatic_choice_never_takes_a_slower_native_kernel(monkeypatch):
+def test_automatic_choice_never_takes_a_slower_native_kernel(measured_by):
     weight = torch.randn(24, 16)
-    autotune.forget()
-    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.SLOWER)
+    measured_by(lambda shape_class: autotune.SLOWER)
     assert native_row_limit(weight) == 0
-    autotune.forget()
-    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
+    measured_by(lambda shape_class: autotune.FASTER)
     assert native_row_limit(weight) == ROW_LADDER[-1]
-    autotune.forget()
 
 
 def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
@@ -249,11 +255,10 @@ def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
     assert native_row_limit(torch.randn(40, 24)) == 0
 
 
-def test_backend_env_var_selects_reference(monkeypatch):
+def test_backend_env_var_selects_reference(monkeypatch, measured_by):
     """Also after the limit for that weight was worked out and remembered without the variable."""
     weight = torch.randn(4, 4)
-    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
-    autotune.forget()
+    measured_by(lambda shape_class: autotune.FASTER)
     assert native_row_limit(weight) == ROW_LADDER[-1]
     monkeypatch.setenv("HCR_BACKEND", "reference")
     assert native_row_limit(weight) == 0
@@ -344,24 +349,22 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
     assert torch.equal(model(x), expected)
 
 
-def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(monkeypatch):
+def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(measured_by):
     """A layer whose row limit is 0 (F.linear measured faster at every row count) is not routed: the same
-    F.linear call, without the routing's Python on every call."""
-    def decide(op, shape_class, fast, reference):  # the kernel wins on the 16 -> 32 layer only
-        return autotune.FASTER if "N=32 K=16" in shape_class else autotune.SLOWER
-
-    monkeypatch.setattr(autotune, "compare", decide)
-    autotune.forget()
-    try:
-        model, x = small_model(), torch.randn(1, 1, 16)
-        expected = model(x)
-        with decode_linears(model):
-            assert [("forward" in vars(m)) for m in model] == [True, False, False, False]
-            assert model[0]._hcr_native_rows == 32  # every row count of the ladder won
-            torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
-        assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
-    finally:
-        autotune.forget()
+    F.linear call, without the routing's Python on every call. ``decode_linear_rows`` tells which is which."""
+    # the kernel wins on the 16 -> 32 layer only
+    measured_by(lambda shape_class: autotune.FASTER if "N=32 K=16" in shape_class else autotune.SLOWER)
+    model, x = small_model(), torch.randn(1, 1, 16)
+    expected = model(x)
+    with decode_linears(model):
+        assert [("forward" in vars(m)) for m in model] == [True, False, False, False]
+        assert model[0]._hcr_native_rows == 32  # every row count of the ladder won
+        assert [decode_linear_rows(m) for m in model] == [32, None, 0, None]  # no Linear, a subclass: None
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
+    assert [decode_linear_rows(m) for m in model] == [0, None, 0, None]
+    model[2].forward = lambda x: x  # replaced by something else: not a row limit anyone knows
+    assert decode_linear_rows(model[2]) is None
 
 
 def test_decode_linears_reference_is_bit_identical_and_gradients_flow():
