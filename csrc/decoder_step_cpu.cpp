@@ -12,7 +12,8 @@
 // through decode_attention_cpu.
 //
 // weights: 12 per layer, in the order of kWeights; native_rows: 7 per layer (q, k, v,
-// o, gate, up, down); eps: 2 per layer (the two norms); scales and windows: 1 per layer.
+// o, gate, up, down); eps: 2 per layer (the two norms); scales and windows: 1 per layer;
+// final_norm: the model's last norm, applied after the last layer when given.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -61,7 +62,8 @@ at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& co
                                   at::TensorList weights, at::TensorList key_caches, at::TensorList value_caches,
                                   const at::Tensor& start, const at::Tensor& count, int64_t span,
                                   const at::Tensor& positions, at::IntArrayRef native_rows, at::ArrayRef<double> eps,
-                                  at::ArrayRef<double> scales, at::IntArrayRef windows, int64_t head_dim) {
+                                  at::ArrayRef<double> scales, at::IntArrayRef windows, int64_t head_dim,
+                                  const c10::optional<at::Tensor>& final_norm, double final_eps) {
   const char* op = "hcr::qwen2_decoder_step: ";
   const size_t layers = key_caches.size();
   TORCH_CHECK(embeds.dim() == 3, op, "embeds must be [B, T, hidden], got ", embeds.sizes());
@@ -99,7 +101,7 @@ at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& co
                        project(normed, w[kUp], c10::nullopt, rows[kUpRows]);
     hidden = hidden + project(gated, w[kDown], c10::nullopt, rows[kDownRows]);
   }
-  return hidden;
+  return final_norm.has_value() ? rms_norm(hidden, *final_norm, final_eps) : hidden;
 }
 
 }  // namespace hcr
@@ -108,7 +110,7 @@ TORCH_LIBRARY_FRAGMENT(hcr, m) {
   m.def(
       "qwen2_decoder_step(Tensor embeds, Tensor cos, Tensor sin, Tensor[] weights, Tensor(a!)[] key_caches, "
       "Tensor(b!)[] value_caches, Tensor start, Tensor count, int span, Tensor positions, int[] native_rows, "
-      "float[] eps, float[] scales, int[] windows, int head_dim) -> Tensor");
+      "float[] eps, float[] scales, int[] windows, int head_dim, Tensor? final_norm, float final_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hcr, CPU, m) { m.impl("qwen2_decoder_step", &hcr::qwen2_decoder_step_cpu); }

@@ -37,7 +37,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 
 
 def stack(dtype, *, layers=2, hidden=48, heads=6, kv_heads=2, head_dim=8, intermediate=72, windows=(0, 0),
-          native_rows=(0,) * 7, seed=0) -> Qwen2DecoderStack:
+          native_rows=(0,) * 7, final_norm=True, seed=0) -> Qwen2DecoderStack:
     """Random weights of a Qwen2 stack (norm weights near 1, projections scaled like an initialised model)."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -55,7 +55,8 @@ def stack(dtype, *, layers=2, hidden=48, heads=6, kv_heads=2, head_dim=8, interm
             randn(intermediate, hidden, scale=hidden**-0.5), randn(hidden, intermediate, scale=intermediate**-0.5),
             input_eps=1e-6, post_eps=1e-5, scale=head_dim**-0.5, sliding_window=windows[layer % len(windows)],
             native_rows=tuple(native_rows)))
-    return Qwen2DecoderStack(built, head_dim=head_dim)
+    norm = 1 + randn(hidden, scale=0.1) if final_norm else None
+    return Qwen2DecoderStack(built, head_dim=head_dim, final_norm=norm, final_eps=1e-6)
 
 
 def step_inputs(built: Qwen2DecoderStack, starts, counts, steps, slots, *, seed=1):
@@ -80,7 +81,8 @@ def both(built, inputs, ops=NATIVE_OPS):
     theirs = ([k.clone() for k in keys], [v.clone() for v in values])
     ours = built.step(embeds, cos, sin, keys, values, start, count, span, positions, backend="native")
     expected = qwen2_decoder_step_ref(embeds, cos, sin, built.layers, *theirs, start, count, span, positions,
-                                      head_dim=built.head_dim, ops=ops)
+                                      head_dim=built.head_dim, final_norm=built.final_norm, final_eps=built.final_eps,
+                                      ops=ops)
     return ours, expected, (keys, values), theirs
 
 
@@ -95,8 +97,9 @@ ROWS = [  # (starts, counts, steps): decode, re-encode with a crop and a finishe
 @pytest.mark.parametrize("starts,counts,steps", ROWS, ids=["decode", "re-encode", "prefill"])
 @pytest.mark.parametrize("native_rows", [(0,) * 7, (8,) * 7, (8, 0, 8, 0, 8, 0, 8)], ids=["F.linear", "kernel",
                                                                                        "mixed"])
-def test_bit_for_bit_the_same_ops_from_python(cpu_isa, dtype, starts, counts, steps, native_rows):
-    built = stack(dtype, windows=(0, 3), native_rows=native_rows)
+@pytest.mark.parametrize("final_norm", [True, False], ids=["final-norm", "no-final-norm"])
+def test_bit_for_bit_the_same_ops_from_python(cpu_isa, dtype, starts, counts, steps, native_rows, final_norm):
+    built = stack(dtype, windows=(0, 3), native_rows=native_rows, final_norm=final_norm)
     ours, expected, our_caches, their_caches = both(built, step_inputs(built, starts, counts, steps, slots=16))
     assert ours.shape == expected.shape and ours.dtype == dtype
     assert torch.equal(ours, expected)
@@ -148,7 +151,7 @@ def test_reference_backend_is_the_torch_only_reference():
     copies = ([k.clone() for k in keys], [v.clone() for v in values])
     got = built.step(embeds, cos, sin, keys, values, start, count, span, positions, backend="reference")
     expected = qwen2_decoder_step_ref(embeds, cos, sin, built.layers, *copies, start, count, span, positions,
-                                      head_dim=built.head_dim)
+                                      head_dim=built.head_dim, final_norm=built.final_norm)
     assert torch.equal(got, expected)
 
 
@@ -164,6 +167,8 @@ def test_bad_arguments_name_what_is_wrong():
         Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "native_rows": (1, 2)})], head_dim=8)
     with pytest.raises(ValueError, match="head_dim must be an even int"):
         Qwen2DecoderStack([layer], head_dim=7)
+    with pytest.raises(ValueError, match=r"final_norm must be \[48\] torch.float32"):
+        Qwen2DecoderStack([layer], head_dim=8, final_norm=torch.ones(40))
     with pytest.raises(TypeError, match="non-empty sequence of Qwen2LayerWeights"):
         Qwen2DecoderStack([], head_dim=8)
     with pytest.raises(ValueError, match=r"embeds must be \[B, T, 48\] torch.float32"):

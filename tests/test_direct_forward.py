@@ -110,10 +110,17 @@ def test_native_step_gives_the_models_logits(monkeypatch, dtype, sliding):
                         lambda embeds, *args: steps_fused.append(embeds.shape[1]) or original(embeds, *args))
     base = qwen2(dtype, sliding)
     with decode_linears(base):
-        assert direct.StepPlan(base).stack is not None
+        assert direct.StepPlan(base).stack.final_norm is base.model.norm.weight  # the last norm in the call too
         for model_logits, direct_logits in both_forwards(base, routed=True):
             assert torch.equal(model_logits, direct_logits)
     assert steps_fused == [1, 5]
+    steps_fused.clear()
+    calls = []
+    base.model.norm.register_forward_hook(lambda *args: calls.append(1))  # the last norm is then called after it
+    assert direct.StepPlan(base).stack.final_norm is None
+    for model_logits, direct_logits in both_forwards(base, routed=True):
+        assert torch.equal(model_logits, direct_logits)
+    assert steps_fused == [1, 5] and len(calls) == 6
 
 
 def test_native_step_only_for_plain_layers():

@@ -49,7 +49,8 @@ WINDOW_OF_ROW = torch.tensor([0, -1, 1, -1, 2, -1])  # rows 0, 2, 4 pool windows
 
 
 def _decoder_step_args(native_rows: int):
-    """One Qwen2 layer (hidden 8, 2 query heads over 1 key/value head of 4, MLP 6), two rows, one step."""
+    """One Qwen2 layer (hidden 8, 2 query heads over 1 key/value head of 4, MLP 6), two rows, one step; a final
+    norm with the kernel's row limit."""
     hidden, head_dim, intermediate = 8, 4, 6
     weights = [1 + torch.rand(hidden), torch.randn(8, hidden), torch.randn(8), torch.randn(4, hidden), torch.randn(4),
                torch.randn(4, hidden), torch.randn(4), torch.randn(hidden, 8), 1 + torch.rand(hidden),
@@ -57,7 +58,7 @@ def _decoder_step_args(native_rows: int):
     caches = [[torch.randn(2, 1, 5, head_dim)] for _ in range(2)]
     return (torch.randn(2, 1, hidden), torch.randn(2, 1, head_dim), torch.randn(2, 1, head_dim), weights, *caches,
             torch.tensor([0, 3]), torch.tensor([1, 1]), 4, torch.tensor([[0], [3]]), [native_rows] * 7, [1e-6, 1e-5],
-            [0.5], [0], head_dim)
+            [0.5], [0], head_dim, 1 + torch.rand(hidden) if native_rows else None, 1e-6)
 
 
 def op_cases():

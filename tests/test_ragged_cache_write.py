@@ -243,6 +243,24 @@ def test_cpu_kernel_checks_bounds_itself():
 # ---------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("batch", [3, 80], ids=["few-rows-as-ints", "many-rows-vectorised"])
+@pytest.mark.parametrize("row,first,number,message", [
+    (1, -1, 1, "start[1] = -1 must be >= 0"),
+    (2, 5, 4, "count[2] = 4 must be in [0, T] = [0, 3]"),
+    (2, 7, 2, "start[2] + count[2] = 7 + 2 = 9 exceeds the cache length S = 8"),
+])
+def test_write_bounds_name_the_first_bad_row(batch, row, first, number, message):
+    """The host check names the first bad row with the same message, whether it checks Python ints (a few
+    CPU rows, the generator's per-step call) or tensors (many rows, CUDA)."""
+    start, count = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
+    check_write_bounds(start, count, steps=3, slots=8)  # valid: passes
+    start[row], count[row] = first, number
+    if batch > row + 1:
+        start[-1] = -5  # a later bad row is not the one named
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_write_bounds(start, count, steps=3, slots=8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_bounds_are_checked_on_cuda(backend):

@@ -60,7 +60,7 @@ class RaggedStaticCache:
 
     def begin_step(self, start: torch.Tensor, count: torch.Tensor, span: int) -> None:
         """Row b writes its ``count[b]`` new states at ``start[b]``; attention reads slots ``[0, span)``."""
-        check_write_bounds(start, count, steps=int(count.max()) if len(count) else 0, slots=self.slots)
+        check_write_bounds(start, count, steps=max(count.tolist(), default=0), slots=self.slots)
         self._start, self._count, self._span = start, count, span
 
     def step_writes(self) -> tuple[torch.Tensor, torch.Tensor, int]:

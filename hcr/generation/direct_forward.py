@@ -152,6 +152,7 @@ class StepPlan:
         self._fuses: dict[tuple[int, int], bool] = {}  # per (batch, steps): whether attention takes the kernel
 
     def __call__(self, embeds, positions, masks, cache, logits_to_keep=0, **attention_kwargs) -> torch.Tensor:
+        """``direct_forward``'s logits; ``masks`` may also be a function making them (a native step reads none)."""
         qwen2 = self.qwen2
         cos, sin = self.rotary(embeds, positions)
         step = attention_kwargs.get(KEYWORD)
@@ -159,14 +160,16 @@ class StepPlan:
             start, count, span = cache.step_writes()
             hidden = self.stack.step(embeds, cos, sin, cache.keys, cache.values, start, count, span, step.positions,
                                      backend="native")
+            if self.stack.final_norm is None:
+                hidden = self.norm(hidden)
         else:
-            hidden = self._layers(embeds, cos, sin, masks, cache, attention_kwargs)
-        hidden = self.norm(hidden)
-        keep = getattr(qwen2, "slice_logits_to_keep", None)
-        if keep is not None:
-            hidden = keep(hidden, logits_to_keep)
-        else:  # transformers < 5 sliced inline: an int keeps the last n positions (0: all), a tensor those positions
-            hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
+            hidden = self.norm(self._layers(embeds, cos, sin, masks, cache, attention_kwargs))
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):  # 0: every position, nothing to slice
+            keep = getattr(qwen2, "slice_logits_to_keep", None)
+            if keep is not None:
+                hidden = keep(hidden, logits_to_keep)
+            else:  # transformers < 5 sliced inline: an int keeps the last n positions, a tensor those positions
+                hidden = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
         return self.lm_head(hidden)
 
     def _fused(self, embeds: torch.Tensor, cache, step: RaggedStep | None) -> bool:
@@ -186,6 +189,7 @@ class StepPlan:
         """The decoder layers through their modules' calls: the hidden states before the final norm."""
         batch, steps, _ = embeds.shape
         attend, rotate = self.attend, self.qwen2.apply_rotary_pos_emb
+        masks = masks() if callable(masks) else masks
         hidden = embeds
         for index, layer in enumerate(self.layers):
             attention = layer.attention
@@ -236,7 +240,11 @@ def _native_stack(base, qwen2) -> Qwen2DecoderStack | None:
             gate.weight, up.weight, down.weight, input_eps=float(norms[0].variance_epsilon),
             post_eps=float(norms[1].variance_epsilon), scale=float(attention.scaling),
             sliding_window=int(attention.sliding_window or 0), native_rows=rows))
+    norm = base.model.norm  # taken into the native call where plain, else called after it
+    plain_norm = type(norm) is qwen2.Qwen2RMSNorm and not _hooked(norm)
     try:
-        return Qwen2DecoderStack(layers, head_dim=int(base.model.layers[0].self_attn.head_dim))
+        return Qwen2DecoderStack(layers, head_dim=int(base.model.layers[0].self_attn.head_dim),
+                                 final_norm=norm.weight if plain_norm else None,
+                                 final_eps=float(norm.variance_epsilon) if plain_norm else 1e-6)
     except (TypeError, ValueError):  # shapes the native step does not take (an odd head_dim): the modules' calls
         return None

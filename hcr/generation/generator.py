@@ -139,7 +139,7 @@ def attention_layer_types(config) -> tuple[str, ...] | None:
     return tuple(sorted(set(types)))
 
 
-def _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
+def _model_forward(base, embeds, positions, mask, cache, **forward_kwargs):
     """One forward of the base model against the ragged cache (explicit positions, ready 4D masks): the logits.
 
     ``mask`` is the causal additive mask ``[B, 1, steps, span]``; ``layer_masks`` derives each layer kind's.
@@ -150,10 +150,19 @@ def _decoder_forward(base, embeds, positions, mask, cache, **forward_kwargs):
                 attention_mask=layer_masks(base.config, mask, positions), **forward_kwargs).logits
 
 
+def _masked(forward, base, embeds, positions, mask, cache, **forward_kwargs):
+    """``forward`` (``_model_forward`` or its compiled self) given the mask made by ``mask()``: a step's decoder
+    takes a function making its mask, as a native Qwen2 step (``direct_forward``) reads none."""
+    return forward(base, embeds, positions, mask(), cache, **forward_kwargs)
+
+
+_decoder_forward = functools.partial(_masked, _model_forward)
+
+
 def _direct_decoder_forward(plan, base, embeds, positions, mask, cache, **forward_kwargs):
     """``_decoder_forward``'s logits through ``plan``, a ``direct_forward.StepPlan`` of ``base`` (transformers'
-    Qwen2 only; see its module)."""
-    return plan(embeds, positions, layer_masks(base.config, mask, positions), cache, **forward_kwargs)
+    Qwen2 only; see its module), the masks made only if its step reads them."""
+    return plan(embeds, positions, lambda: layer_masks(base.config, mask(), positions), cache, **forward_kwargs)
 
 
 def _transformers_version() -> str:
@@ -274,7 +283,7 @@ class CompressedGenerator:
         self._step_plan = None  # that call's direct_forward.StepPlan
         self.layer_types = attention_layer_types(model.base.config)
         self.keeps_logits = keeps_logits(model.base)
-        self._compiled = {}  # torch.compile'd _decoder_forward per set of options, made on first use
+        self._compiled = {}  # torch.compile'd _model_forward per set of options, made on first use
 
     # ----------------------------------------------------------------- public
 
@@ -538,7 +547,7 @@ class CompressedGenerator:
         options = _compile_options(self.model.device) if decode else DYNAMIC
         key = tuple(sorted(options.items()))
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(_decoder_forward, **options)
+            self._compiled[key] = functools.partial(_masked, torch.compile(_model_forward, **options))
         return self._compiled[key]
 
     def _plan(self) -> direct.StepPlan:
@@ -614,6 +623,8 @@ class CachedSteps:
         slots = self.bound if generator._graphed_decode else min(
             self.bound, _initial_slots(longest, max_new_tokens, generator.window, generator.keep_last))
         self.cache = RaggedStaticCache.for_model(generator.model.base, len(rows), slots)
+        # looked up once: a model's device is a walk to its first parameter, its embeddings a few lookups
+        self.device, self.embed_tokens = generator.model.device, generator.model.base.get_input_embeddings()
         if generator._graphed_decode:  # written in place by the graphs: their addresses must not change
             for tensor in (*self.cache.keys, *self.cache.values):
                 torch._dynamo.mark_static_address(tensor)
@@ -647,7 +658,7 @@ class CachedSteps:
     def _forward(self, feeds: list[Feed]) -> torch.Tensor:
         """One forward of every row's feed against the cache; each row's next-token logits."""
         generator, rows = self.generator, self.rows
-        model, tokens, device = generator.model, generator.tokens, generator.model.device
+        model, tokens, device = generator.model, generator.tokens, self.device
         lengths = [len(feed.ids) for feed in feeds]
         steps = max(1, max(lengths))
         filler = tokens.eos  # under the mask, never attended to, never written to the cache
@@ -671,11 +682,11 @@ class CachedSteps:
                 window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, generator.window)
                 embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
         else:  # an ordinary decode step: plain token embeddings
-            embeds = model.base.get_input_embeddings()(ids)
+            embeds = self.embed_tokens(ids)
         starts = torch.tensor([feed.first for feed in feeds], dtype=torch.long, device=device)
         counts = torch.tensor(lengths, dtype=torch.long, device=device)
         positions = starts[:, None] + torch.arange(steps, device=device)
-        mask = causal_mask(positions, span, embeds.dtype)  # causal, per row
+        mask = functools.partial(causal_mask, positions, span, embeds.dtype)  # causal, per row; made where read
         self.cache.begin_step(starts, counts, span)
         # a feed shorter than `steps` (a finished row, a decode beside a re-encode) has filler queries at
         # positions past its slots, past the span where that row is the longest: their outputs are dropped,

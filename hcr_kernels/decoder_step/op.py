@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hcr_kernels import _dispatch
+from hcr_kernels import _dispatch, _extension
 from hcr_kernels._validate import check_tensor
 from hcr_kernels.decoder_step import native
 from hcr_kernels.decoder_step.reference import qwen2_decoder_step_ref
@@ -54,27 +54,53 @@ class Qwen2LayerWeights:
 
 
 class Qwen2DecoderStack:
-    """A Qwen2 decoder stack's layers, checked and packed once, for many ``step`` calls."""
+    """A Qwen2 decoder stack's layers, checked and packed once, for many ``step`` calls; with ``final_norm``
+    (the model's last norm's weight, ``[hidden]``) a step ends with that norm."""
 
-    def __init__(self, layers: Sequence[Qwen2LayerWeights], *, head_dim: int):
+    def __init__(self, layers: Sequence[Qwen2LayerWeights], *, head_dim: int,
+                 final_norm: torch.Tensor | None = None, final_eps: float = 1e-6):
         if not layers or not all(isinstance(layer, Qwen2LayerWeights) for layer in layers):
             raise TypeError("Qwen2DecoderStack: layers must be a non-empty sequence of Qwen2LayerWeights")
         if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"Qwen2DecoderStack: head_dim must be an even int >= 2, got {head_dim!r}")
         for index, layer in enumerate(layers):
             _check_layer(index, layer, head_dim, layers[0].q)
+        if final_norm is not None:
+            first = layers[0].q
+            check_tensor("final_norm", final_norm, dim=1, floating=True)
+            if (final_norm.shape != (first.shape[1],) or final_norm.dtype != first.dtype
+                    or final_norm.device != first.device):
+                raise ValueError(f"final_norm must be [{first.shape[1]}] {first.dtype} on {first.device} (the "
+                                 f"weights'), got {tuple(final_norm.shape)} {final_norm.dtype} on {final_norm.device}")
+        self.final_norm, self.final_eps = final_norm, float(final_eps)
         self.layers, self.head_dim = tuple(layers), head_dim
         self.heads, self.kv_heads = layers[0].q.shape[0] // head_dim, layers[0].k.shape[0] // head_dim
-        self.dtype, self.device = layers[0].q.dtype, layers[0].q.device
+        self.dtype, self.device, self.hidden = layers[0].q.dtype, layers[0].q.device, layers[0].q.shape[1]
         self._packed = ([tensor for layer in layers for tensor in layer.tensors()],
                         [rows for layer in layers for rows in layer.native_rows],
                         [eps for layer in layers for eps in (layer.input_eps, layer.post_eps)],
-                        [layer.scale for layer in layers], [layer.sliding_window for layer in layers], head_dim)
+                        [layer.scale for layer in layers], [layer.sliding_window for layer in layers], head_dim,
+                        final_norm, self.final_eps)
+        # backend "native" runs without asking choose_backend: CPU tensors of a dtype the kernel has, _C loaded
+        self._native_runs = (self.device.type == "cpu" and self.dtype in NATIVE_DTYPES
+                             and _extension.extension_loaded())
+
+    def _common_case(self, embeds, cos, sin, key_caches, value_caches, span) -> bool:
+        """Whether the arguments pass every check of ``_check_step``, in one expression: the generator calls
+        ``step`` once per decode step, where the full checks and the backend choice cost ~30 us (a tenth of
+        the tiny model's step outside the kernel)."""
+        return (isinstance(embeds, torch.Tensor) and isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)
+                and embeds.dim() == 3 and embeds.shape[2] == self.hidden and embeds.dtype == self.dtype
+                and embeds.device == self.device and cos.shape == sin.shape == (*embeds.shape[:2], self.head_dim)
+                and cos.dtype == sin.dtype == self.dtype and len(key_caches) == len(value_caches) == len(self.layers)
+                and isinstance(span, int) and 0 <= span <= key_caches[0].shape[2]
+                and not (torch.is_grad_enabled() and _requires_grad(self, embeds)))
 
     def step(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_caches: Sequence[torch.Tensor],
              value_caches: Sequence[torch.Tensor], start: torch.Tensor, count: torch.Tensor, span: int,
              positions: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-        """One cached step of every layer: the hidden states ``[B, T, hidden]`` before the final norm.
+        """One cached step of every layer: the hidden states ``[B, T, hidden]`` (after the final norm if the
+        stack has one).
 
         ``embeds`` ``[B, T, hidden]``; ``cos``/``sin`` ``[B, T, head_dim]`` (the model's rotary embedding at
         the step's positions); ``key_caches``/``value_caches`` one ``[B, Hkv, S, head_dim]`` pair per layer,
@@ -82,17 +108,22 @@ class Qwen2DecoderStack:
         ``ragged_cache_write_``); attention over slots ``[0, span)``, query t of row b at slot
         ``positions[b, t]`` (``decode_attention``'s convention). Inference only.
         """
-        _check_step(self, embeds, cos, sin, key_caches, value_caches, span)
+        if not self._common_case(embeds, cos, sin, key_caches, value_caches, span):
+            _check_step(self, embeds, cos, sin, key_caches, value_caches, span)  # raises, naming what is wrong
+        elif backend == "native" and self._native_runs:  # what choose_backend decides here: the generator's call
+            return native.qwen2_decoder_step(embeds, cos, sin, self._packed, key_caches, value_caches, start, count,
+                                             span, positions)
         chosen = _dispatch.choose_backend("qwen2_decoder_step", embeds.device, backend, BACKEND_CHECKS)
         if chosen == "native" and self.dtype not in NATIVE_DTYPES:
             if backend == "native":
                 raise TypeError(f"qwen2_decoder_step: backend 'native' takes {NATIVE_DTYPES}, got {self.dtype}")
             chosen = "reference"
         if chosen == "native":
-            return native.qwen2_decoder_step(embeds, cos, sin, self._packed, list(key_caches), list(value_caches),
-                                             start, count, span, positions)
+            return native.qwen2_decoder_step(embeds, cos, sin, self._packed, key_caches, value_caches, start, count,
+                                             span, positions)
         return qwen2_decoder_step_ref(embeds, cos, sin, self.layers, key_caches, value_caches, start, count, span,
-                                      positions, head_dim=self.head_dim)
+                                      positions, head_dim=self.head_dim, final_norm=self.final_norm,
+                                      final_eps=self.final_eps)
 
 
 def _check_layer(index: int, layer: Qwen2LayerWeights, head_dim: int, first: torch.Tensor) -> None:
@@ -125,12 +156,16 @@ def _check_layer(index: int, layer: Qwen2LayerWeights, head_dim: int, first: tor
         raise ValueError(f"{name}.sliding_window must be an int >= 0 (0: none), got {layer.sliding_window!r}")
 
 
+def _requires_grad(stack: Qwen2DecoderStack, embeds: torch.Tensor) -> bool:
+    return embeds.requires_grad or any(tensor.requires_grad for tensor in stack._packed[0])
+
+
 def _check_step(stack: Qwen2DecoderStack, embeds, cos, sin, key_caches, value_caches, span) -> None:
     check_tensor("embeds", embeds, dim=3)
-    if torch.is_grad_enabled() and (embeds.requires_grad or any(t.requires_grad for t in stack._packed[0])):
+    if torch.is_grad_enabled() and _requires_grad(stack, embeds):
         raise RuntimeError("qwen2_decoder_step is inference only (no gradients): call it under torch.no_grad() or "
                            "torch.inference_mode()")
-    hidden = stack.layers[0].q.shape[1]
+    hidden = stack.hidden
     if embeds.shape[2] != hidden or embeds.dtype != stack.dtype or embeds.device != stack.device:
         raise ValueError(f"embeds must be [B, T, {hidden}] {stack.dtype} on {stack.device} (the weights'), got "
                          f"{tuple(embeds.shape)} {embeds.dtype} on {embeds.device}")

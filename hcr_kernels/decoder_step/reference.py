@@ -51,8 +51,9 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def qwen2_decoder_step_ref(embeds, cos, sin, layers, key_caches, value_caches, start, count, span: int, positions,
-                           *, head_dim: int, ops: StepOps = REFERENCE_OPS) -> torch.Tensor:
-    """The hidden states after every layer (before the final norm); the caches written in place.
+                           *, head_dim: int, final_norm: torch.Tensor | None = None, final_eps: float = 1e-6,
+                           ops: StepOps = REFERENCE_OPS) -> torch.Tensor:
+    """The hidden states after every layer (and the final norm, given its weight); the caches written in place.
 
     ``layers``: a ``Qwen2LayerWeights`` per layer; the arguments otherwise as ``Qwen2DecoderStack.step``'s.
     """
@@ -76,4 +77,4 @@ def qwen2_decoder_step_ref(embeds, cos, sin, layers, key_caches, value_caches, s
         gated = F.silu(linear(normed, layer.gate, None, gate_rows)) * linear(
             normed, layer.up, None, up_rows)
         hidden = hidden + linear(gated, layer.down, None, down_rows)
-    return hidden
+    return hidden if final_norm is None else rms_norm(hidden, final_norm, final_eps)
