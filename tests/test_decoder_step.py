@@ -21,6 +21,7 @@ from hcr_kernels._extension import extension_loaded
 from hcr_kernels.decode_attention import decode_attention
 from hcr_kernels.decode_linear import apply_decode_linear
 from hcr_kernels.decoder_step import Qwen2DecoderStack, Qwen2LayerWeights, StepOps, qwen2_decoder_step_ref
+from hcr_kernels.decoder_step import native as native_step
 from hcr_kernels.kv_cache import ragged_cache_write_
 from param_sets import assert_close_by_rule
 
@@ -190,3 +191,7 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(TypeError, match="backend 'native' takes"):
         doubles.step(embeds.double(), cos.double(), sin.double(), keys[:1], values[:1], start, count, span,
                      positions, backend="native")
+    with pytest.raises(RuntimeError, match="takes float32, bfloat16 or float16"):  # the op itself, called directly
+        native_step.qwen2_decoder_step(embeds.double(), cos.double(), sin.double(), doubles._packed,
+                                       [k.double() for k in keys[:1]], [v.double() for v in values[:1]], start,
+                                       count, span, positions)
