@@ -5,7 +5,8 @@ A tiny Qwen2 (hidden 256, 4 layers, intermediate 1024; the built-in tokenizer's
 32-token prompts, greedy, no EOS (every row writes all its tokens). Backends:
 
 * ``native``: the fast path as a user gets it by default (static ragged cache,
-  ``decode_linear`` for the few-row matmuls, eager);
+  ``decode_linear`` for the few-row matmuls, eager, decode and re-encode steps as one
+  native Qwen2 step where the attention kernel wins);
 * ``compiled``: the same with ``compile_decode=True`` (compiled once in the fixture;
   the compile time goes to ``extra_info``, not into the timed runs);
 * ``no-kernels``: the eager fast path with ``decode_kernels=False`` (two cases: what

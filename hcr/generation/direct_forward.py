@@ -18,7 +18,8 @@ Where every layer is plain (transformers' norm, ``nn.Linear`` projections, plain
 routed by ``decode_linears``, SiLU; no hooks) and a ``RaggedAttention`` block sends the
 step's attention to hcr's kernel, the layers run as one native call
 (``hcr_kernels.Qwen2DecoderStack``): the same ops in the same order without the Python
-between them, the same logits (tests), 1.5x the tokens/s of calling the modules.
+between them, the same logits (tests): 1.84x the tokens/s of the same generation without
+decode kernels (which calls the modules) on an Intel Xeon, batch 1.
 
 Only a model built from transformers' own Qwen2 classes qualifies (``supports``), with
 per-layer attention kinds in its config (``layer_types``, transformers 4.53+), and only
