@@ -64,6 +64,9 @@ __attribute__((optimize("fp-contract=off"))) void normalise(const scalar_t* hidd
 at::Tensor rms_norm(const at::Tensor& hidden, const at::Tensor& weight, double eps) {
   const at::Tensor states = hidden.contiguous();
   const int64_t width = states.size(-1), rows = width ? states.numel() / width : 0;
+  TORCH_CHECK(weight.numel() == width && weight.scalar_type() == states.scalar_type(),
+              "hcr::qwen2_decoder_step: a norm's weight must be [", width, "] of the states' dtype ",
+              states.scalar_type(), ", got ", weight.sizes(), " ", weight.scalar_type());
   at::Tensor squares = at::empty(states.sizes(), states.options().dtype(at::kFloat));
   at::Tensor out = at::empty(states.sizes(), states.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, states.scalar_type(), "qwen2_decoder_step norm", [&] {

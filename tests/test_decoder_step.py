@@ -191,6 +191,10 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(TypeError, match="backend 'native' takes"):
         doubles.step(embeds.double(), cos.double(), sin.double(), keys[:1], values[:1], start, count, span,
                      positions, backend="native")
+    short_norm = list(built._packed)
+    short_norm[-2] = torch.ones(40)  # the final norm, 40 of 48 values: refused, not read past its end
+    with pytest.raises(RuntimeError, match=r"a norm's weight must be \[48\]"):
+        native_step.qwen2_decoder_step(embeds, cos, sin, short_norm, keys, values, start, count, span, positions)
     with pytest.raises(RuntimeError, match="takes float32, bfloat16 or float16"):  # the op itself, called directly
         native_step.qwen2_decoder_step(embeds.double(), cos.double(), sin.double(), doubles._packed,
                                        [k.double() for k in keys[:1]], [v.double() for v in values[:1]], start,

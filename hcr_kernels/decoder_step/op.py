@@ -108,16 +108,17 @@ class Qwen2DecoderStack:
         ``ragged_cache_write_``); attention over slots ``[0, span)``, query t of row b at slot
         ``positions[b, t]`` (``decode_attention``'s convention). Inference only.
         """
-        if not self._common_case(embeds, cos, sin, key_caches, value_caches, span):
+        common = self._common_case(embeds, cos, sin, key_caches, value_caches, span)
+        if not common:
             _check_step(self, embeds, cos, sin, key_caches, value_caches, span)  # raises, naming what is wrong
-        elif backend == "native" and self._native_runs:  # what choose_backend decides here: the generator's call
-            return native.qwen2_decoder_step(embeds, cos, sin, self._packed, key_caches, value_caches, start, count,
-                                             span, positions)
-        chosen = _dispatch.choose_backend("qwen2_decoder_step", embeds.device, backend, BACKEND_CHECKS)
-        if chosen == "native" and self.dtype not in NATIVE_DTYPES:
-            if backend == "native":
-                raise TypeError(f"qwen2_decoder_step: backend 'native' takes {NATIVE_DTYPES}, got {self.dtype}")
-            chosen = "reference"
+        if common and backend == "native" and self._native_runs:
+            chosen = "native"  # what choose_backend decides here, without asking it: the generator's call
+        else:
+            chosen = _dispatch.choose_backend("qwen2_decoder_step", embeds.device, backend, BACKEND_CHECKS)
+            if chosen == "native" and self.dtype not in NATIVE_DTYPES:
+                if backend == "native":
+                    raise TypeError(f"qwen2_decoder_step: backend 'native' takes {NATIVE_DTYPES}, got {self.dtype}")
+                chosen = "reference"
         if chosen == "native":
             return native.qwen2_decoder_step(embeds, cos, sin, self._packed, key_caches, value_caches, start, count,
                                              span, positions)
