@@ -135,7 +135,6 @@ class StepPlan:
     def __init__(self, base):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        self.base = base
         self.qwen2 = sys.modules[type(base).__module__]
         model, config = base.model, base.config
         self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,

@@ -58,7 +58,7 @@ def check_write_bounds(start: torch.Tensor, count: torch.Tensor, *, steps: int, 
     """Raise ``ValueError`` naming the first row whose write leaves ``[0, S)`` or reads past T.
 
     Vectorised over rows: one device-to-host transfer (the ``any()``) on CUDA; on the CPU a few rows are
-    checked as Python ints (the generator's per-step call: a fifth of the vectorised check's time).
+    checked as Python ints (the generator's per-step call: 1.7 against 11.2 us vectorised, one row).
     """
     if start.device.type == "cpu" and len(start) <= 64:
         firsts, numbers = start.tolist(), count.tolist()
