@@ -42,6 +42,13 @@ ROUNDS = 7  # timed calls of each path (after one warm-up call each), interleave
 
 _decisions: dict[tuple[str, str, str], str] = {}
 _derived: dict[tuple, object] = {}
+_measuring = [0.0]  # wall seconds this process has spent measuring decisions
+
+
+def measuring_seconds() -> float:
+    """Wall seconds this process has spent measuring decisions so far: a one-time cost (per machine and
+    shape class) that a job timing itself can set aside rather than count as its own work."""
+    return _measuring[0]
 
 
 def enabled() -> bool:
@@ -172,8 +179,12 @@ def compare(op: str, shape_class: str, fast: Callable[[], object], reference: Ca
     try:
         times = float(record["fast_s"]), float(record["reference_s"])
     except (TypeError, KeyError, ValueError):  # not measured yet, or a damaged record: measure
-        with torch.no_grad():
-            times = measure(fast, reference)
+        began = time.perf_counter()
+        try:
+            with torch.no_grad():
+                times = measure(fast, reference)
+        finally:
+            _measuring[0] += time.perf_counter() - began
         _write_cache(machine, key, {"fast": verdict(*times) == FASTER, "fast_s": times[0], "reference_s": times[1]})
     _decisions[memo_key] = verdict(*times)
     return _decisions[memo_key]

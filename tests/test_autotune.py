@@ -166,3 +166,23 @@ def test_an_eviction_first_made_in_inference_mode_works_outside_it():
         autotune.evict_core_caches()
     autotune.evict_core_caches()
     assert not autotune._eviction_buffer(torch.get_num_threads()).is_inference()
+
+
+def test_measuring_time_is_counted_only_when_measured(fresh, monkeypatch):
+    """``measuring_seconds`` advances by the wall time of a measurement, and not for a cached decision."""
+    calls, timings = fresh
+    real_measure = autotune.measure
+
+    def slow_measure(fast, reference):
+        time.sleep(0.05)
+        return real_measure(fast, reference)
+
+    monkeypatch.setattr(autotune, "measure", slow_measure)
+    before = autotune.measuring_seconds()
+    autotune.compare("op", "timed", noop, noop)
+    measured = autotune.measuring_seconds() - before
+    assert measured >= 0.05
+    autotune.compare("op", "timed", noop, noop)  # remembered: nothing measured, nothing added
+    autotune.forget()
+    autotune.compare("op", "timed", noop, noop)  # read from the file
+    assert autotune.measuring_seconds() - before == measured

@@ -94,6 +94,16 @@ def quick_run(tmp_path_factory):
     return out
 
 
+def test_tokens_per_second_sets_the_autotuners_measurements_aside():
+    from hcr.demo.evaluate import Answers
+
+    answers = Answers([[1, 2, 3], [4, 5, 6]], [0, 0], [3, 3], seconds=2.0,
+                      time_split={"decode": 0.5, "other": 0.5, "autotune": 1.0})
+    assert answers.autotune_seconds == 1.0 and answers.tokens_per_second == 6.0
+    plain = Answers([[1, 2, 3], [4, 5, 6]], [0, 0], [3, 3], seconds=2.0)  # generate(): no split, nothing measured
+    assert plain.autotune_seconds == 0.0 and plain.tokens_per_second == 3.0
+
+
 def test_quick_demo_writes_every_output(quick_run, capsys):
     results = json.loads((quick_run / "results.json").read_text())
     for name in ("report.md", "accuracy_vs_window.png", "cache_vs_tokens.png", "training_loss.png",
@@ -107,8 +117,9 @@ def test_quick_demo_writes_every_output(quick_run, capsys):
         assert 0.0 <= entry["needed_value_compressed"] <= 1.0
         assert entry["mean_compressions"] >= 0 and entry["tokens_per_second"] > 0
         # every stage of the fast path is timed; together they are its generation time
-        assert set(entry["time_split"]) == {"prefill", "decode", "pooling", "re-encode", "other"}
+        assert set(entry["time_split"]) == {"prefill", "decode", "pooling", "re-encode", "other", "autotune"}
         assert sum(entry["time_split"].values()) == pytest.approx(entry["seconds"], rel=1e-6)
+        assert entry["autotune_seconds"] == entry["time_split"]["autotune"]
         if entry["keep_last"] == 1:  # the oracle runs at the first keep_last only
             assert 0 <= entry["recompute"]["identical_outputs"] <= entry["recompute"]["items"] == 4
         else:

@@ -92,8 +92,11 @@ class CompressionModel(PreTrainedModel):
         return window_mean_pool(self._window_hidden_states(window_ids))
 
     def compressed_embeddings(self, input_ids: torch.Tensor, window_ids: torch.Tensor,
-                              slot_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``inputs_embeds`` of a compressed batch: ``input_ids [B, T]``, ``window_ids [N, W]``."""
+                              slot_mask: torch.Tensor | None = None, window_hidden=None) -> torch.Tensor:
+        """``inputs_embeds`` of a compressed batch: ``input_ids [B, T]``, ``window_ids [N, W]``.
+
+        ``window_hidden``: a function giving the pooler's last hidden states ``[N, W, H]`` of
+        ``window_ids`` in its place (a generator's native pooling); by default the pooler's forward."""
         if window_ids.dim() != 2 or window_ids.shape[1] != self.config.window:
             raise ValueError(f"window_ids must be [N, window={self.config.window}], got {tuple(window_ids.shape)}")
         if slot_mask is None:
@@ -106,7 +109,7 @@ class CompressionModel(PreTrainedModel):
         marker_ids = torch.where(markers, input_ids, self.config.block_start_id)
         marker_embeds = self._marker_table()(marker_ids).to(template.dtype)
         template = torch.where(markers.unsqueeze(-1), marker_embeds, template)
-        hidden = self._window_hidden_states(window_ids).to(template.dtype)
+        hidden = (window_hidden or self._window_hidden_states)(window_ids).to(template.dtype)
         return pool_scatter(template, slot_mask, hidden)
 
     def windows_from_aligned(self, replaced_original_tokens: torch.Tensor, original_tokens: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,15 @@ class Answers:
         return (sum(correct) / len(correct) if correct else 0.0), correct
 
     @property
+    def autotune_seconds(self) -> float:
+        """Time the autotuner spent measuring shapes this machine had not seen (once: then cached)."""
+        return (self.time_split or {}).get("autotune", 0.0)
+
+    @property
     def tokens_per_second(self) -> float:
-        return sum(len(o) for o in self.outputs) / self.seconds if self.seconds else 0.0
+        """Generated tokens per second of generation, the autotuner's one-time measurements set aside."""
+        seconds = self.seconds - self.autotune_seconds
+        return sum(len(o) for o in self.outputs) / seconds if seconds > 0 else 0.0
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:

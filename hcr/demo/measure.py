@@ -59,6 +59,7 @@ def _summary(answers, correct) -> dict:
         "mean_compressions": statistics.fmean(answers.compressions),
         "tokens_per_second": answers.tokens_per_second,
         "seconds": answers.seconds,
+        "autotune_seconds": answers.autotune_seconds,
         **({"time_split": answers.time_split} if answers.time_split else {}),
     }
 

@@ -40,7 +40,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-TIME_STAGES = ("prefill", "decode", "re-encode", "pooling", "other")
+TIME_STAGES = ("prefill", "decode", "re-encode", "pooling", "other", "autotune")
 
 
 def time_table(results: dict) -> str:
@@ -154,7 +154,9 @@ Command: `{results['command']}`
   inside a compressed window when the step was written (from the gold traces and the compression rule).
 - **cache saving**: uncompressed mean peak KV-cache length over the compressed one.
 - **tokens/s**: generated tokens per second of the fast path (`CompressedGenerator`, static ragged cache)
-  and of uncompressed `generate()`, batch {settings['batch_size']}.
+  and of uncompressed `generate()`, batch {settings['batch_size']}; the fast path's figure leaves out the
+  autotuner's one-time measurements of shapes this machine had not seen (`autotune` below, `autotune_seconds`
+  in `results.json`; a second run reads them from its cache).
 - **recompute agrees**: items of the first {settings['recompute_items']} whose tokens are identical under the
   `recompute` strategy (the correctness oracle), at the first keep_last.
 
@@ -162,7 +164,8 @@ Command: `{results['command']}`
 
 Share of each configuration's generation time per stage of `CompressedGenerator`
 (`prefill`; `decode`: steps where no row compressed; `re-encode`: steps where one did, less
-their `pooling`, the pooler's pass over the new windows). A compression re-encodes the new
+their `pooling`, the pooler's pass over the new windows; `autotune`: measuring which kernel wins at a
+shape this machine had not seen, once). A compression re-encodes the new
 vector, the end marker and the kept tail, so every W tokens cost W − 1 one-position decodes
 and one (keep_last + 2)-position re-encode: the last column, against 1 for `generate()`,
 before the pooler's own pass.

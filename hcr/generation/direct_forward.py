@@ -148,7 +148,7 @@ class StepPlan:
             for index, layer in enumerate(model.layers)
         ]
         self.rotary, self.norm, self.lm_head = _call(model.rotary_emb), _call(model.norm), _call(base.lm_head)
-        self.stack = _native_stack(base, self.qwen2)
+        self.stack = native_stack(base.model, base.config, self.qwen2)
         self._fuses: dict[tuple[int, int], bool] = {}  # per (batch, steps): whether attention takes the kernel
 
     def __call__(self, embeds, positions, masks, cache, logits_to_keep=0, **attention_kwargs) -> torch.Tensor:
@@ -173,7 +173,7 @@ class StepPlan:
         return self.lm_head(hidden)
 
     def _fused(self, embeds: torch.Tensor, cache, step: RaggedStep | None) -> bool:
-        """Whether this step runs as one native call: plain layers (``_native_stack``), a ``RaggedStaticCache``,
+        """Whether this step runs as one native call: plain layers (``native_stack``), a ``RaggedStaticCache``,
         and attention that takes hcr's kernel at this shape (``RaggedAttention.native_wins``)."""
         if self.stack is None or step is None or not isinstance(cache, RaggedStaticCache):
             return False
@@ -211,19 +211,20 @@ class StepPlan:
         return hidden
 
 
-def _native_stack(base, qwen2) -> Qwen2DecoderStack | None:
-    """``base``'s layers packed for ``hcr_kernels``' native Qwen2 step, or None where the step must call the
-    modules: the extension missing, a model off the CPU or of a dtype the kernels lack, or a layer that is
-    not plain (a hook, a norm, projection or activation of another class such as a LoRA layer, a
-    ``forward`` replaced by anything but ``decode_linears``)."""
+def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
+    """The layers of ``decoder`` (a transformers ``Qwen2Model``: a base model's, a pooler's) packed for
+    ``hcr_kernels``' native Qwen2 step, or None where the step must call the modules: the extension
+    missing, a model off the CPU or of a dtype the kernels lack, or a layer that is not plain (a hook, a
+    norm, projection or activation of another class such as a LoRA layer, a ``forward`` replaced by
+    anything but ``decode_linears``)."""
     from transformers import activations
 
     silu = tuple(cls for cls in (torch.nn.SiLU, getattr(activations, "SiLUActivation", None)) if cls is not None)
-    if (not _extension.extension_loaded() or base.device.type != "cpu" or base.dtype not in NATIVE_DTYPES
-            or getattr(base.config, "hidden_act", None) != "silu"):
+    if (not _extension.extension_loaded() or decoder.device.type != "cpu" or decoder.dtype not in NATIVE_DTYPES
+            or getattr(config, "hidden_act", None) != "silu"):
         return None
     layers = []
-    for layer in base.model.layers:
+    for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
@@ -240,10 +241,10 @@ def _native_stack(base, qwen2) -> Qwen2DecoderStack | None:
             gate.weight, up.weight, down.weight, input_eps=float(norms[0].variance_epsilon),
             post_eps=float(norms[1].variance_epsilon), scale=float(attention.scaling),
             sliding_window=int(attention.sliding_window or 0), native_rows=rows))
-    norm = base.model.norm  # taken into the native call where plain, else called after it
+    norm = decoder.norm  # taken into the native call where plain, else called after it
     plain_norm = type(norm) is qwen2.Qwen2RMSNorm and not _hooked(norm)
     try:
-        return Qwen2DecoderStack(layers, head_dim=int(base.model.layers[0].self_attn.head_dim),
+        return Qwen2DecoderStack(layers, head_dim=int(decoder.layers[0].self_attn.head_dim),
                                  final_norm=norm.weight if plain_norm else None,
                                  final_eps=float(norm.variance_epsilon) if plain_norm else 1e-6)
     except (TypeError, ValueError):  # shapes the native step does not take (an odd head_dim): the modules' calls

@@ -47,6 +47,11 @@ transformers' wrappers, which are most of a small model's step on a CPU. The gen
 checks the two against each other at its first decode step and keeps ``base(...)`` (with a
 warning) if they differ.
 
+With the decode kernels on, a merged ``EmbedPooler`` pools each step's windows as one native
+call (``pooling.NativePooling``) where the autotuner measured that faster than its forward,
+in both strategies: the pooled vectors agree with the forward's to rounding, not bit for bit
+(its attention is hcr's kernel, not SDPA), and the two strategies still pool identically.
+
 With ``compile_decode=True`` every forward of ``"cache"`` (prefill, decode,
 re-encode) runs through ``torch.compile`` with dynamic shapes: on a small model a
 decode step is mostly Python and per-op overhead, which compilation removes. Dynamic
@@ -69,7 +74,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -80,11 +84,12 @@ from hcr.compression.tokens import CompressionTokens
 from hcr.generation import direct_forward as direct
 from hcr.generation.attention import RaggedAttention, causal_mask
 from hcr.generation.cache import RaggedStaticCache
+from hcr.generation.pooling import NativePooling
 from hcr.timing import StageClock
-from hcr_kernels import decode_linears
+from hcr_kernels import autotune, decode_linears
 
 STRATEGIES = ("cache", "recompute")
-STAGES = ("prefill", "decode", "pooling", "re-encode")  # GenerationOutput.time_split's keys, with "other"
+STAGES = ("prefill", "decode", "pooling", "re-encode")  # time_split's keys, with "other" and "autotune"
 MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")  # the attention kinds whose mask is built here
 
 DYNAMIC = {"dynamic": True}  # torch.compile options of the forwards whose shapes change every step
@@ -241,7 +246,8 @@ class GenerationOutput:
     per row: compressions done, peak and final cache length (slots), final layout; wall time and its
     split (seconds, disjoint, summing to ``seconds``): ``prefill``, ``decode`` (ordinary steps),
     ``pooling`` (the pooler and the splice), ``re-encode`` (the rest of the steps that compressed),
-    ``other`` (sampling and bookkeeping); per row, why it stopped (``stop_reasons``: ``"eos"``,
+    ``other`` (sampling and bookkeeping), ``autotune`` (measuring which kernel wins at a shape this
+    machine has not seen: once per machine and shape class, then read from the autotuner's cache); per row, why it stopped (``stop_reasons``: ``"eos"``,
     ``"max_new_tokens"``, or ``"context"``: its next token would have sat past the model's context)."""
 
     sequences: torch.Tensor
@@ -281,6 +287,7 @@ class CompressedGenerator:
         self._direct_checked: bool | None = None
         self._direct_now = False  # whether this generate() call may step through direct_forward
         self._step_plan = None  # that call's direct_forward.StepPlan
+        self._pooling = None  # that call's NativePooling, if its pooler takes one
         self.layer_types = attention_layer_types(model.base.config)
         self.keeps_logits = keeps_logits(model.base)
         self._compiled = {}  # torch.compile'd _model_forward per set of options, made on first use
@@ -322,33 +329,16 @@ class CompressedGenerator:
             return self._sample(logits.index_fill_(-1, reserved, float("-inf")), do_sample, temperature, top_k,
                                 top_p, generator)
 
-        clock = StageClock(STAGES)
-        began = time.perf_counter()
-        kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
-        # the cached steps' attention through hcr_kernels.decode_attention where it wins (eager steps only: a
-        # compiled step keeps the model's attention; the recompute oracle runs the model untouched)
-        routed = self.decode_kernels and strategy == "cache" and not self.compile_decode
-        # asked at every call: a hook registered since the last one makes the model's own forward necessary
-        self._direct_now = (self.direct_forward and self._direct_checked is not False
-                            and direct.supports(self.model.base))
-        attention = RaggedAttention(self.model.base) if routed else None
-        with torch.inference_mode(), kernels, attention or contextlib.nullcontext():
-            self._step_plan = None  # looked up at the first direct step, once the blocks have routed the layers
-            if strategy == "cache":
-                steps = CachedSteps(self, rows, max_new_tokens, clock, attention)
-            else:
-                steps = RecomputedSteps(self, rows, max_new_tokens, clock)
-            for row, token in self._loop(rows, steps, max_new_tokens, eos, sample):
-                if streamer is not None:
-                    streamer.put(torch.tensor([token]))
-        if streamer is not None:
-            streamer.end()
+        # the autotuner's first measurements of a shape (a one-time cost, cached per machine) are set aside
+        clock = StageClock(STAGES, set_aside=("autotune", autotune.measuring_seconds))
+        with clock("other"):  # what the named stages leave: sampling, bookkeeping
+            self._run(rows, strategy, max_new_tokens, eos, sample, streamer, clock)
+        split = dict(clock.seconds)
+        seconds = sum(split.values())  # the wall time of the block above: its stages are disjoint
         stopped = sum(row.stop_reason == "context" for row in rows)
         if stopped:
             warnings.warn(f"{stopped} of {len(rows)} rows stopped at the model's context "
                           f"(max_position_embeddings={self._context})", stacklevel=2)
-        seconds = time.perf_counter() - began
-        split = dict(clock.seconds, other=max(0.0, seconds - sum(clock.seconds.values())))
         sequences = self._pad([row.generated for row in rows], pad_token_id)  # outside inference mode: usable with autograd
         if not return_dict_in_generate:
             return sequences
@@ -362,6 +352,30 @@ class CompressedGenerator:
             time_split=split,
             stop_reasons=[row.stop_reason for row in rows],
         )
+
+    def _run(self, rows, strategy, max_new_tokens, eos, sample, streamer, clock) -> None:
+        """The generation itself, inside the kernels' and attention's blocks."""
+        kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
+        # the cached steps' attention through hcr_kernels.decode_attention where it wins (eager steps only: a
+        # compiled step keeps the model's attention; the recompute oracle runs the model untouched)
+        routed = self.decode_kernels and strategy == "cache" and not self.compile_decode
+        # asked at every call: a hook registered since the last one makes the model's own forward necessary
+        self._direct_now = (self.direct_forward and self._direct_checked is not False
+                            and direct.supports(self.model.base))
+        attention = RaggedAttention(self.model.base) if routed else None
+        with torch.inference_mode(), kernels, attention or contextlib.nullcontext():
+            self._step_plan = None  # looked up at the first direct step, once the blocks have routed the layers
+            # the pooler as one native call where measured faster, in both strategies (they pool alike)
+            self._pooling = NativePooling.for_model(self.model) if self.decode_kernels else None
+            if strategy == "cache":
+                steps = CachedSteps(self, rows, max_new_tokens, clock, attention)
+            else:
+                steps = RecomputedSteps(self, rows, max_new_tokens, clock)
+            for row, token in self._loop(rows, steps, max_new_tokens, eos, sample):
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+        if streamer is not None:
+            streamer.end()
 
     def layout(self, row: RowState) -> list[int]:
         """A row's compressed layout, placeholders standing for the pooled vectors."""
@@ -550,6 +564,12 @@ class CompressedGenerator:
             self._compiled[key] = functools.partial(_masked, torch.compile(_model_forward, **options))
         return self._compiled[key]
 
+    def _compressed_embeddings(self, ids, window_ids, slot_mask) -> torch.Tensor:
+        """The model's embeddings of a compressed feed, its windows pooled natively where this call may."""
+        if self._pooling is None:
+            return self.model.compressed_embeddings(ids, window_ids, slot_mask)
+        return self.model.compressed_embeddings(ids, window_ids, slot_mask, window_hidden=self._pooling)
+
     def _plan(self) -> direct.StepPlan:
         """This generate() call's ``StepPlan`` of the base model, made at its first direct step."""
         if self._step_plan is None:
@@ -600,7 +620,7 @@ class RecomputedSteps:
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)  # the blocks' slots only, not a written placeholder
             slot_mask[0, torch.from_numpy(layout.slots).to(ids.device)] = True
             with self.clock("pooling"):
-                embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
+                embeds = self.generator._compressed_embeddings(ids, window_ids, slot_mask)
             row.hold(0, layout.ids.tolist())
             last = {"logits_to_keep": 1} if self.generator.keeps_logits else {}
             logits.append(model.base(inputs_embeds=embeds, use_cache=False, **last).logits[0, -1])
@@ -680,7 +700,7 @@ class CachedSteps:
                 for index, feed in enumerate(feeds):
                     slot_mask[index, feed.slots] = True
                 window_ids = torch.tensor(windows, dtype=torch.long, device=device).view(-1, generator.window)
-                embeds = model.compressed_embeddings(ids, window_ids, slot_mask)
+                embeds = self.generator._compressed_embeddings(ids, window_ids, slot_mask)
         else:  # an ordinary decode step: plain token embeddings
             embeds = self.embed_tokens(ids)
         starts = torch.tensor([feed.first for feed in feeds], dtype=torch.long, device=device)
