@@ -59,12 +59,24 @@ def supports(base: torch.nn.Module) -> bool:
                             "attention_dropout")
     layers = base.model.layers
     if len(layers) != base.config.num_hidden_layers or not all(
-        type(layer) is qwen2.Qwen2DecoderLayer and type(layer.self_attn) is qwen2.Qwen2Attention
-        and type(layer.mlp) is qwen2.Qwen2MLP and all(hasattr(layer.self_attn, name) for name in attention_attributes)
-        for layer in layers
+        all(hasattr(layer.self_attn, name) for name in attention_attributes) for layer in layers
     ):
         return False
-    bypassed = [base, base.model, *layers, *(layer.self_attn for layer in layers), *(layer.mlp for layer in layers)]
+    return plain_decoder(base.model, qwen2, also_bypassed=[base])
+
+
+def plain_decoder(decoder, qwen2, also_bypassed=()) -> bool:
+    """Whether ``decoder`` is transformers' own ``Qwen2Model`` with its own layer, attention and MLP classes,
+    and nothing hooks the modules a direct call bypasses (those, and ``also_bypassed``): a hook there would
+    silently not run."""
+    layers = decoder.layers
+    if type(decoder) is not qwen2.Qwen2Model or not all(
+        type(layer) is qwen2.Qwen2DecoderLayer and type(layer.self_attn) is qwen2.Qwen2Attention
+        and type(layer.mlp) is qwen2.Qwen2MLP for layer in layers
+    ):
+        return False
+    bypassed = [*also_bypassed, decoder, *layers, *(layer.self_attn for layer in layers),
+                *(layer.mlp for layer in layers)]
     return not _global_hooks() and not any(_hooked(module) for module in bypassed)
 
 

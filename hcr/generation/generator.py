@@ -247,8 +247,9 @@ class GenerationOutput:
     split (seconds, disjoint, summing to ``seconds``): ``prefill``, ``decode`` (ordinary steps),
     ``pooling`` (the pooler and the splice), ``re-encode`` (the rest of the steps that compressed),
     ``other`` (sampling and bookkeeping), ``autotune`` (measuring which kernel wins at a shape this
-    machine has not seen: once per machine and shape class, then read from the autotuner's cache); per row, why it stopped (``stop_reasons``: ``"eos"``,
-    ``"max_new_tokens"``, or ``"context"``: its next token would have sat past the model's context)."""
+    machine has not seen: once per machine and shape class, then read from the autotuner's cache); per
+    row, why it stopped (``stop_reasons``: ``"eos"``, ``"max_new_tokens"``, or ``"context"``: its next
+    token would have sat past the model's context)."""
 
     sequences: torch.Tensor
     compressions: list[int]

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from hcr.generation.direct_forward import _call, _hooked, native_stack
+from hcr.generation.direct_forward import _call, native_stack, plain_decoder
 from hcr_kernels import autotune
 
 
@@ -48,20 +48,11 @@ class NativePooling:
         if not isinstance(model, CompressionModel) or type(model.pooler) is not EmbedPooler:
             return None
         pooler = model.pooler
-        decoder = pooler.model
         qwen2 = sys.modules.get("transformers.models.qwen2.modeling_qwen2")
-        if qwen2 is None or type(decoder) is not qwen2.Qwen2Model:
+        bypassed = [pooler] if pooler.projection is None else [pooler, pooler.projection]
+        if qwen2 is None or not plain_decoder(pooler.model, qwen2, also_bypassed=bypassed):
             return None
-        layers = decoder.layers
-        if not all(type(layer) is qwen2.Qwen2DecoderLayer and type(layer.self_attn) is qwen2.Qwen2Attention
-                   and type(layer.mlp) is qwen2.Qwen2MLP for layer in layers):
-            return None
-        bypassed = [pooler, decoder, *layers, *(layer.self_attn for layer in layers), *(layer.mlp for layer in layers)]
-        if pooler.projection is not None:
-            bypassed.append(pooler.projection)
-        if any(_hooked(module) for module in bypassed):
-            return None
-        stack = native_stack(decoder, pooler.config, qwen2)
+        stack = native_stack(pooler.model, pooler.config, qwen2)
         return None if stack is None else cls(model, stack)
 
     def __call__(self, window_ids: torch.Tensor) -> torch.Tensor:
