@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,3 +137,22 @@ def test_generation_pools_natively_and_still_equals_the_oracle(base, tokenizer, 
     calls.clear()
     CompressedGenerator(model, tokenizer, keep_last=1, decode_kernels=False).generate(ids, **kwargs)
     assert not calls  # without the decode kernels the pooler's own forward runs
+
+
+@settings(max_examples=25, deadline=None)
+@given(kv_heads=st.integers(1, 2), group=st.integers(1, 3), head_dim=st.sampled_from([4, 8, 16]),
+       layers=st.integers(1, 2), window=st.integers(1, 6), count=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_native_pass_matches_on_any_small_qwen2(tokenizer, kv_heads, group, head_dim, layers, window, count, seed):
+    """Any head layout, head size, depth, window and number of windows: the pooler's forward, to rounding."""
+    torch.manual_seed(seed)
+    heads = kv_heads * group
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=heads * head_dim, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      intermediate_size=3 * head_dim, max_position_embeddings=64)
+    base = transformers.Qwen2ForCausalLM(config).eval()
+    model = build_compression_model(base, tokenizer, window, lora=None, pooler=PoolerSettings(num_hidden_layers=layers))
+    windows = torch.randint(0, len(tokenizer), (count, window), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        pooling = NativePooling.for_model(model.eval())
+        native, reference = pooling.native(windows), model._window_hidden_states(windows)
+    torch.testing.assert_close(native, reference, **TOLERANCE[torch.float32])
