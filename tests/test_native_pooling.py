@@ -81,6 +81,23 @@ def test_final_norm_hooked_runs_after_the_native_call(base, tokenizer):
     torch.testing.assert_close(native, reference, **TOLERANCE[torch.float32])
 
 
+def test_a_routed_and_hooked_projection_still_runs(base, tokenizer, monkeypatch, fresh_autotune):
+    """The projection after the stack is called as a module: decode_linears' route and its hooks take part
+    (a routed projection had made the pooler refuse the native pass, depending on what was measured)."""
+    monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
+    model = compression_model(base, tokenizer, 3, projection=True)
+    torch.nn.init.normal_(model.pooler.projection.weight, std=0.2)
+    seen = []
+    model.pooler.projection.register_forward_hook(lambda *args: seen.append(1))
+    windows = torch.randint(20, len(tokenizer), (4, 3))
+    with torch.inference_mode(), decode_linears(model):
+        assert "forward" in vars(model.pooler.projection)  # routed through decode_linear
+        pooling = NativePooling.for_model(model)
+        native, reference = pooling.native(windows), model._window_hidden_states(windows)
+    assert len(seen) == 2
+    torch.testing.assert_close(native, reference, **TOLERANCE[torch.float32])
+
+
 def test_poolers_the_native_call_does_not_take(base, tokenizer):
     def hooked(model):
         model.pooler.model.layers[0].mlp.register_forward_hook(lambda *args: None)

@@ -49,8 +49,8 @@ class NativePooling:
             return None
         pooler = model.pooler
         qwen2 = sys.modules.get("transformers.models.qwen2.modeling_qwen2")
-        bypassed = [pooler] if pooler.projection is None else [pooler, pooler.projection]
-        if qwen2 is None or not plain_decoder(pooler.model, qwen2, also_bypassed=bypassed):
+        # the projection is called as a module (its hooks and a decode_linears route run), the pooler is not
+        if qwen2 is None or not plain_decoder(pooler.model, qwen2, also_bypassed=[pooler]):
             return None
         stack = native_stack(pooler.model, pooler.config, qwen2)
         return None if stack is None else cls(model, stack)
