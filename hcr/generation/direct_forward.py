@@ -223,6 +223,11 @@ class StepPlan:
         return hidden
 
 
+def _plain_norm(norm: torch.nn.Module, qwen2) -> bool:
+    """Whether ``norm`` is transformers' own ``Qwen2RMSNorm`` with nothing hooked: the native step computes it."""
+    return type(norm) is qwen2.Qwen2RMSNorm and not _hooked(norm)
+
+
 def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
     """The layers of ``decoder`` (a transformers ``Qwen2Model``: a base model's, a pooler's) packed for
     ``hcr_kernels``' native Qwen2 step, or None where the step must call the modules: the extension
@@ -243,7 +248,7 @@ def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
                        mlp.up_proj, mlp.down_proj)
         rows = tuple(decode_linear_rows(projection) for projection in projections)
         if (None in rows or any(_has_hooks(module) for module in (*projections, mlp.act_fn))
-                or any(type(norm) is not qwen2.Qwen2RMSNorm or _hooked(norm) for norm in norms)
+                or not all(_plain_norm(norm, qwen2) for norm in norms)
                 or type(mlp.act_fn) not in silu or "forward" in vars(mlp.act_fn)
                 or [projection.bias is None for projection in projections] != [False] * 3 + [True] * 4):
             return None
@@ -254,7 +259,7 @@ def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
             post_eps=float(norms[1].variance_epsilon), scale=float(attention.scaling),
             sliding_window=int(attention.sliding_window or 0), native_rows=rows))
     norm = decoder.norm  # taken into the native call where plain, else called after it
-    plain_norm = type(norm) is qwen2.Qwen2RMSNorm and not _hooked(norm)
+    plain_norm = _plain_norm(norm, qwen2)
     try:
         return Qwen2DecoderStack(layers, head_dim=int(decoder.layers[0].self_attn.head_dim),
                                  final_norm=norm.weight if plain_norm else None,
