@@ -20,12 +20,16 @@
 // pass 2 sums the chunk's values into fp32 accumulators, a block of slots at a time.
 // Queries are taken in blocks of at most 16 (query heads x steps), so the scores stay
 // R x chunk floats. Pass 1 takes the keys a vector's width of rows at a time, 4 rows
-// beside 2 query rows (one accumulator per pair, all summed across lanes at once);
-// pass 2 keeps register accumulators per query head of a step (its G heads see the
-// same slots) for two to four vectors of D, loading each value vector once for all
-// of them. Both keep about 8 or more FMA chains in flight: with 4 they ran at half the
-// FMA rate (2 threads, AMD EPYC with AVX2 only, 512 KiB L2, 3 alternating runs: 1.5B
-// bf16 B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms).
+// beside 2 query rows on AVX2 and 6 on AVX-512 (one accumulator per pair, summed across
+// lanes together); pass 2 keeps register accumulators per query head of a step (its G
+// heads see the same slots; 4 at a time on AVX2, 6 on AVX-512) for two to eight vectors
+// of D, loading each value vector once for all of them. Both keep about 8 or more FMA
+// chains in flight: with 4 they ran at half the FMA rate (2 threads, AMD EPYC with AVX2
+// only, 512 KiB L2, 3 alternating runs: 1.5B bf16 B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms).
+// AVX-512's 32 registers hold 24 chains, so each widened key or value vector serves
+// three times the FMAs it serves on AVX2 (Intel Xeon, 2 MiB L2, 2 threads, the
+// benchmark's 1.5B bf16 step, the build before -> after: B 1 2.73 -> 2.20 ms, B 8
+// 29.4 -> 25.3 ms; with one layer's caches in the L2, 71 -> 55 us a layer).
 // Keys and values are read straight from the cache and widened in registers, bf16 as
 // even and odd elements (vec_math.h's load_pair_half: a shift or a mask, no lane
 // shuffle); the queries are stored in the same order, and the accumulators stay in it
@@ -116,7 +120,13 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // row's 4 chains waited on the FMA latency: half the FMA rate), each key vector loaded once for the QR rows.
 template <typename T, int QR, int Lanes>
 HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
-  vfloat<Lanes> sum[QR][Lanes];
+  static_assert(Lanes % 4 == 0, "key rows go 4 at a time");
+  // Per query row, its dots with the block's key rows as vectors still to be summed across lanes. AVX-512
+  // folds each 4 key rows' accumulators two levels of transposed_sums at once, so a quarter as many vectors go
+  // through memory (one layer's 1.5B caches in the L2: 58 -> 55 us a layer, Intel Xeon); the AVX2 path
+  // measured 1.00-1.06x the time with it (same machine, 5 alternations), so AVX2 keeps one vector per key row.
+  constexpr int KeysPerKept = Lanes >= 16 ? 4 : 1;
+  vfloat<Lanes> kept[QR][Lanes / KeysPerKept];
   const int64_t pairs = n - n % (2 * Lanes), vectors = n - n % Lanes;
   for (int j = 0; j < Lanes; j += 4) {
     vfloat<Lanes> s[QR][4] = {}, kv[4];
@@ -130,11 +140,17 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
       for (int r = 0; r < 4; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
       multiply_add_keys<QR, Lanes>(q + i, n, kv, s);
     }
-    for (int row = 0; row < QR; ++row)
-      for (int r = 0; r < 4; ++r) sum[row][j + r] = s[row][r];
+    for (int row = 0; row < QR; ++row) {
+      if constexpr (KeysPerKept == 4) {
+        kept[row][j / 4] = pair_fold<Lanes, Lanes / 2>(pair_fold<Lanes, Lanes>(s[row][0], s[row][1]),
+                                                       pair_fold<Lanes, Lanes>(s[row][2], s[row][3]));
+      } else {
+        for (int r = 0; r < 4; ++r) kept[row][j + r] = s[row][r];
+      }
+    }
   }
   for (int row = 0; row < QR; ++row) {
-    vfloat<Lanes> total = transposed_sums<Lanes>(sum[row]);
+    vfloat<Lanes> total = transposed_sums<Lanes, Lanes / KeysPerKept>(kept[row]);
     for (int64_t i = vectors; i < n; ++i) {
       for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * static_cast<float>(k[j * k_stride + i]);
     }
@@ -142,16 +158,37 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
   }
 }
 
-// block_dots for R query rows, in pairs and one alone. Threes (12 accumulators beside 4 key vectors and
-// the bf16 mask) spilled accumulators to the stack on AVX2's 16 registers; in a standalone loop over
-// blocks of 512 slots (one thread, AVX2 EPYC, 6 query rows) pairs took 25 vs 28-30 ns per slot for bf16
-// keys and 26-27 vs 33-35 ns for fp32.
+// f(std::integral_constant<int, n>) for 0 < n < Max: a count known at run time as a template argument (the
+// remainder of a sweep over rows). f must be HCR_LAMBDA_INLINE, so its body is compiled in the caller's ISA.
+template <int Max, typename F>
+HCR_INLINE void with_count_below(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n == Max - 1) {
+      f(std::integral_constant<int, Max - 1>{});
+    } else {
+      with_count_below<Max - 1>(n, f);
+    }
+  }
+}
+
+// Query rows per sweep over a block of keys: what the registers hold beside 4 key vectors. AVX2's 16
+// registers take pairs: threes (12 accumulators beside 4 key vectors and the bf16 mask) spilled
+// accumulators to the stack; in a standalone loop over blocks of 512 slots (one thread, AVX2 EPYC, 6 query
+// rows) pairs took 25 vs 28-30 ns per slot for bf16 keys and 26-27 vs 33-35 ns for fp32. AVX-512's 32
+// registers take six (24 accumulators): each key vector, widened once, serves three times the FMAs.
+template <int Lanes>
+constexpr int kSweepQueryRows = Lanes >= 16 ? 6 : 2;
+
+// block_dots for R query rows, kSweepQueryRows at a time and the rest in one sweep.
 template <typename T, int Lanes>
 HCR_INLINE void rows_block_dots(const float* q, const T* k, int64_t k_stride, int64_t R, int64_t n, float* out,
                                 int64_t out_stride) {
+  constexpr int QR = kSweepQueryRows<Lanes>;
   int64_t r = 0;
-  for (; r + 2 <= R; r += 2) block_dots<T, 2, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
-  if (r < R) block_dots<T, 1, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  for (; r + QR <= R; r += QR) block_dots<T, QR, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  with_count_below<QR>(R - r, [&](auto rows) HCR_LAMBDA_INLINE {
+    block_dots<T, decltype(rows)::value, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  });
 }
 
 // Vector e of the values at p: in widen_paired's order where Paired (p starts a whole pair), else as stored.
@@ -164,30 +201,44 @@ HCR_INLINE vfloat<Lanes> load_value_vector(const T* p, int e) {
   }
 }
 
+// Asks for the Lines 64-byte lines from p (Locality as __builtin_prefetch's). Unrolled: written as a loop, the
+// AVX2 path took 1.15-1.2x the time with its one line a sweep (Intel Xeon, one layer's 1.5B caches in the L2).
+template <int Lines, int Locality, typename T>
+HCR_INLINE void prefetch_lines(const T* p) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  [&]<int... Line>(std::integer_sequence<int, Line...>) HCR_LAMBDA_INLINE {
+    (__builtin_prefetch(bytes + 64 * Line, 0, Locality), ...);
+  }(std::make_integer_sequence<int, Lines>{});
+}
+
 // acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for the DV
 // vectors of d from d0 (in widen_paired's order where Paired), for R query rows j sharing the value rows:
 // R * DV register accumulators over the slots (each value vector loaded once for the R rows, each weight
 // broadcast once for the DV vectors), so nothing but the value rows goes through memory. With one or two
-// rows, even and odd slots go to separate accumulators (Split). The caller picks DV so that about 8 FMA
-// chains are in flight: each chain waits on its own previous FMA, and fewer chains left the FMA units idle
-// (one vector of d for 4 rows: half their rate). Each sum's order is the same whatever DV.
+// rows, even and odd slots go to separate accumulators (Split). The caller picks DV so that enough FMA
+// chains are in flight (value_vectors_per_sweep): each chain waits on its own previous FMA, and fewer chains
+// left the FMA units idle (one vector of d for 4 rows: half their rate). Each sum's order is the same
+// whatever DV.
 template <typename T, int R, int DV, bool Paired, int Lanes>
 HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0,
                                      int64_t s1, float* acc, int64_t n, int64_t d0, int64_t ask_end) {
   constexpr int Split = R <= 2 ? 2 : 1;
   vfloat<Lanes> sum[Split][R][DV] = {};
-  // 16-bit value rows: the sweep that starts a 64-byte line of the rows asks for that line kValuePrefetchRows
-  // rows ahead into the L1, and `far` rows ahead into the L2 (rows below ask_end only; why, and what each
-  // measured: kValuePrefetchRows).
+  // 16-bit value rows: the sweep that starts a 64-byte line of the rows asks for that line (and the rest of the
+  // lines it covers) kValuePrefetchRows rows ahead into the L1, and `far` rows ahead into the L2 (rows below
+  // ask_end only; why, and what each measured: kValuePrefetchRows).
   const bool ask = sizeof(T) == 2 && (d0 * int64_t(sizeof(T))) % 64 == 0;
+  constexpr int lines = std::max<int>(1, DV * Lanes * int(sizeof(T)) / 64);
   const int64_t far = kKeyPrefetchBytes / (n * int64_t(sizeof(T)));  // rows as far ahead as pass 1's keys
   int64_t slot = s0;
   for (; slot + Split <= s1; slot += Split) {
     for (int h = 0; h < Split; ++h) {
       if (ask) {
         const int64_t row = slot + h;
-        if (row + kValuePrefetchRows < ask_end) __builtin_prefetch(v + (row + kValuePrefetchRows) * v_stride + d0, 0, 3);
-        if (row + far < ask_end) __builtin_prefetch(v + (row + far) * v_stride + d0, 0, 1);
+        const T* near_row = v + (row + kValuePrefetchRows) * v_stride + d0;
+        const T* far_row = v + (row + far) * v_stride + d0;
+        if (row + kValuePrefetchRows < ask_end) prefetch_lines<lines, 3>(near_row);
+        if (row + far < ask_end) prefetch_lines<lines, 1>(far_row);
       }
       vfloat<Lanes> value[DV];
       for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + (slot + h) * v_stride + d0, e);
@@ -213,13 +264,27 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   }
 }
 
+// Value vectors of D per register accumulator sweep over the slots for R query rows (Split accumulators each):
+// about 8 FMA chains in flight on AVX2's 16 registers; on AVX-512's 32, the largest power of two (at least a
+// pair) whose R * Split * DV accumulators stay within 24 and, with the DV value vectors, within 28 registers.
+template <int R, int Split, int Lanes>
+constexpr int value_vectors_per_sweep() {
+  if constexpr (Lanes < 16) {
+    return std::max(2, 8 / (R * Split));
+  } else {
+    int dv = 2;
+    while (R * Split * dv * 2 <= 24 && (R * Split + 1) * dv * 2 <= 28) dv *= 2;
+    return dv;
+  }
+}
+
 // acc[j * n + d] += sum over slots s in [s0, s1) of p[j * p_stride + s] * v[s * v_stride + d] for every d < n
 // and R query rows j, acc in widen_paired's order: DV vectors of d at a time (weighted_sum_vectors) over the
 // whole pairs, then pairs, then single vectors, then scalars.
 template <typename T, int R, int Lanes>
 HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0, int64_t s1,
                               float* acc, int64_t n, int64_t ask_end) {
-  constexpr int DV = std::max(2, 8 / (R * (R <= 2 ? 2 : 1)));
+  constexpr int DV = value_vectors_per_sweep<R, R <= 2 ? 2 : 1, Lanes>();
   static_assert(DV % 2 == 0, "DV vectors must be whole pairs");
   const int64_t pairs = n - n % (2 * Lanes);
   int64_t d = 0;
@@ -240,18 +305,22 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
   }
 }
 
-// The G query heads of one step against the value rows [s0, s1), in groups of 4, 2 and 1 (as group_dots).
+// Query heads of a step summed over the same value rows at once: 4 on AVX2 (its 16 registers), 6 on AVX-512.
+template <int Lanes>
+constexpr int kSweepValueRows = Lanes >= 16 ? 6 : 4;
+
+// The G query heads of one step against the value rows [s0, s1), kSweepValueRows at a time and the rest in one sweep.
 template <typename T, int Lanes>
 HCR_INLINE void group_weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t G,
                                     int64_t s0, int64_t s1, float* acc, int64_t n, int64_t ask_end) {
+  constexpr int R = kSweepValueRows<Lanes>;
   int64_t g = 0;
-  for (; g + 4 <= G; g += 4) {
-    weighted_sums<T, 4, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
+  for (; g + R <= G; g += R) {
+    weighted_sums<T, R, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
   }
-  for (; g + 2 <= G; g += 2) {
-    weighted_sums<T, 2, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
-  }
-  if (g < G) weighted_sums<T, 1, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
+  with_count_below<R>(G - g, [&](auto rows) HCR_LAMBDA_INLINE {
+    weighted_sums<T, decltype(rows)::value, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
+  });
 }
 
 // Asks for rows [from, to) of a cache (each `bytes` long, `stride` elements apart) ahead of their use, so

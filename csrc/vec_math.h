@@ -20,6 +20,8 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #define HCR_INLINE inline __attribute__((always_inline))
+// The same for a lambda (after its parameter list): inlined into its caller, it is compiled for the caller's ISA.
+#define HCR_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace hcr {
 
