@@ -44,7 +44,8 @@ def assert_linear_matches_oracle(out, x, weight, bias, dtype):
 
 
 # (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
-# K below one vector, between vectors, over two; N = 1; larger than the row limit.
+# K below one vector, between vectors, over two; N = 1; larger than the row limit; a long K
+# (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more.
 SHAPES = [
     pytest.param(1, 130, 257, id="M1-N130-K257"),
     pytest.param(7, 33, 33, id="M7-N33-K33"),
@@ -52,6 +53,7 @@ SHAPES = [
     pytest.param(2, 64, 1, id="M2-N64-K1"),
     pytest.param(5, 300, 96, id="M5-N300-K96"),
     pytest.param(40, 17, 64, id="M40-N17-K64"),
+    pytest.param(9, 35, 2100, id="M9-N35-K2100"),
 ]
 
 
@@ -133,11 +135,12 @@ def test_native_16_bit_outputs_round_as_torch_does(dtype):
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
-def test_native_row_does_not_depend_on_its_batch(dtype):
+@pytest.mark.parametrize("in_features", [133, 2100], ids=["K133", "K2100"])
+def test_native_row_does_not_depend_on_its_batch(dtype, in_features):
     """Each input row's output is bit-identical alone and inside a batch of 9 rows (groups of 4, 2
-    and 1 rows, one or two weight rows per pass): decoding a sequence alone or in a batch reads the
-    same logits."""
-    x, weight, bias = operands(9, 67, 133, dtype)
+    and 1 rows, one or two weight rows per pass; K short and long): decoding a sequence alone or in a
+    batch reads the same logits."""
+    x, weight, bias = operands(9, 67, in_features, dtype)
     batched = decode_linear(x, weight, bias, backend="native")
     for row in range(len(x)):
         alone = decode_linear(x[row:row + 1], weight, bias, backend="native")
