@@ -36,15 +36,6 @@
 namespace hcr {
 namespace {
 
-// dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
-// rows x_r = x + r * K (fp32 in widen_paired's order), one pass over the weight rows: bf16
-// weights widen as even and odd values (load_pair_half: a shift and a mask of one load, fewer
-// instructions than widening two halves; side by side, 2 threads: 1.02-1.23x on the bf16
-// benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths). Each weight vector is loaded
-// and widened once for all R input rows, each input vector loaded once for all NR weight rows.
-// Every pair sums in the same order whatever NR and R (two chains of vectors over k, even and
-// odd, then the lanes, then the scalar tail), so a row's result does not depend on the batch
-// it is in.
 // Makes a and b opaque register values, so the compiler cannot fold their loads into the FMAs that use them.
 // With two weight rows per pass GCC had loaded each input vector once per weight row (as an FMA's memory
 // operand): the input rows, in the L2 at the 1.5B MLP's K, were then read twice as often as needed. Side by side
@@ -58,6 +49,15 @@ HCR_INLINE void in_register(vfloat<Lanes>& a, vfloat<Lanes>& b) {
 #endif
 }
 
+// dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
+// rows x_r = x + r * K (fp32 in widen_paired's order), one pass over the weight rows: bf16
+// weights widen as even and odd values (load_pair_half: a shift and a mask of one load, fewer
+// instructions than widening two halves; side by side, 2 threads: 1.02-1.23x on the bf16
+// benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths). Each weight vector is loaded
+// and widened once for all R input rows, each input vector loaded once for all NR weight rows.
+// Every pair sums in the same order whatever NR and R (two chains of vectors over k, even and
+// odd, then the lanes, then the scalar tail), so a row's result does not depend on the batch
+// it is in.
 template <typename T, int NR, int R, int Lanes>
 HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
   vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
