@@ -82,10 +82,13 @@ class CompressionModel(PreTrainedModel):
     def _marker_table(self):
         return self.pooler.get_input_embeddings() or self.base.get_input_embeddings()
 
+    def window_token_embeddings(self) -> torch.nn.Module:
+        """The table the pooler reads window tokens through: its own, else (a pooler without one) the base's."""
+        own = self.pooler.get_input_embeddings()
+        return own if own is not None else self.base.get_input_embeddings()
+
     def _window_hidden_states(self, window_ids: torch.Tensor) -> torch.Tensor:
-        if self.pooler.get_input_embeddings() is None:  # a pooler without its own table: the base's embeddings of the window tokens
-            return self.pooler.window_hidden_states(window_embeds=self.base.get_input_embeddings()(window_ids))
-        return self.pooler.window_hidden_states(window_ids)
+        return self.pooler.window_hidden_states(window_embeds=self.window_token_embeddings()(window_ids))
 
     def pooled_windows(self, window_ids: torch.Tensor) -> torch.Tensor:
         """The vector each window ``[N, W]`` is compressed into, ``[N, hidden]`` (what a slot receives)."""

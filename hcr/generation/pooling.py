@@ -28,7 +28,7 @@ class NativePooling:
     def __init__(self, model, stack):
         pooler = model.pooler
         self.stack, self.window = stack, model.config.window
-        self.table = pooler.get_input_embeddings() or model.base.get_input_embeddings()
+        self.table = model.window_token_embeddings()
         self.rotary = _call(pooler.model.rotary_emb)
         self.final_norm = None if stack.final_norm is not None else pooler.model.norm
         self.projection = pooler.projection
