@@ -13,9 +13,10 @@
 // stride), bias [N] or none, out [..., N] in the input's dtype. Parallel over output
 // features: each thread takes a contiguous block of weight rows. The M input rows
 // are converted to fp32 once (M * K floats, a few KiB, they stay in L1/L2); each
-// weight row is loaded once per group of up to 4 input rows (on AVX-512, two weight
-// rows at a time), converted to fp32 in registers, and multiplied into 2 accumulators
-// per pair of rows. fp32 accumulation for fp32, bf16 and fp16; 16-bit sums are
+// weight row is loaded once per group of up to 4 input rows (with one to four weight
+// rows a pass, weight_rows_per_pass), converted to fp32 in registers, and multiplied
+// into 2 accumulators per pair of rows, whose lanes a pass sums all at once
+// (transposed_sums). fp32 accumulation for fp32, bf16 and fp16; 16-bit sums are
 // rounded into the output by the kernel's own vector stores and 16-bit inputs widened
 // by its own loop (no fp32 staging tensor, no ATen conversion ops: a small layer's
 // whole kernel takes a few microseconds, as long as an op's dispatch). The hot loop
@@ -57,7 +58,12 @@ HCR_INLINE void in_register(vfloat<Lanes>& a, vfloat<Lanes>& b) {
 // and widened once for all R input rows, each input vector loaded once for all NR weight rows.
 // Every pair sums in the same order whatever NR and R (two chains of vectors over k, even and
 // odd, then the lanes, then the scalar tail), so a row's result does not depend on the batch
-// it is in.
+// it is in. The lanes of the tile's NR R sums are added in one transposed_sums (halving order
+// whatever NR R): summed one lane at a time they had taken a fifth of the time at K = 1,536 and
+// more at the tiny model's K = 256. Side by side (Intel Xeon, 2 threads, 5 alternations, time
+// with / without): AVX-512 path tiny Qwen2 fp32 1 / 4 / 8 / 16 / 32 rows 0.90-1.01 / 0.79-0.91 /
+// 0.71-0.83 / 0.64-0.78 / 0.59-0.68, bf16 and fp16 0.72-1.00, 1.5B MLP bf16 1 / 8 rows 0.78-1.08 /
+// 0.81-1.07; AVX2 path 0.89-1.02 on the tiny model, 1.5B 1 row 0.68-0.91.
 template <typename T, int NR, int R, int Lanes>
 HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
   vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
@@ -85,8 +91,12 @@ HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int6
       for (int i = 0; i < NR; ++i) even[i][r] += w0[i] * x0;
     }
   }
+  static_assert(NR * R <= Lanes, "dot_tile: one vector holds the tile's sums");
+  vfloat<Lanes> pairs[NR * R];
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < R; ++r) dots[i * R + r] = lane_sum<Lanes>(even[i][r] + odd[i][r]);
+    for (int r = 0; r < R; ++r) pairs[i * R + r] = even[i][r] + odd[i][r];
+  const vfloat<Lanes> sums = transposed_sums<Lanes, Lanes, NR * R>(pairs);
+  for (int j = 0; j < NR * R; ++j) dots[j] = sums[j];
   for (; k < K; ++k) {
     for (int i = 0; i < NR; ++i) {
       const float wk = static_cast<float>(w[i * weight_stride + k]);
@@ -95,34 +105,49 @@ HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int6
   }
 }
 
-// sums[m * ld + i] = <w_i, x_m> + bias[i] for NR weight rows and all M input rows: groups
-// of 4 input rows take the NR weight rows together, the rest (2 or 1 rows) one weight row
-// at a time.
+// Weight rows a pass takes beside R input rows: as many as keep the 2 NR R accumulators,
+// the NR pairs of weight vectors and an input pair in the vector registers (32 on
+// AVX-512, 16 below), and NR R sums in one vector for transposed_sums. With 4 input rows,
+// 2 weight rows on AVX-512 cut the loads per FMA from 5/4 to 6/8 where the rows make the
+// loop compute-bound (1.1-1.4x at the 1.5B MLP's shapes with 4-8 rows in a side-by-side
+// run, 0.97-1.02x on the tiny model's); AVX2's 16 registers hold one weight row's 8.
+template <int R, int Lanes>
+constexpr int weight_rows_per_pass() {
+  if constexpr (Lanes >= 16) return R == 4 ? 2 : 4;
+  return R == 4 ? 1 : 2;
+}
+// Weight rows taken together for all input rows (a multiple of every R's pass), so they are
+// read from memory once and from the cache by the other groups of input rows.
+template <int Lanes>
+constexpr int kWeightRowsTogether = weight_rows_per_pass<1, Lanes>();
+
+// sums[m * ld + i] = <w_i, x_m> + bias[i] for NR weight rows and R input rows from m.
+template <typename T, int NR, int R, int Lanes>
+HCR_INLINE void tile_into_sums(const T* w, int64_t weight_stride, const float* x, const float* bias, int64_t m,
+                               int64_t K, float* sums, int64_t ld) {
+  float dots[NR * R];
+  dot_tile<T, NR, R, Lanes>(w, weight_stride, x + m * K, K, dots);
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < R; ++r) sums[(m + r) * ld + i] = dots[i * R + r] + (bias != nullptr ? bias[i] : 0.0f);
+}
+
+// The same for NR weight rows and all M input rows: groups of 4 input rows, then 2, then 1, each
+// taking the weight rows weight_rows_per_pass at a time (NR one at a time: the rows left over).
 template <typename T, int NR, int Lanes>
 HCR_INLINE void weight_rows_times_inputs(const T* w, int64_t weight_stride, const float* x, const float* bias,
                                          int64_t M, int64_t K, float* sums, int64_t ld) {
-  float dots[NR * 4];
-  const auto store = [&](int64_t m, int rows, int weight_rows, int first) {
-    for (int i = 0; i < weight_rows; ++i)
-      for (int r = 0; r < rows; ++r)
-        sums[(m + r) * ld + first + i] = dots[i * rows + r] + (bias != nullptr ? bias[first + i] : 0.0f);
+  const auto rows_from = [&](auto rows, int64_t m) HCR_LAMBDA_INLINE {
+    constexpr int R = decltype(rows)::value;
+    constexpr int per_pass = NR == 1 ? 1 : weight_rows_per_pass<R, Lanes>();
+    static_assert(NR % per_pass == 0, "weight_rows_times_inputs: NR must be whole passes");
+    for (int i = 0; i < NR; i += per_pass)
+      tile_into_sums<T, per_pass, R, Lanes>(w + i * weight_stride, weight_stride, x,
+                                             bias != nullptr ? bias + i : nullptr, m, K, sums + i, ld);
   };
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    dot_tile<T, NR, 4, Lanes>(w, weight_stride, x + m * K, K, dots);
-    store(m, 4, NR, 0);
-  }
-  for (int i = 0; i < NR; ++i) {
-    int64_t rest = m;
-    for (; rest + 2 <= M; rest += 2) {
-      dot_tile<T, 1, 2, Lanes>(w + i * weight_stride, weight_stride, x + rest * K, K, dots);
-      store(rest, 2, 1, i);
-    }
-    if (rest < M) {
-      dot_tile<T, 1, 1, Lanes>(w + i * weight_stride, weight_stride, x + rest * K, K, dots);
-      store(rest, 1, 1, i);
-    }
-  }
+  for (; m + 4 <= M; m += 4) rows_from(std::integral_constant<int, 4>{}, m);
+  if (m + 2 <= M) rows_from(std::integral_constant<int, 2>{}, m), m += 2;
+  if (m < M) rows_from(std::integral_constant<int, 1>{}, m);
 }
 
 // out[m, n] (row stride N, in the weight's dtype) for weight rows n in [n0, n1) and all
@@ -136,12 +161,7 @@ struct LinearBlock {
   static HCR_INLINE void run(const T* weight, int64_t weight_stride, const float* x, const float* bias, T* out,
                              int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     constexpr bool direct = std::is_same_v<T, float>;  // fp32 sums go straight to out
-    // Weight rows per pass for groups of 4 input rows: 2 x 4 x 2 chains = 16 accumulators
-    // fit AVX-512's 32 vector registers beside the operands, and cut the loads per FMA from
-    // 5/4 to 6/8 where the rows make the loop compute-bound (1.1-1.4x at the 1.5B MLP's
-    // shapes with 4-8 rows in a side-by-side run, 0.97-1.02x on the tiny model's). AVX2's
-    // 16 registers hold one weight row's 8 accumulators.
-    constexpr int kWeightRows = Lanes >= 16 ? 2 : 1;
+    constexpr int kWeightRows = kWeightRowsTogether<Lanes>;
     std::vector<float> tile(direct ? 0 : M * kTile);
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t width = std::min(kTile, n1 - t0);
@@ -153,7 +173,7 @@ struct LinearBlock {
         sums = tile.data(), ld = kTile;
       }
       int64_t j = 0;
-      for (; M >= 4 && j + kWeightRows <= width; j += kWeightRows)
+      for (; j + kWeightRows <= width; j += kWeightRows)
         weight_rows_times_inputs<T, kWeightRows, Lanes>(weight + (t0 + j) * weight_stride, weight_stride, x,
                                                          bias != nullptr ? bias + t0 + j : nullptr, M, K, sums + j, ld);
       for (; j < width; ++j)

@@ -127,18 +127,25 @@ HCR_INLINE vfloat<Lanes> pair_fold(vfloat<Lanes> a, vfloat<Lanes> b) {
   return __builtin_shuffle(a, b, pair_fold_mask<Lanes, Seg, false>(lanes)) +
          __builtin_shuffle(a, b, pair_fold_mask<Lanes, Seg, true>(lanes));
 }
-// Lane j of the result is the sum of v[j]'s lanes, for Lanes vectors at once (v is
-// overwritten): Lanes - 1 pair folds in log2(Lanes) levels, about 3 vector ops per
-// sum where a halving_sum each costs 2 log2(Lanes) plus a store per lane. For many
-// short dot products (one query against a block of keys). Order of additions: the
-// halving order of halving_sum.
-template <int Lanes, int Seg = Lanes>
+// Lane j of the result is the sum of v[j]'s lanes, for Count vectors at once (v is
+// overwritten; Count a power of two up to Lanes, all of them by default): pair folds in
+// log2(Lanes) levels, about 3 vector ops per sum where a halving_sum each costs
+// 2 log2(Lanes) plus a store per lane. For many short dot products (one query against a
+// block of keys, a tile of weight rows times input rows). With fewer than Lanes vectors
+// the last levels fold the one vector left with itself: lanes Count and up are copies.
+// Order of additions: the halving order of halving_sum, whatever Count, so a sum does
+// not depend on which other sums share its fold.
+template <int Lanes, int Seg = Lanes, int Count = Seg>
 HCR_INLINE vfloat<Lanes> transposed_sums(vfloat<Lanes>* v) {
+  static_assert(Count >= 1 && Count <= Seg && (Count & (Count - 1)) == 0, "Count: a power of two up to Seg");
   if constexpr (Seg == 1) {
     return v[0];
+  } else if constexpr (Count == 1) {
+    v[0] = pair_fold<Lanes, Seg>(v[0], v[0]);
+    return transposed_sums<Lanes, Seg / 2, 1>(v);
   } else {
-    for (int i = 0; i < Seg / 2; ++i) v[i] = pair_fold<Lanes, Seg>(v[2 * i], v[2 * i + 1]);
-    return transposed_sums<Lanes, Seg / 2>(v);
+    for (int i = 0; i < Count / 2; ++i) v[i] = pair_fold<Lanes, Seg>(v[2 * i], v[2 * i + 1]);
+    return transposed_sums<Lanes, Seg / 2, Count / 2>(v);
   }
 }
 

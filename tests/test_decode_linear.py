@@ -137,10 +137,10 @@ def test_native_16_bit_outputs_round_as_torch_does(dtype):
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
 @pytest.mark.parametrize("in_features", [133, 2100], ids=["K133", "K2100"])
 def test_native_row_does_not_depend_on_its_batch(dtype, in_features):
-    """Each input row's output is bit-identical alone and inside a batch of 9 rows (groups of 4, 2
-    and 1 rows, one or two weight rows per pass; K short and long): decoding a sequence alone or in a
-    batch reads the same logits."""
-    x, weight, bias = operands(9, 67, in_features, dtype)
+    """Each input row's output is bit-identical alone and inside a batch of 11 rows (groups of 4, 2
+    and 1 rows, one to four weight rows per pass, and the weight rows left over one at a time; K short
+    and long): decoding a sequence alone or in a batch reads the same logits."""
+    x, weight, bias = operands(11, 67, in_features, dtype)
     batched = decode_linear(x, weight, bias, backend="native")
     for row in range(len(x)):
         alone = decode_linear(x[row:row + 1], weight, bias, backend="native")
