@@ -5,12 +5,36 @@
 
 #include <atomic>
 
+#if HCR_HAS_ISA_VARIANTS
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace hcr {
 namespace {
+
+#if HCR_HAS_ISA_VARIANTS
+// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and Linux's permission to use the tiles' 8 KiB
+// of register state, which a process must ask for once (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA; without it the first tile instruction is a SIGILL). Asked at most once per process.
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__builtin_cpu_supports("x86-64-v4") || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
 
 bool cpu_has(Isa isa) {
 #if HCR_HAS_ISA_VARIANTS
   switch (isa) {
+    case Isa::amx:
+      return amx_usable();
     case Isa::avx512:
       return __builtin_cpu_supports("x86-64-v4");
     case Isa::avx2:
@@ -24,7 +48,7 @@ bool cpu_has(Isa isa) {
 }
 
 Isa best_isa() {
-  for (Isa isa : {Isa::avx512, Isa::avx2})
+  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2})
     if (cpu_has(isa)) return isa;
   return Isa::baseline;
 }
@@ -40,6 +64,8 @@ Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relax
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::amx:
+      return "amx";
     case Isa::avx512:
       return "avx512";
     case Isa::avx2:
@@ -51,13 +77,13 @@ const char* isa_name(Isa isa) {
 
 std::vector<std::string> supported_isa_names() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::baseline})
+  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2, Isa::baseline})
     if (cpu_has(isa)) names.emplace_back(isa_name(isa));
   return names;
 }
 
 void set_active_isa(const std::string& name) {
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::baseline}) {
+  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2, Isa::baseline}) {
     if (name != isa_name(isa)) continue;
     std::string supported;
     for (const std::string& n : supported_isa_names()) supported += (supported.empty() ? "" : ", ") + n;
@@ -66,7 +92,7 @@ void set_active_isa(const std::string& name) {
     active().store(static_cast<int>(isa), std::memory_order_relaxed);
     return;
   }
-  TORCH_CHECK_VALUE(false, "CPU ISA must be one of avx512, avx2, baseline, got '", name, "'");
+  TORCH_CHECK_VALUE(false, "CPU ISA must be one of amx, avx512, avx2, baseline, got '", name, "'");
 }
 
 }  // namespace hcr

@@ -18,8 +18,10 @@
 
 namespace hcr {
 
-// Best last, so a larger value is a newer ISA.
-enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+// Best last, so a larger value is a newer ISA. `amx` is AVX-512 plus Intel's AMX tiles (AMX-TILE and
+// AMX-BF16, granted by the OS): every kernel runs its AVX-512 variant there, and the few with a tile path
+// (decode_attention's bf16 scores) take it.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, amx = 3 };
 
 Isa active_isa();
 const char* isa_name(Isa isa);
@@ -32,10 +34,13 @@ void set_active_isa(const std::string& name);
 #define HCR_HAS_ISA_VARIANTS 1
 #define HCR_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define HCR_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+// A function of its own (not inlined into the Lanes templates) that uses the tile intrinsics.
+#define HCR_TARGET_AMX __attribute__((target("arch=x86-64-v4,amx-tile,amx-bf16")))
 #else
 #define HCR_HAS_ISA_VARIANTS 0
 #define HCR_TARGET_AVX512
 #define HCR_TARGET_AVX2
+#define HCR_TARGET_AMX
 #endif
 
 // One entry point per ISA; `Kernel::run` is always_inline, so each is compiled in its entry point's target.
@@ -56,6 +61,7 @@ template <typename Kernel, typename... Args>
 inline auto run_for_active_isa(Args&&... args) {
 #if HCR_HAS_ISA_VARIANTS
   switch (active_isa()) {
+    case Isa::amx:
     case Isa::avx512:
       return run_avx512<Kernel>(std::forward<Args>(args)...);
     case Isa::avx2:

@@ -54,6 +54,10 @@
 
 #include <unistd.h>
 
+#if HCR_HAS_ISA_VARIANTS || defined(__x86_64__)
+#include <immintrin.h>  // AMX tile intrinsics, used in HCR_TARGET_AMX functions only
+#endif
+
 #include "decode_ops.h"
 #include "vec_math.h"
 
@@ -424,7 +428,161 @@ struct Shape {
 struct Scratch {
   std::vector<float> q, acc, row, top, total, scores;  // top, total: each query row's running softmax
   std::vector<int64_t> first, last;                     // each query row's visible slots
+  std::vector<uint16_t> tile_queries, tile_keys;        // the AMX pass's operands (tile_scores)
 };
+
+// Pass 1 on AMX tiles (Isa::amx, bf16 caches, D a multiple of 32). A tile dot product (tdpbf16ps) takes 16
+// key rows by 32 elements of D against up to 16 query rows and adds 16 x 16 fp32 sums of bf16 products: the
+// 6 query rows x 16 keys x 128 elements an AVX-512 sweep does in 48 FMAs plus widening and cross-lane sums
+// take 4 tile loads of keys and 4 dot products. The keys are the tiles' A operand straight from the cache
+// (16 rows, any row stride); the queries are the B operand, packed once per block of queries (kTileQueryRows
+// rows a group, tile_queries_index). The sums come out key-major and are scattered into the scores'
+// query-major rows, times the scale (applied to each sum: the tile multiplies the unscaled bf16 query).
+constexpr int64_t kTileRows = 16;  // key rows per tile, and query rows per group (a tile's 16 columns)
+
+// Where element d of query row r goes in the packed B operand: per group of 16 rows and 32 elements of D, 16
+// tile rows of 16 pairs (q[n][2i], q[n][2i + 1]) for the group's rows n (zeros past the last row).
+inline int64_t tile_queries_index(int64_t r, int64_t d, int64_t D) {
+  const int64_t group = r / kTileRows, n = r % kTileRows, chunk = d / 32, i = (d % 32) / 2;
+  return (((group * (D / 32) + chunk) * kTileRows + i) * kTileRows + n) * 2 + d % 2;
+}
+
+#if HCR_HAS_ISA_VARIANTS
+struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes: palette 1, then per tile its bytes per row and rows
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tile intrinsics are asm statements that name no memory: the compiler must not move a buffer's stores
+// past a tile load of it, nor its loads before the tile store that wrote it.
+inline void tile_memory_barrier() { asm volatile("" ::: "memory"); }
+
+// Tile 0 += keys x queries[chunk] over the chunks of D (at most 4) for 16 key rows at `keys`, queries in tiles
+// 4-7, and the same into tile 3 for the 16 rows at `more`: two independent chains of dot products, so one
+// block's products overlap the other's instead of waiting on their own accumulator.
+HCR_TARGET_AMX inline void two_blocks_against_resident_queries(const uint16_t* keys, const uint16_t* more,
+                                                                int64_t row_bytes, int64_t chunks) {
+  _tile_zero(0);
+  _tile_zero(3);
+  _tile_loadd(1, keys, row_bytes);
+  _tile_loadd(2, more, row_bytes);
+  _tile_dpbf16ps(0, 1, 4);
+  _tile_dpbf16ps(3, 2, 4);
+  if (chunks > 1) {
+    _tile_loadd(1, keys + 32, row_bytes);
+    _tile_loadd(2, more + 32, row_bytes);
+    _tile_dpbf16ps(0, 1, 5);
+    _tile_dpbf16ps(3, 2, 5);
+  }
+  if (chunks > 2) {
+    _tile_loadd(1, keys + 64, row_bytes);
+    _tile_loadd(2, more + 64, row_bytes);
+    _tile_dpbf16ps(0, 1, 6);
+    _tile_dpbf16ps(3, 2, 6);
+  }
+  if (chunks > 3) {
+    _tile_loadd(1, keys + 96, row_bytes);
+    _tile_loadd(2, more + 96, row_bytes);
+    _tile_dpbf16ps(0, 1, 7);
+    _tile_dpbf16ps(3, 2, 7);
+  }
+}
+
+// Tile 0 = 16 key rows at `keys` x the packed queries of one group (queries loaded per chunk: any D, any rows).
+HCR_TARGET_AMX inline void block_against_queries(const uint16_t* keys, int64_t row_bytes, const uint16_t* queries,
+                                                 int64_t chunks) {
+  _tile_zero(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(1, keys + c * 32, row_bytes);
+    _tile_loadd(2, queries + c * kTileRows * 32, 64);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+}
+
+// dst[n * width + j] = sums[j * 16 + n] * scale for the `rows` query rows n and `count` key rows j of a tile's
+// key-major sums: one gather per query row of a whole block.
+HCR_TARGET_AMX void scatter_tile_sums(const float* sums, int64_t count, int64_t rows, float scale, float* dst,
+                                      int64_t width) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(kTileRows));
+  for (int64_t n = 0; n < rows; ++n) {
+    if (count == kTileRows) {
+      const __m512 row = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(int(n))), sums, 4);
+      _mm512_storeu_ps(dst + n * width, _mm512_mul_ps(row, _mm512_set1_ps(scale)));
+    } else {
+      for (int64_t j = 0; j < count; ++j) dst[n * width + j] = sums[j * kTileRows + n] * scale;
+    }
+  }
+}
+
+// scores[r * width + slot - c0] for every query row r < R and slot in [c0, c1] (width = c1 - c0 + 1), from
+// bf16 keys (row stride k_stride) and the packed queries; blocks of 16 key rows, the last one shifted back to
+// end at c1 as in the vector pass, a chunk shorter than a block copied into `pad` (16 rows of D, the rest
+// zeros), so every score is the same tile sum wherever its slot falls. One group of query rows with D <= 128
+// (a decode step's) keeps the queries in tiles and takes two blocks at a time. No keys are asked for ahead:
+// on the Intel Xeon the vector pass measured the same without (its prefetch is kept for the AMD EPYCs).
+HCR_TARGET_AMX void tile_scores(const uint16_t* queries, int64_t R, int64_t D, const uint16_t* keys, int64_t k_stride,
+                                int64_t c0, int64_t c1, float scale, float* scores, uint16_t* pad) {
+  TileConfig config;  // tile 0 (and 3) the sums, 1 and 2 keys (or queries), 4-7 one group's queries
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kTileRows;
+  _tile_loadconfig(&config);
+  const int64_t width = c1 - c0 + 1, chunks = D / 32, groups = (R + kTileRows - 1) / kTileRows;
+  alignas(64) float sums[2][kTileRows * kTileRows];  // sums[block][key * 16 + query]
+  const auto scatter = [&](const float* block_sums, int64_t start, int64_t count, int64_t g) {
+    scatter_tile_sums(block_sums, count, std::min(kTileRows, R - g * kTileRows), scale,
+                      scores + g * kTileRows * width + start - c0, width);
+  };
+  if (width < kTileRows) {
+    std::fill(pad, pad + kTileRows * D, uint16_t{0});
+    for (int64_t j = 0; j < width; ++j) std::copy(keys + (c0 + j) * k_stride, keys + (c0 + j) * k_stride + D, pad + j * D);
+    tile_memory_barrier();
+    for (int64_t g = 0; g < groups; ++g) {
+      block_against_queries(pad, D * 2, queries + g * chunks * kTileRows * 32, chunks);
+      _tile_stored(0, sums[0], kTileRows * 4);
+      tile_memory_barrier();
+      scatter(sums[0], c0, width, g);
+    }
+  } else if (groups == 1 && chunks <= 4) {
+    _tile_loadd(4, queries, 64);
+    if (chunks > 1) _tile_loadd(5, queries + kTileRows * 32, 64);
+    if (chunks > 2) _tile_loadd(6, queries + 2 * kTileRows * 32, 64);
+    if (chunks > 3) _tile_loadd(7, queries + 3 * kTileRows * 32, 64);
+    const int64_t blocks = (width + kTileRows - 1) / kTileRows;
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const int64_t first = std::min(c0 + b * kTileRows, c1 + 1 - kTileRows);
+      const int64_t second = std::min(c0 + (b + 1) * kTileRows, c1 + 1 - kTileRows);  // = first past the last block
+      two_blocks_against_resident_queries(keys + first * k_stride, keys + second * k_stride, k_stride * 2, chunks);
+      _tile_stored(0, sums[0], kTileRows * 4);
+      _tile_stored(3, sums[1], kTileRows * 4);
+      tile_memory_barrier();
+      scatter(sums[0], first, kTileRows, 0);
+      if (b + 1 < blocks) scatter(sums[1], second, kTileRows, 0);
+    }
+  } else {
+    for (int64_t b0 = c0; b0 <= c1; b0 += kTileRows) {
+      const int64_t start = std::min(b0, c1 + 1 - kTileRows);
+      for (int64_t g = 0; g < groups; ++g) {
+        block_against_queries(keys + start * k_stride, k_stride * 2, queries + g * chunks * kTileRows * 32, chunks);
+        _tile_stored(0, sums[0], kTileRows * 4);
+        tile_memory_barrier();
+        scatter(sums[0], start, kTileRows, g);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+// Whether pass 1 runs on AMX tiles for these caches (see tile_scores).
+template <typename T, int Lanes>
+bool scores_on_tiles(int64_t D) {
+#if HCR_HAS_ISA_VARIANTS
+  return Lanes == 16 && std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && active_isa() == Isa::amx;
+#else
+  return false;
+#endif
+}
 
 // One (row b, key/value head h) task: every query of the group's heads and the step's steps.
 template <typename T>
@@ -478,9 +636,13 @@ struct AttendGroup {
     const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
     const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
     const int64_t rows = steps_per_block * G;  // more than kBlockQueries where one step's G heads are more
-    auto& [q, acc, row, top, total, scores, first, last] = scratch;
+    auto& [q, acc, row, top, total, scores, first, last, tile_queries, tile_keys] = scratch;
     q.resize(rows * D), acc.resize(rows * D), row.resize(D), top.resize(rows), total.resize(rows);
     first.resize(rows), last.resize(rows);
+    const bool tiles = scores_on_tiles<T, Lanes>(D);
+    if (tiles) {
+      tile_queries.resize((rows + kTileRows - 1) / kTileRows * kTileRows * D), tile_keys.resize(kTileRows * D);
+    }
     const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));  // slots per chunk of a span (the same for every block)
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
@@ -495,7 +657,15 @@ struct AttendGroup {
           const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
           widen_paired<T, Lanes>(src, q.data() + r * D, D);
           for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
+          if (tiles) {
+            const auto* bits = reinterpret_cast<const uint16_t*>(src);
+            for (int64_t d = 0; d < D; ++d) tile_queries[tile_queries_index(r, d, D)] = bits[d];
+          }
         }
+      }
+      if (tiles) {  // the last group's unused columns
+        for (int64_t r = R; r % kTileRows != 0; ++r)
+          for (int64_t d = 0; d < D; ++d) tile_queries[tile_queries_index(r, d, D)] = 0;
       }
       // The span [lo, hi] goes in chunks whose keys and values fit in half the L2 together (see chunk_slots):
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores
@@ -508,7 +678,14 @@ struct AttendGroup {
       for (int64_t c0 = lo; c0 <= hi; c0 += chunk) {
         const int64_t c1 = std::min(hi, c0 + chunk - 1), width = c1 - c0 + 1;
         scores.resize(std::max<int64_t>(int64_t(scores.size()), R * width));
-        score_chunk<Lanes>(q.data(), k_base, s, G, R, c0, c1, hi, scores.data(), row.data());
+        if (tiles) {
+#if HCR_HAS_ISA_VARIANTS
+          tile_scores(tile_queries.data(), R, D, reinterpret_cast<const uint16_t*>(k_base), s.k_stride[2], c0, c1, scale,
+                      scores.data(), tile_keys.data());
+#endif
+        } else {
+          score_chunk<Lanes>(q.data(), k_base, s, G, R, c0, c1, hi, scores.data(), row.data());
+        }
         for (int64_t r = 0; r < R; ++r) {  // each query's own slots of the chunk; its other scores are never read
           const int64_t from = std::max(first[r], c0), to = std::min(last[r], c1);
           if (from <= to) {

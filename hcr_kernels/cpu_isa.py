@@ -1,7 +1,9 @@
-"""Which instruction set the native CPU kernels run with: ``avx512``, ``avx2`` or ``baseline``.
+"""Which instruction set the native CPU kernels run with: ``amx``, ``avx512``, ``avx2`` or ``baseline``.
 
 The extension compiles every hot loop once per ISA (with that ISA's vector width)
-and picks the best the CPU has when it loads. ``HCR_CPU_ISA`` (read when
+and picks the best the CPU has when it loads. ``amx`` is AVX-512 plus Intel's AMX
+tiles (Sapphire Rapids and later, where the OS grants them): every kernel runs its
+AVX-512 code there, and decode_attention scores bf16 caches with tile dot products. ``HCR_CPU_ISA`` (read when
 ``hcr_kernels`` is imported) or ``set_cpu_isa`` chooses another, so every path a
 machine can run is tested and timed on it; asking for one the CPU lacks is an error.
 ``python -m hcr_kernels.info`` reports the active one.
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from hcr_kernels import _extension
 
 CPU_ISA_ENV_VAR = "HCR_CPU_ISA"
-CPU_ISAS = ("avx512", "avx2", "baseline")
+CPU_ISAS = ("amx", "avx512", "avx2", "baseline")
 
 
 def active_cpu_isa() -> str | None:

@@ -32,7 +32,7 @@ def test_use_cpu_isa_switches_and_restores():
 
 
 def test_unknown_or_unsupported_isa_is_refused():
-    with pytest.raises(ValueError, match="CPU ISA must be one of avx512, avx2, baseline, got 'sse9'"):
+    with pytest.raises(ValueError, match="CPU ISA must be one of amx, avx512, avx2, baseline, got 'sse9'"):
         cpu_isa.set_cpu_isa("sse9")
     missing = [isa for isa in cpu_isa.CPU_ISAS if isa not in cpu_isa.supported_cpu_isas()]
     if not missing:
@@ -69,4 +69,4 @@ def test_environment_variable_selects_the_isa_and_info_reports_it():
     assert "CPU ISA       baseline" in done.stdout
     refused = run_python("import hcr_kernels", "sse9")
     assert refused.returncode != 0
-    assert "HCR_CPU_ISA='sse9': CPU ISA must be one of avx512, avx2, baseline" in refused.stderr
+    assert "HCR_CPU_ISA='sse9': CPU ISA must be one of amx, avx512, avx2, baseline" in refused.stderr

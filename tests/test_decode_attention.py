@@ -86,7 +86,7 @@ def test_native_matches_oracle(batch, heads, kv_heads, steps, slots, head_dim, d
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES[:2])
-@pytest.mark.parametrize("head_dim", [5, 40])
+@pytest.mark.parametrize("head_dim", [5, 40, 64])  # 64: AMX tiles (D a multiple of 32)
 @pytest.mark.parametrize("span", [3, 4, 7, 8, 9, 15, 16, 17, 31, 33])
 def test_spans_around_the_key_block(span, head_dim, dtype):
     """Pass 1 scores keys in blocks of one vector's lanes (4, 8 or 16 by ISA), the last block shifted back to
@@ -164,7 +164,7 @@ def test_a_query_reads_no_slot_past_its_position():
     groups=st.integers(1, 7),
     steps=st.integers(1, 6),
     slots=st.integers(1, 70),
-    head_dim=st.integers(1, 40),
+    head_dim=st.one_of(st.integers(1, 40), st.sampled_from([32, 64])),  # multiples of 32: AMX tiles
     window=st.one_of(st.none(), st.integers(1, 20)),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**16),
