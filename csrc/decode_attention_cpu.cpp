@@ -57,7 +57,7 @@
 
 #include <unistd.h>
 
-#if HCR_HAS_ISA_VARIANTS || defined(__x86_64__)
+#if defined(__x86_64__)
 #include <immintrin.h>  // AMX tile intrinsics, used in HCR_TARGET_AMX functions only
 #endif
 
@@ -438,8 +438,8 @@ struct Scratch {
 // key rows by 32 elements of D against up to 16 query rows and adds 16 x 16 fp32 sums of bf16 products: the
 // 6 query rows x 16 keys x 128 elements an AVX-512 sweep does in 48 FMAs plus widening and cross-lane sums
 // take 4 tile loads of keys and 4 dot products. The keys are the tiles' A operand straight from the cache
-// (16 rows, any row stride); the queries are the B operand, packed once per block of queries (kTileQueryRows
-// rows a group, tile_queries_index). The sums come out key-major and are scattered into the scores'
+// (16 rows, any row stride); the queries are the B operand, packed once per block of queries (groups of
+// kTileRows rows, tile_queries_index). The sums come out key-major and are scattered into the scores'
 // query-major rows, times the scale (applied to each sum: the tile multiplies the unscaled bf16 query).
 constexpr int64_t kTileRows = 16;  // key rows per tile, and query rows per group (a tile's 16 columns)
 
@@ -658,11 +658,12 @@ struct AttendGroup {
           const int64_t r = (t - t0) * G + g;
           first[r] = from, last[r] = pos;
           const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
-          widen_paired<T, Lanes>(src, q.data() + r * D, D);
-          for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
-          if (tiles) {
+          if (tiles) {  // unscaled bf16, as the tiles multiply them (tile_scores scales the sums)
             const auto* bits = reinterpret_cast<const uint16_t*>(src);
             for (int64_t d = 0; d < D; ++d) tile_queries[tile_queries_index(r, d, D)] = bits[d];
+          } else {
+            widen_paired<T, Lanes>(src, q.data() + r * D, D);
+            for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
           }
         }
       }
