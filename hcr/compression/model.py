@@ -79,11 +79,9 @@ class CompressionModel(PreTrainedModel):
     def get_input_embeddings(self):
         return self.base.get_input_embeddings()
 
-    def _marker_table(self):
-        return self.pooler.get_input_embeddings() or self.base.get_input_embeddings()
-
     def window_token_embeddings(self) -> torch.nn.Module:
-        """The table the pooler reads window tokens through: its own, else (a pooler without one) the base's."""
+        """The table the pooler reads window tokens and the block markers through: its own, else (a pooler
+        without one) the base's."""
         own = self.pooler.get_input_embeddings()
         return own if own is not None else self.base.get_input_embeddings()
 
@@ -110,7 +108,7 @@ class CompressionModel(PreTrainedModel):
         # a torch.compile graph, and one more [B, T] gather is cheap next to the base model. Non-marker tokens
         # look up a marker id, so the marker table needs no rows beyond the markers; torch.where is exact.
         marker_ids = torch.where(markers, input_ids, self.config.block_start_id)
-        marker_embeds = self._marker_table()(marker_ids).to(template.dtype)
+        marker_embeds = self.window_token_embeddings()(marker_ids).to(template.dtype)
         template = torch.where(markers.unsqueeze(-1), marker_embeds, template)
         hidden = (window_hidden or self._window_hidden_states)(window_ids).to(template.dtype)
         return pool_scatter(template, slot_mask, hidden)
