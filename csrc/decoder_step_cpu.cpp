@@ -6,22 +6,24 @@
 // and dispatch around a kernel that takes one or two). This runs the same arithmetic, in
 // the same order, on the same tensors as hcr_kernels/decoder_step/reference.py (itself
 // the order of transformers' Qwen2DecoderLayer.forward), so its output is bit for bit the
-// reference's: each projection through decode_linear_cpu where the row limit allows
-// (hcr_kernels.decode_linears' rule) and at::linear otherwise, the cache write through
+// reference's: each projection through decode_linear_cpu where its row bucket mask says
+// so (hcr_kernels.decode_linear's takes_native) and at::linear otherwise, the cache write through
 // ragged_cache_write_cpu, the attention through decode_attention_cpu, the residual adds,
 // SiLU and the norms' means as ATen ops, and the elementwise rest of the norms and the
 // rotary embedding as loops that round as those ATen ops do (in-process microbenchmark,
 // Intel Xeon: the rotary embedding of one layer's query and key 9.1 -> 0.67 us; the
 // tiny model's step 690 -> 625 us with the norms too).
 //
-// weights: 12 per layer, in the order of kWeights; native_rows: 7 per layer (q, k, v,
+// weights: 12 per layer, in the order of kWeights; native_buckets: 7 per layer (q, k, v,
 // o, gate, up, down); eps: 2 per layer (the two norms); scales and windows: 1 per layer;
 // final_norm: the model's last norm, applied after the last layer when given.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "decode_ops.h"
@@ -30,7 +32,7 @@ namespace hcr {
 namespace {
 
 enum Weight { kInputNorm, kQ, kQBias, kK, kKBias, kV, kVBias, kO, kPostNorm, kGate, kUp, kDown, kWeights };
-enum Projection { kQRows, kKRows, kVRows, kORows, kGateRows, kUpRows, kDownRows, kProjections };
+enum Projection { kQMask, kKMask, kVMask, kOMask, kGateMask, kUpMask, kDownMask, kProjections };
 
 // The squares of `hidden`'s elements in fp32 (Qwen2RMSNorm's hidden.to(float32).pow(2): exact products).
 template <typename scalar_t>
@@ -121,10 +123,18 @@ at::Tensor rotate(const at::Tensor& states, const at::Tensor& cos, const at::Ten
   return out;
 }
 
-// hcr_kernels.decode_linear's apply_decode_linear: the kernel for at most `row_limit` rows of the weight's dtype.
+// hcr_kernels.decode_linear's takes_native: bit row_bucket(rows) of the mask `buckets`, where the bucket of
+// `rows` is the bit length of rows - 1 (1 row: 0, 2: 1, 3-4: 2, 5-8: 3, ...; a mask of -1 has every bit).
+bool takes_native(int64_t rows, int64_t buckets) {
+  const int bucket = rows <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
+  return (static_cast<uint64_t>(buckets) >> bucket) & 1;
+}
+
+// hcr_kernels.decode_linear's apply_decode_linear: the kernel for the row counts of `buckets`, the weight's dtype.
 at::Tensor project(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                   int64_t row_limit) {
-  if (input.numel() > row_limit * input.size(-1) || input.scalar_type() != weight.scalar_type()) {
+                   int64_t buckets) {
+  const int64_t rows = input.numel() / std::max<int64_t>(input.size(-1), 1);
+  if (!takes_native(rows, buckets) || input.scalar_type() != weight.scalar_type()) {
     return at::linear(input, weight, bias);
   }
   const bool rows_contiguous = weight.size(1) <= 1 || weight.stride(1) == 1;
@@ -140,19 +150,19 @@ at::Tensor dh_contiguous(const at::Tensor& states) {
 at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& cos, const at::Tensor& sin,
                                   at::TensorList weights, at::TensorList key_caches, at::TensorList value_caches,
                                   const at::Tensor& start, const at::Tensor& count, int64_t span,
-                                  const at::Tensor& positions, at::IntArrayRef native_rows, at::ArrayRef<double> eps,
+                                  const at::Tensor& positions, at::IntArrayRef native_buckets, at::ArrayRef<double> eps,
                                   at::ArrayRef<double> scales, at::IntArrayRef windows, int64_t head_dim,
                                   const c10::optional<at::Tensor>& final_norm, double final_eps) {
   const char* op = "hcr::qwen2_decoder_step: ";
   const size_t layers = key_caches.size();
   TORCH_CHECK(embeds.dim() == 3, op, "embeds must be [B, T, hidden], got ", embeds.sizes());
   TORCH_CHECK(value_caches.size() == layers && weights.size() == layers * kWeights &&
-                  native_rows.size() == layers * kProjections && eps.size() == layers * 2 &&
+                  native_buckets.size() == layers * kProjections && eps.size() == layers * 2 &&
                   scales.size() == layers && windows.size() == layers,
               op, "per layer: 1 key and 1 value cache, ", int(kWeights), " weights, ", int(kProjections),
-              " row limits, 2 eps, 1 scale and 1 window; got ", key_caches.size(), " key caches, ",
-              value_caches.size(), " value caches, ", weights.size(), " weights, ", native_rows.size(),
-              " row limits, ", eps.size(), " eps, ", scales.size(), " scales, ", windows.size(), " windows");
+              " row bucket masks, 2 eps, 1 scale and 1 window; got ", key_caches.size(), " key caches, ",
+              value_caches.size(), " value caches, ", weights.size(), " weights, ", native_buckets.size(),
+              " row bucket masks, ", eps.size(), " eps, ", scales.size(), " scales, ", windows.size(), " windows");
   TORCH_CHECK(span >= 0, op, "span must be >= 0, got ", span);
   const at::ScalarType dtype = embeds.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
@@ -165,11 +175,11 @@ at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& co
   at::Tensor hidden = embeds;
   for (size_t layer = 0; layer < layers; ++layer) {
     const at::Tensor* w = &weights[layer * kWeights];
-    const int64_t* rows = &native_rows[layer * kProjections];
+    const int64_t* buckets = &native_buckets[layer * kProjections];
     at::Tensor normed = rms_norm(hidden, w[kInputNorm], eps[2 * layer]);
-    at::Tensor query = project(normed, w[kQ], w[kQBias], rows[kQRows]).view(heads).transpose(1, 2);
-    at::Tensor key = project(normed, w[kK], w[kKBias], rows[kKRows]).view(heads).transpose(1, 2);
-    at::Tensor value = project(normed, w[kV], w[kVBias], rows[kVRows]).view(heads).transpose(1, 2);
+    at::Tensor query = project(normed, w[kQ], w[kQBias], buckets[kQMask]).view(heads).transpose(1, 2);
+    at::Tensor key = project(normed, w[kK], w[kKBias], buckets[kKMask]).view(heads).transpose(1, 2);
+    at::Tensor value = project(normed, w[kV], w[kVBias], buckets[kVMask]).view(heads).transpose(1, 2);
     query = rotate(query, cos_rows, sin_rows);
     key = rotate(key, cos_rows, sin_rows);
     ragged_cache_write_cpu(key_caches[layer], value_caches[layer], dh_contiguous(key), dh_contiguous(value),
@@ -177,11 +187,11 @@ at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& co
     at::Tensor attended = decode_attention_cpu(query, key_caches[layer].slice(2, 0, span),
                                                value_caches[layer].slice(2, 0, span), positions, scales[layer],
                                                windows[layer]);
-    hidden = hidden + project(attended.reshape({batch, steps, -1}).contiguous(), w[kO], c10::nullopt, rows[kORows]);
+    hidden = hidden + project(attended.reshape({batch, steps, -1}).contiguous(), w[kO], c10::nullopt, buckets[kOMask]);
     normed = rms_norm(hidden, w[kPostNorm], eps[2 * layer + 1]);
-    at::Tensor gated = at::silu(project(normed, w[kGate], c10::nullopt, rows[kGateRows])) *
-                       project(normed, w[kUp], c10::nullopt, rows[kUpRows]);
-    hidden = hidden + project(gated, w[kDown], c10::nullopt, rows[kDownRows]);
+    at::Tensor gated = at::silu(project(normed, w[kGate], c10::nullopt, buckets[kGateMask])) *
+                       project(normed, w[kUp], c10::nullopt, buckets[kUpMask]);
+    hidden = hidden + project(gated, w[kDown], c10::nullopt, buckets[kDownMask]);
   }
   return final_norm.has_value() ? rms_norm(hidden, *final_norm, final_eps) : hidden;
 }
@@ -191,7 +201,7 @@ at::Tensor qwen2_decoder_step_cpu(const at::Tensor& embeds, const at::Tensor& co
 TORCH_LIBRARY_FRAGMENT(hcr, m) {
   m.def(
       "qwen2_decoder_step(Tensor embeds, Tensor cos, Tensor sin, Tensor[] weights, Tensor(a!)[] key_caches, "
-      "Tensor(b!)[] value_caches, Tensor start, Tensor count, int span, Tensor positions, int[] native_rows, "
+      "Tensor(b!)[] value_caches, Tensor start, Tensor count, int span, Tensor positions, int[] native_buckets, "
       "float[] eps, float[] scales, int[] windows, int head_dim, Tensor? final_norm, float final_eps) -> Tensor");
 }
 

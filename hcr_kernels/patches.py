@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from hcr_kernels.causal_conv1d import causal_conv1d
-from hcr_kernels.decode_linear.op import apply_decode_linear, native_row_limit
+from hcr_kernels.decode_linear.op import apply_decode_linear, native_buckets
 from hcr_kernels.selective_scan import selective_scan
 
-__all__ = ["apply_hcr_kernels_to_mamba", "remove_hcr_kernels_from_mamba", "decode_linears", "decode_linear_rows"]
+__all__ = ["apply_hcr_kernels_to_mamba", "remove_hcr_kernels_from_mamba", "decode_linears", "decode_linear_buckets"]
 
 MIXER_CLASS = "MambaMixer"
 MIXER_ATTRIBUTES = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "time_step_rank", "ssm_state_size")
@@ -109,19 +109,19 @@ def remove_hcr_kernels_from_mamba(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _routed_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    return apply_decode_linear(input, self.weight, self.bias, self._hcr_native_rows)
+    return apply_decode_linear(input, self.weight, self.bias, self._hcr_native_buckets)
 
 
-def decode_linear_rows(module: torch.nn.Module) -> int | None:
-    """The most input rows for which calling ``module`` takes ``decode_linear``'s kernel: 0 for a plain
-    ``nn.Linear`` (always ``F.linear``), its limit inside ``decode_linears``; None for anything else (a
-    subclass, a LoRA layer, a ``forward`` replaced by something other than ``decode_linears``)."""
+def decode_linear_buckets(module: torch.nn.Module) -> int | None:
+    """For which row counts calling ``module`` takes ``decode_linear``'s kernel (``native_buckets``' bit mask):
+    0 for a plain ``nn.Linear`` (always ``F.linear``), its mask inside ``decode_linears``; None for anything
+    else (a subclass, a LoRA layer, a ``forward`` replaced by something other than ``decode_linears``)."""
     if type(module) is not torch.nn.Linear:
         return None
     forward = vars(module).get("forward")
     if forward is None:
         return 0
-    return module._hcr_native_rows if getattr(forward, "__func__", None) is _routed_forward else None
+    return module._hcr_native_buckets if getattr(forward, "__func__", None) is _routed_forward else None
 
 
 @contextlib.contextmanager
@@ -129,8 +129,8 @@ def decode_linears(model: torch.nn.Module, *, backend: str | None = None) -> Ite
     """Inside the block every plain ``nn.Linear`` of ``model`` runs ``decode_linear(..., backend=backend)``.
 
     The backend is chosen per layer on entry (``HCR_BACKEND`` is read then); a call
-    only compares its row count with the layer's limit. A layer that would take the
-    native kernel at no row count (limit 0: the reference backend, or F.linear measured
+    only looks its row count up in the layer's bucket mask. A layer that would take the
+    native kernel at no row count (mask 0: the reference backend, or F.linear measured
     faster at every count, as MKL's is for fp32 on an Intel Xeon) keeps its own
     ``forward``: the same ``F.linear`` call without a routing layer of Python on every
     call. Layers whose ``forward`` was already replaced on the instance (by an outer
@@ -139,12 +139,12 @@ def decode_linears(model: torch.nn.Module, *, backend: str | None = None) -> Ite
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"decode_linears: model must be a torch.nn.Module, got {type(model).__name__}")
     plain = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
-    limits = [native_row_limit(m.weight, backend) for m in plain]  # raises before anything is patched
-    routed = [(module, limit) for module, limit in zip(plain, limits) if limit > 0]
-    for module, limit in routed:
-        _patch_forward(module, _routed_forward, native_rows=limit)
+    masks = [native_buckets(m.weight, backend) for m in plain]  # raises before anything is patched
+    routed = [(module, buckets) for module, buckets in zip(plain, masks) if buckets != 0]
+    for module, buckets in routed:
+        _patch_forward(module, _routed_forward, native_buckets=buckets)
     try:
         yield model
     finally:
         for module, _ in routed:
-            _unpatch_forward(module, "native_rows")
+            _unpatch_forward(module, "native_buckets")

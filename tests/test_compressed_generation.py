@@ -271,16 +271,16 @@ def test_decode_kernels_in_fp32_give_the_same_tokens(base, tokenizer, monkeypatc
     made to win every measurement, so the kernel's tokens are what is compared.
     """
     from hcr_kernels import autotune
-    from hcr_kernels.decode_linear import patch
+    from hcr_kernels.decode_linear import patch, takes_native
 
     monkeypatch.setattr(autotune, "compare", lambda *args: autotune.FASTER)
     autotune.forget()
 
     native_calls = []
 
-    def spy(input, weight, bias, row_limit):
-        native_calls.append(input.numel() <= row_limit * input.shape[-1])
-        return original(input, weight, bias, row_limit)
+    def spy(input, weight, bias, buckets):
+        native_calls.append(takes_native(input.numel() // input.shape[-1], buckets))
+        return original(input, weight, bias, buckets)
 
     original = patch.apply_decode_linear
     monkeypatch.setattr(patch, "apply_decode_linear", spy)

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels import autotune
-from hcr_kernels.decode_linear import ROW_LADDER, decode_linear_rows, native_row_limit
+from hcr_kernels.decode_linear import (
+    EVERY_ROW_COUNT,
+    ROW_LADDER,
+    decode_linear_buckets,
+    native_buckets,
+    row_bucket,
+    takes_native,
+)
 from param_sets import tolerance
 
 NATIVE_DTYPES = [
@@ -206,70 +213,86 @@ def native_wins_up_to_4_rows(measured_by):
     return asked
 
 
-def test_automatic_choice_takes_native_up_to_the_measured_row_count(native_wins_up_to_4_rows):
+UP_TO_4_ROWS = 0b111  # buckets 0, 1, 2: 1 row, 2 rows, 3-4 rows
+
+
+def test_row_buckets_are_the_ladder_rungs_above():
+    assert [row_bucket(rows) for rows in range(0, 10)] == [0, 0, 1, 2, 2, 3, 3, 3, 3, 4]
+    assert [row_bucket(rung) for rung in ROW_LADDER] == list(range(len(ROW_LADDER)))
+    assert [row_bucket(rung + 1) for rung in ROW_LADDER[1:]] == list(range(2, len(ROW_LADDER) + 1))
+    assert row_bucket(33) == len(ROW_LADDER)  # past the ladder: no measured mask has that bit
+    assert [takes_native(rows, 0b1010) for rows in range(1, 10)] == [False, True, False, False, True, True, True,
+                                                                     True, False]
+    assert all(takes_native(rows, EVERY_ROW_COUNT) for rows in (0, 1, 33, 2**40))
+    assert not any(takes_native(rows, 2**len(ROW_LADDER) - 1) for rows in (33, 64, 2**40))
+
+
+def test_automatic_choice_takes_native_at_the_measured_row_counts(native_wins_up_to_4_rows):
     weight = torch.randn(24, 16)
-    assert native_row_limit(weight) == 4
-    assert native_wins_up_to_4_rows == [f"float32 N=24 K=16 rows={rows}" for rows in (1, 2, 4, 8)]  # stops at a loss
-    assert native_row_limit(weight.double()) == 0  # no native fp64
-    assert native_row_limit(weight.t().contiguous().t()) == 0  # rows not contiguous: no per-call copy
-    assert native_row_limit(weight, "reference") == 0
+    assert native_buckets(weight) == UP_TO_4_ROWS
+    assert native_wins_up_to_4_rows == [f"float32 N=24 K=16 rows={rows}" for rows in ROW_LADDER]  # every rung
+    assert native_buckets(weight.double()) == 0  # no native fp64
+    assert native_buckets(weight.t().contiguous().t()) == 0  # rows not contiguous: no per-call copy
+    assert native_buckets(weight, "reference") == 0
     many = torch.randn(5, 16)
     assert torch.equal(decode_linear(many, weight), F.linear(many, weight))  # the reference, bit for bit
-    few = many[:2]
+    few = many[:3]
     assert torch.equal(decode_linear(few, weight), decode_linear(few, weight, backend="native"))
 
 
-@pytest.mark.parametrize("verdicts,limit", [
-    ("tie faster faster slower", 4),  # a tie below a win: the range goes on
-    ("faster tie tie slower", 1),  # ties above the last win do not extend it
+@pytest.mark.parametrize("verdicts,buckets", [
+    ("faster slower faster faster slower faster", 0b101101),  # each rung on its own: a loss ends nothing
+    ("slower slower faster faster faster slower", 0b011100),  # F.linear's fast few-row path, then its hole
+    ("tie faster tie faster tie tie", 0b001010),  # a tie keeps F.linear, as a loss does
     ("tie tie tie tie tie tie", 0),
-    ("faster slower faster faster faster faster", 1),  # a loss ends the range
 ])
-def test_a_measured_tie_neither_extends_nor_ends_the_native_row_range(measured_by, verdicts, limit):
+def test_every_rung_of_the_ladder_decides_its_own_row_counts(measured_by, verdicts, buckets):
     by_rows = dict(zip(ROW_LADDER, verdicts.split()))
     measured_by(lambda shape_class: by_rows[rows_of(shape_class)])
-    assert native_row_limit(torch.randn(24, 16)) == limit
+    weight = torch.randn(24, 16)
+    assert native_buckets(weight) == buckets
+    for rows in range(1, ROW_LADDER[-1] + 9):  # every count up to past the ladder: native where its rung won
+        x = torch.randn(rows, 16)
+        rung = next((rung for rung in ROW_LADDER if rung >= rows), None)
+        expected = decode_linear(x, weight, backend="native" if by_rows.get(rung) == "faster" else "reference")
+        assert torch.equal(decode_linear(x, weight), expected), rows
 
 
 def test_automatic_choice_never_takes_a_slower_native_kernel(measured_by):
     weight = torch.randn(24, 16)
     measured_by(lambda shape_class: autotune.SLOWER)
-    assert native_row_limit(weight) == 0
+    assert native_buckets(weight) == 0
     measured_by(lambda shape_class: autotune.FASTER)
-    assert native_row_limit(weight) == ROW_LADDER[-1]
+    assert native_buckets(weight) == 2**len(ROW_LADDER) - 1
 
 
 def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
-    """Unpatched: both paths run on this machine, and the decisions land in the cache file."""
+    """Unpatched: both paths run on this machine at every rung, and the decisions land in the cache file."""
     monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
     autotune.forget()
-    limit = native_row_limit(torch.randn(40, 24))
-    assert limit in (0, *ROW_LADDER)
+    buckets = native_buckets(torch.randn(40, 24))
     decisions = autotune.cached_decisions()
     measured = {int(key.rsplit("=", 1)[1]): autotune.verdict(record["fast_s"], record["reference_s"])
                 for key, record in decisions.items() if key.startswith("decode_linear | float32 N=40 K=24")}
-    rungs = ROW_LADDER[:len(measured)]
-    assert sorted(measured) == list(rungs)  # from one row up ...
-    assert all(measured[rows] != autotune.SLOWER for rows in rungs[:-1])  # ... to the first loss, or all
-    assert measured[rungs[-1]] == autotune.SLOWER or len(rungs) == len(ROW_LADDER)
-    assert limit == max([rows for rows in rungs if measured[rows] == autotune.FASTER], default=0)
+    assert sorted(measured) == list(ROW_LADDER)
+    assert buckets == sum(1 << row_bucket(rows) for rows, verdict in measured.items() if verdict == autotune.FASTER)
     assert all(decisions[key]["fast_s"] > 0 and decisions[key]["reference_s"] > 0 for key in decisions)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV_VAR, "0")  # off: the reference, whatever was measured
-    assert native_row_limit(torch.randn(40, 24)) == 0
+    assert native_buckets(torch.randn(40, 24)) == 0
 
 
 def test_backend_env_var_selects_reference(monkeypatch, measured_by):
-    """Also after the limit for that weight was worked out and remembered without the variable."""
+    """Also after the bucket mask for that weight was worked out and remembered without the variable."""
     weight = torch.randn(4, 4)
     measured_by(lambda shape_class: autotune.FASTER)
-    assert native_row_limit(weight) == ROW_LADDER[-1]
+    assert native_buckets(weight) == 2**len(ROW_LADDER) - 1
     monkeypatch.setenv("HCR_BACKEND", "reference")
-    assert native_row_limit(weight) == 0
+    assert native_buckets(weight) == 0
     monkeypatch.setenv("HCR_BACKEND", "native")
-    assert native_row_limit(weight.double()) == 0  # a global choice: no native fp64, so the reference
+    assert native_buckets(weight.double()) == 0  # a global choice: no native fp64, so the reference
     autotune.forget()
     monkeypatch.setenv("HCR_BACKEND", "native")  # a global choice: fp64 falls back instead of failing
-    assert native_row_limit(torch.randn(4, 4, dtype=torch.float64)) == 0
+    assert native_buckets(torch.randn(4, 4, dtype=torch.float64)) == 0
 
 
 def test_bad_input_names_the_argument():
@@ -335,9 +358,9 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
 
     routed = []
 
-    def spy(input, weight, bias, row_limit):
-        routed.append((tuple(weight.shape), row_limit))
-        return patch.apply_decode_linear.__wrapped__(input, weight, bias, row_limit)
+    def spy(input, weight, bias, buckets):
+        routed.append((tuple(weight.shape), buckets))
+        return patch.apply_decode_linear.__wrapped__(input, weight, bias, buckets)
 
     spy.__wrapped__ = patch.apply_decode_linear
     monkeypatch.setattr(patch, "apply_decode_linear", spy)
@@ -346,35 +369,35 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
     with decode_linears(model):
         assert [("forward" in vars(m)) for m in model] == [True, False, True, False]
         inside = model(x)
-    assert routed == [((32, 16), 4), ((8, 32), 4)]  # the two plain layers; the subclass kept its forward
+    assert routed == [((32, 16), UP_TO_4_ROWS), ((8, 32), UP_TO_4_ROWS)]  # the two plain layers; the subclass kept its forward
     torch.testing.assert_close(inside, expected, atol=1e-6, rtol=1e-6)
-    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
+    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_buckets") for m in model)
     assert torch.equal(model(x), expected)
 
 
 def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(measured_by):
-    """A layer whose row limit is 0 (F.linear measured faster at every row count) is not routed: the same
-    F.linear call, without the routing's Python on every call. ``decode_linear_rows`` tells which is which."""
+    """A layer whose bucket mask is 0 (F.linear measured faster at every row count) is not routed: the same
+    F.linear call, without the routing's Python on every call. ``decode_linear_buckets`` tells which is which."""
     # the kernel wins on the 16 -> 32 layer only
     measured_by(lambda shape_class: autotune.FASTER if "N=32 K=16" in shape_class else autotune.SLOWER)
     model, x = small_model(), torch.randn(1, 1, 16)
     expected = model(x)
     with decode_linears(model):
         assert [("forward" in vars(m)) for m in model] == [True, False, False, False]
-        assert model[0]._hcr_native_rows == 32  # every row count of the ladder won
-        assert [decode_linear_rows(m) for m in model] == [32, None, 0, None]  # no Linear, a subclass: None
+        assert model[0]._hcr_native_buckets == 2**len(ROW_LADDER) - 1  # every rung of the ladder won
+        assert [decode_linear_buckets(m) for m in model] == [63, None, 0, None]  # no Linear, a subclass: None
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
-    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_rows") for m in model)
-    assert [decode_linear_rows(m) for m in model] == [0, None, 0, None]
-    model[2].forward = lambda x: x  # replaced by something else: not a row limit anyone knows
-    assert decode_linear_rows(model[2]) is None
+    assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_buckets") for m in model)
+    assert [decode_linear_buckets(m) for m in model] == [0, None, 0, None]
+    model[2].forward = lambda x: x  # replaced by something else: not a mask anyone knows
+    assert decode_linear_buckets(model[2]) is None
 
 
 def test_decode_linears_reference_is_bit_identical_and_gradients_flow():
     model, x = small_model(), torch.randn(3, 16)
     expected = model(x)
     with decode_linears(model, backend="reference"):
-        assert not any("forward" in vars(m) for m in model)  # limit 0 everywhere: nothing routed
+        assert not any("forward" in vars(m) for m in model)  # mask 0 everywhere: nothing routed
         assert torch.equal(model(x), expected)
     with decode_linears(model):
         loss = model(x[:1]).square().sum()

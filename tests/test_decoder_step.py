@@ -4,7 +4,7 @@ The native step is a fusion: it must give exactly what its reference gives when 
 reference calls the same kernels (``StepOps`` of hcr's native ops) — the hidden states and
 every layer's cache writes, for every dtype the kernels have, ragged rows (a finished row,
 a crop below the written length), several queries per row, grouped-query heads, sliding
-windows and row limits that send some projections to ``decode_linear``'s kernel and others
+windows and row bucket masks that send some projections to ``decode_linear``'s kernel and others
 to ``F.linear``. Against the torch-only reference (the default ``ops``) it agrees within
 the tolerance rule. ``test_direct_forward.py`` checks that a generation step through it
 gives transformers' own logits.
@@ -38,7 +38,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 
 
 def stack(dtype, *, layers=2, hidden=48, heads=6, kv_heads=2, head_dim=8, intermediate=72, windows=(0, 0),
-          native_rows=(0,) * 7, final_norm=True, seed=0) -> Qwen2DecoderStack:
+          native_buckets=(0,) * 7, final_norm=True, seed=0) -> Qwen2DecoderStack:
     """Random weights of a Qwen2 stack (norm weights near 1, projections scaled like an initialised model)."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -55,7 +55,7 @@ def stack(dtype, *, layers=2, hidden=48, heads=6, kv_heads=2, head_dim=8, interm
             1 + randn(hidden, scale=0.1), randn(intermediate, hidden, scale=hidden**-0.5),
             randn(intermediate, hidden, scale=hidden**-0.5), randn(hidden, intermediate, scale=intermediate**-0.5),
             input_eps=1e-6, post_eps=1e-5, scale=head_dim**-0.5, sliding_window=windows[layer % len(windows)],
-            native_rows=tuple(native_rows)))
+            native_buckets=tuple(native_buckets)))
     norm = 1 + randn(hidden, scale=0.1) if final_norm else None
     return Qwen2DecoderStack(built, head_dim=head_dim, final_norm=norm, final_eps=1e-6)
 
@@ -96,11 +96,13 @@ ROWS = [  # (starts, counts, steps): decode, re-encode with a crop and a finishe
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("starts,counts,steps", ROWS, ids=["decode", "re-encode", "prefill"])
-@pytest.mark.parametrize("native_rows", [(0,) * 7, (8,) * 7, (8, 0, 8, 0, 8, 0, 8)], ids=["F.linear", "kernel",
-                                                                                       "mixed"])
+# masks: never, always, and per projection one bucket of the rows' counts (3 rows: bucket 2, 12 rows: bucket 4)
+# or its neighbours (a count's bucket off by one in C++ sends that projection the other way: not bit for bit)
+@pytest.mark.parametrize("native_buckets", [(0,) * 7, (-1,) * 7, (0b10100, 0b01010, 0b00100, 0b10000, 0b01000, 0, -1)],
+                         ids=["F.linear", "kernel", "mixed"])
 @pytest.mark.parametrize("final_norm", [True, False], ids=["final-norm", "no-final-norm"])
-def test_bit_for_bit_the_same_ops_from_python(cpu_isa, dtype, starts, counts, steps, native_rows, final_norm):
-    built = stack(dtype, windows=(0, 3), native_rows=native_rows, final_norm=final_norm)
+def test_bit_for_bit_the_same_ops_from_python(cpu_isa, dtype, starts, counts, steps, native_buckets, final_norm):
+    built = stack(dtype, windows=(0, 3), native_buckets=native_buckets, final_norm=final_norm)
     ours, expected, our_caches, their_caches = both(built, step_inputs(built, starts, counts, steps, slots=16))
     assert ours.shape == expected.shape and ours.dtype == dtype
     assert torch.equal(ours, expected)
@@ -126,9 +128,9 @@ def test_bit_for_bit_property(data):
         counts[0] = 1
     starts = [data.draw(st.integers(0, slots - count), f"start {row}") for row, count in enumerate(counts)]
     windows = (data.draw(st.sampled_from([0, 1, 4]), "window"),)
-    rows = data.draw(st.sampled_from([(0,) * 7, (4,) * 7]), "native_rows")
+    masks = data.draw(st.lists(st.integers(-1, 2**6 - 1), min_size=7, max_size=7), "native_buckets")
     built = stack(dtype, layers=2, hidden=24, heads=kv_heads * group, kv_heads=kv_heads, head_dim=head_dim,
-                  intermediate=20, windows=windows, native_rows=rows)
+                  intermediate=20, windows=windows, native_buckets=tuple(masks))
     ours, expected, our_caches, their_caches = both(built, step_inputs(built, starts, counts, steps, slots))
     assert torch.equal(ours, expected)
     assert all(torch.equal(a, b) for mine, theirs in zip(our_caches, their_caches) for a, b in zip(mine, theirs))
@@ -164,8 +166,10 @@ def test_bad_arguments_name_what_is_wrong():
         Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "o": layer.o[:, :40]})], head_dim=8)
     with pytest.raises(ValueError, match=r"layers\[0\]\.up is torch.float16"):
         Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "up": layer.up.half()})], head_dim=8)
-    with pytest.raises(ValueError, match="native_rows must be 7 ints"):
-        Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "native_rows": (1, 2)})], head_dim=8)
+    with pytest.raises(ValueError, match="native_buckets must be 7 int64 bit masks"):
+        Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "native_buckets": (1, 2)})], head_dim=8)
+    with pytest.raises(ValueError, match="native_buckets must be 7 int64 bit masks"):
+        Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), "native_buckets": (2**64,) * 7})], head_dim=8)
     with pytest.raises(ValueError, match="head_dim must be an even int"):
         Qwen2DecoderStack([layer], head_dim=7)
     with pytest.raises(ValueError, match=r"final_norm must be \[48\] torch.float32"):

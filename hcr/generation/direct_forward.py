@@ -40,7 +40,7 @@ import torch
 from hcr.generation.attention import KEYWORD, RaggedStep
 from hcr.generation.cache import RaggedStaticCache
 from hcr_kernels import _extension
-from hcr_kernels.decode_linear import decode_linear_rows
+from hcr_kernels.decode_linear import decode_linear_buckets
 from hcr_kernels.decoder_step import NATIVE_DTYPES, Qwen2DecoderStack, Qwen2LayerWeights
 
 
@@ -246,8 +246,8 @@ def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
                        mlp.up_proj, mlp.down_proj)
-        rows = tuple(decode_linear_rows(projection) for projection in projections)
-        if (None in rows or any(_has_hooks(module) for module in (*projections, mlp.act_fn))
+        buckets = tuple(decode_linear_buckets(projection) for projection in projections)
+        if (None in buckets or any(_has_hooks(module) for module in (*projections, mlp.act_fn))
                 or not all(_plain_norm(norm, qwen2) for norm in norms)
                 or type(mlp.act_fn) not in silu or "forward" in vars(mlp.act_fn)
                 or [projection.bias is None for projection in projections] != [False] * 3 + [True] * 4):
@@ -257,7 +257,7 @@ def native_stack(decoder, config, qwen2) -> Qwen2DecoderStack | None:
             norms[0].weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, norms[1].weight,
             gate.weight, up.weight, down.weight, input_eps=float(norms[0].variance_epsilon),
             post_eps=float(norms[1].variance_epsilon), scale=float(attention.scaling),
-            sliding_window=int(attention.sliding_window or 0), native_rows=rows))
+            sliding_window=int(attention.sliding_window or 0), native_buckets=buckets))
     norm = decoder.norm  # taken into the native call where plain, else called after it
     plain_norm = _plain_norm(norm, qwen2)
     try:

@@ -7,8 +7,8 @@ a plain vectorised loop gets on this project's machines
 (``benchmarks/test_bench_decode_linear.py``); the native kernel is that loop,
 parallel over output features, fp32 accumulation. Where it stops winning depends
 on the CPU and the dtype, so the automatic choice measures it on this machine
-(``measured_row_limit``, cached) and takes it only up to the last row count it won at
-(through ties, stopping at the first loss).
+(``measured_buckets``, cached, at 1, 2, 4, ..., 32 rows) and takes it at the row counts it
+won at, each rung on its own (a row count between two rungs goes with the larger).
 
 Backends: ``reference`` (``F.linear``, what ``nn.Linear`` computes: the oracle and
 the fallback), ``native`` (the compiled extension, CPU; fp32, bf16, fp16). No GPU
@@ -20,14 +20,18 @@ through this op for the duration of a ``with`` block (``hcr_kernels.patches``).
 from hcr_kernels.decode_linear.op import (
     BACKEND_CHECKS,
     NATIVE_DTYPES,
+    EVERY_ROW_COUNT,
     ROW_LADDER,
     apply_decode_linear,
     decode_linear,
-    measured_row_limit,
-    native_row_limit,
+    measured_buckets,
+    native_buckets,
+    row_bucket,
+    takes_native,
 )
 from hcr_kernels.decode_linear.reference import decode_linear_ref
-from hcr_kernels.patches import decode_linear_rows, decode_linears  # after .op, which patches imports
+from hcr_kernels.patches import decode_linear_buckets, decode_linears  # after .op, which patches imports
 
-__all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_rows", "apply_decode_linear",
-           "native_row_limit", "measured_row_limit", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]
+__all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_buckets", "apply_decode_linear",
+           "native_buckets", "measured_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS", "NATIVE_DTYPES",
+           "ROW_LADDER", "EVERY_ROW_COUNT"]

@@ -12,8 +12,8 @@ from hcr_kernels._validate import check_same_device, check_same_dtype, check_ten
 from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
-__all__ = ["decode_linear", "apply_decode_linear", "native_row_limit", "measured_row_limit", "DecodeLinearFunction",
-           "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER"]
+__all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "row_bucket", "takes_native",
+           "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER", "EVERY_ROW_COUNT"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -25,7 +25,8 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which wins depends on the CPU: on an AVX2-only EPYC the native kernel was 1.3-4.8x
 # F.linear in fp32/bf16 but 0.7x for one fp16 row (F.linear has a fast fp16 one-row
 # path there); a limit tuned on one CPU was slower than F.linear on another.
-ROW_LADDER = (1, 2, 4, 8, 16, 32)
+ROW_LADDER = (1, 2, 4, 8, 16, 32)  # powers of two: ``row_bucket`` is a bit length
+EVERY_ROW_COUNT = -1  # the bucket mask with every bit set: backend="native" takes the kernel at any row count
 
 
 class DecodeLinearFunction(torch.autograd.Function):
@@ -57,17 +58,29 @@ def decode_linear(
     """``input @ weight.T + bias`` (``F.linear``'s contract): ``[..., K]``, ``[N, K]``, ``[N]`` -> ``[..., N]``.
 
     Differentiable. ``backend``: None (``HCR_BACKEND`` or the automatic choice: native
-    for CPU tensors of a native dtype with weight rows contiguous and at most as many
-    rows as the native kernel was measured faster for on this machine, see
-    ``measured_row_limit``; else reference), ``"reference"`` or ``"native"`` (any row
+    for CPU tensors of a native dtype with weight rows contiguous and a row count at
+    which the native kernel was measured faster on this machine, see
+    ``measured_buckets``; else reference), ``"reference"`` or ``"native"`` (any row
     count; a dtype it lacks is an error).
     """
     _check_args(input, weight, bias)
-    return apply_decode_linear(input, weight, bias, native_row_limit(weight, backend))
+    return apply_decode_linear(input, weight, bias, native_buckets(weight, backend))
 
 
-def native_row_limit(weight: torch.Tensor, backend: str | None = None) -> int:
-    """Up to how many input rows a linear with this weight takes the native kernel (0: never).
+def row_bucket(rows: int) -> int:
+    """Which rung of ``ROW_LADDER`` decides for ``rows`` input rows: the smallest rung >= ``rows`` (its
+    index; beyond the ladder the index goes on, 6 for 33-64 rows, ..., so no bucket mask of the ladder has it)."""
+    return max(rows - 1, 0).bit_length()
+
+
+def takes_native(rows: int, buckets: int) -> bool:
+    """Whether a call with ``rows`` input rows takes the native kernel under the bucket mask ``buckets``."""
+    return (buckets >> row_bucket(rows)) & 1 == 1
+
+
+def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
+    """For which row counts a linear with this weight takes the native kernel: a bit mask over
+    ``row_bucket``s (bit i: rows in ``(ROW_LADDER[i-1], ROW_LADDER[i]]``); 0 never, ``EVERY_ROW_COUNT`` always.
 
     Everything here depends on the layer, not on the call (device, dtype, shape, whether
     the weight's rows are contiguous, ``backend``, ``HCR_BACKEND``; the extension's
@@ -76,54 +89,54 @@ def native_row_limit(weight: torch.Tensor, backend: str | None = None) -> int:
     and a direct call costs a lookup; ``decode_linears`` asks once per layer.
     """
     contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
-    key = ("decode_linear row limit", weight.device, weight.dtype, tuple(weight.shape), contiguous_rows, backend,
+    key = ("decode_linear row buckets", weight.device, weight.dtype, tuple(weight.shape), contiguous_rows, backend,
            os.environ.get(_dispatch.BACKEND_ENV_VAR))
-    return autotune.remembered(key, lambda: _derive_row_limit(weight, backend, contiguous_rows))
+    return autotune.remembered(key, lambda: _derive_buckets(weight, backend, contiguous_rows))
 
 
-def _derive_row_limit(weight: torch.Tensor, backend: str | None, contiguous_rows: bool) -> int:
+def _derive_buckets(weight: torch.Tensor, backend: str | None, contiguous_rows: bool) -> int:
     chosen = _dispatch.choose_backend("decode_linear", weight.device, backend, BACKEND_CHECKS)
     if chosen == "reference":
         return 0
     if backend is None:  # automatic or HCR_BACKEND: native only where it is the faster path
-        return measured_row_limit(weight) if contiguous_rows and weight.dtype in NATIVE_DTYPES else 0
+        return measured_buckets(weight) if contiguous_rows and weight.dtype in NATIVE_DTYPES else 0
     if weight.dtype not in NATIVE_DTYPES:
         raise TypeError(f"decode_linear: backend 'native' supports {NATIVE_DTYPES}, got {weight.dtype}; "
                         "use backend='reference'")
-    return sys.maxsize
+    return EVERY_ROW_COUNT
 
 
-def measured_row_limit(weight: torch.Tensor) -> int:
-    """The largest row count of ``ROW_LADDER`` up to which the native kernel beat F.linear on this weight's shape.
+def measured_buckets(weight: torch.Tensor) -> int:
+    """The bucket mask of the ``ROW_LADDER`` rungs at which the native kernel beat F.linear on this weight's shape.
 
     Measured on this machine at first use (``hcr_kernels.autotune``, cached per CPU, ISA,
-    thread count and shape), from one row up, stopping at the first count where it was
-    slower: the limit is the last count where it was clearly faster. A tie on the way (within
-    ``autotune.MARGIN`` either way) neither extends nor ends the range: one noisy tie at one
-    row had turned the kernel off for every row count of a layer where it won 1.2-1.75x at
-    2-8 rows. 0 when it never won or when autotuning is off.
+    thread count and shape), every rung on its own: the winner need not change once. On an
+    Intel Xeon, MKL's fp32 F.linear on a 151,936 x 256 lm_head took 4.6 ms for 1-2 rows but
+    9.0 at 4 and 15.5 at 8, where the kernel took 5.4 / 7.4 / 8.8 ms at 2 / 4 / 8: a limit
+    that stopped at the first loss (2 rows) kept F.linear at 8 rows, 1.8x slower. A tie
+    (within ``autotune.MARGIN`` either way) keeps F.linear, as a loss does. 0 when autotuning is off.
     """
-    return autotune.remembered(("decode_linear", weight.dtype, *weight.shape), lambda: _measure_row_limit(weight))
+    return autotune.remembered(("decode_linear", weight.dtype, *weight.shape), lambda: _measure_buckets(weight))
 
 
-def _measure_row_limit(weight: torch.Tensor) -> int:
+def _measure_buckets(weight: torch.Tensor) -> int:
     out_features, in_features = weight.shape
-    limit = 0
+    buckets = 0
     for rows in ROW_LADDER:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
         verdict = autotune.compare("decode_linear", shape_class, lambda: native.decode_linear(x, weight, None),
                                    lambda: decode_linear_ref(x, weight, None))
-        if verdict in (None, autotune.SLOWER):
-            break
+        if verdict is None:  # autotuning off
+            return 0
         if verdict == autotune.FASTER:
-            limit = rows
-    return limit
+            buckets |= 1 << row_bucket(rows)
+    return buckets
 
 
-def apply_decode_linear(input, weight, bias, row_limit: int) -> torch.Tensor:
-    """The linear, native when ``input`` has at most ``row_limit`` rows (arguments already checked)."""
-    if input.numel() > row_limit * input.shape[-1] or input.dtype != weight.dtype:
+def apply_decode_linear(input, weight, bias, buckets: int) -> torch.Tensor:
+    """The linear, native when ``input``'s row count is in the bucket mask ``buckets`` (arguments already checked)."""
+    if not takes_native(input.numel() // max(input.shape[-1], 1), buckets) or input.dtype != weight.dtype:
         return decode_linear_ref(input, weight, bias)
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):

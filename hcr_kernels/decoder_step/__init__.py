@@ -4,7 +4,7 @@ A small model's decode step on a CPU is mostly Python between its ops: the tiny
 benchmark model (4 layers, hidden 256) runs ~30 ATen ops per layer, each wrapped in a
 few microseconds of interpreter and dispatch around a kernel of one or two. The native
 op runs the same ops in the same order in C++ (the norms and rotary embedding as ATen
-ops, the projections through ``decode_linear`` where its row limit allows, the cache
+ops, the projections through ``decode_linear`` where its row buckets say, the cache
 write through ``ragged_cache_write_``, the attention through ``decode_attention``), so
 its output and cache writes are bit for bit those of the reference, which makes the same
 calls from Python.

@@ -12,14 +12,14 @@ _op = torch.ops.hcr.qwen2_decoder_step.default if _extension.extension_loaded() 
 
 @_extension.register_fake("qwen2_decoder_step")
 def _qwen2_decoder_step_fake(embeds, cos, sin, weights, key_caches, value_caches, start, count, span, positions,
-                             native_rows, eps, scales, windows, head_dim, final_norm, final_eps):
+                             native_buckets, eps, scales, windows, head_dim, final_norm, final_eps):
     return torch.empty_like(embeds)
 
 
 def qwen2_decoder_step(embeds, cos, sin, packed, key_caches, value_caches, start, count, span: int,
                        positions) -> torch.Tensor:
-    """``packed``: a ``Qwen2DecoderStack``'s flat lists (weights, row limits, eps, scales, windows), head dim and
+    """``packed``: a ``Qwen2DecoderStack``'s flat lists (weights, row bucket masks, eps, scales, windows), head dim and
     final norm (weight or None, eps)."""
-    weights, native_rows, eps, scales, windows, head_dim, final_norm, final_eps = packed
-    return _op(embeds, cos, sin, weights, key_caches, value_caches, start, count, span, positions, native_rows, eps,
+    weights, native_buckets, eps, scales, windows, head_dim, final_norm, final_eps = packed
+    return _op(embeds, cos, sin, weights, key_caches, value_caches, start, count, span, positions, native_buckets, eps,
                scales, windows, head_dim, final_norm, final_eps)

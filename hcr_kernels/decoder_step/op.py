@@ -19,7 +19,7 @@ BACKEND_CHECKS = {
     "native": _dispatch.native_cpu_check("qwen2_decoder_step", "reference"),
 }
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the order of ``native_rows``
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the order of ``native_buckets``
 # the order the native op takes a layer's tensors in (kWeights in csrc/decoder_step_cpu.cpp)
 WEIGHTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "post_norm", "gate", "up", "down")
 
@@ -27,8 +27,8 @@ WEIGHTS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "post
 @dataclass(frozen=True)
 class Qwen2LayerWeights:
     """One Qwen2 decoder layer: its tensors (``[out, in]`` projections, q/k/v with biases), its two norms'
-    eps, the attention's scale and sliding window (0: none), and per projection the most rows that take
-    ``decode_linear``'s kernel (0: always ``F.linear``; ``hcr_kernels.decode_linears``' limits)."""
+    eps, the attention's scale and sliding window (0: none), and per projection the row counts that take
+    ``decode_linear``'s kernel (``native_buckets``' bit mask, 0: always ``F.linear``; ``decode_linear_buckets``)."""
 
     input_norm: torch.Tensor
     q: torch.Tensor
@@ -46,7 +46,7 @@ class Qwen2LayerWeights:
     post_eps: float
     scale: float
     sliding_window: int
-    native_rows: tuple[int, int, int, int, int, int, int]
+    native_buckets: tuple[int, int, int, int, int, int, int]
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors in the order the native op takes them."""
@@ -77,7 +77,7 @@ class Qwen2DecoderStack:
         self.heads, self.kv_heads = layers[0].q.shape[0] // head_dim, layers[0].k.shape[0] // head_dim
         self.dtype, self.device, self.hidden = layers[0].q.dtype, layers[0].q.device, layers[0].q.shape[1]
         self._packed = ([tensor for layer in layers for tensor in layer.tensors()],
-                        [rows for layer in layers for rows in layer.native_rows],
+                        [mask for layer in layers for mask in layer.native_buckets],
                         [eps for layer in layers for eps in (layer.input_eps, layer.post_eps)],
                         [layer.scale for layer in layers], [layer.sliding_window for layer in layers], head_dim,
                         final_norm, self.final_eps)
@@ -150,9 +150,10 @@ def _check_layer(index: int, layer: Qwen2LayerWeights, head_dim: int, first: tor
     for field, shape in shapes.items():
         if tuple(getattr(layer, field).shape) != shape:
             raise ValueError(f"{name}.{field} must be {list(shape)}, got {tuple(getattr(layer, field).shape)}")
-    if len(layer.native_rows) != len(PROJECTIONS) or not all(isinstance(r, int) and r >= 0 for r in layer.native_rows):
-        raise ValueError(f"{name}.native_rows must be {len(PROJECTIONS)} ints >= 0 ({', '.join(PROJECTIONS)}), "
-                         f"got {layer.native_rows!r}")
+    if len(layer.native_buckets) != len(PROJECTIONS) or not all(
+            isinstance(mask, int) and -2**63 <= mask < 2**63 for mask in layer.native_buckets):
+        raise ValueError(f"{name}.native_buckets must be {len(PROJECTIONS)} int64 bit masks ({', '.join(PROJECTIONS)}; "
+                         f"decode_linear's native_buckets), got {layer.native_buckets!r}")
     if not isinstance(layer.sliding_window, int) or layer.sliding_window < 0:
         raise ValueError(f"{name}.sliding_window must be an int >= 0 (0: none), got {layer.sliding_window!r}")
 

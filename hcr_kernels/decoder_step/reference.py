@@ -19,7 +19,7 @@ from hcr_kernels.kv_cache.reference import ragged_cache_write_ref
 
 
 class StepOps(NamedTuple):
-    """The kernels of a step: ``linear(input, weight, bias, native_rows)``, ``write(key_cache, value_cache,
+    """The kernels of a step: ``linear(input, weight, bias, native_buckets)``, ``write(key_cache, value_cache,
     keys, values, start, count)`` (in place) and ``attend(query, keys, values, positions, scale, window)``."""
 
     linear: Callable
@@ -28,7 +28,7 @@ class StepOps(NamedTuple):
 
 
 REFERENCE_OPS = StepOps(
-    linear=lambda input, weight, bias, native_rows: F.linear(input, weight, bias),
+    linear=lambda input, weight, bias, native_buckets: F.linear(input, weight, bias),
     write=ragged_cache_write_ref,
     attend=lambda query, keys, values, positions, scale, window: decode_attention_ref(
         query, keys, values, positions, scale=scale, sliding_window=window or None),
@@ -63,7 +63,7 @@ def qwen2_decoder_step_ref(embeds, cos, sin, layers, key_caches, value_caches, s
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     hidden = embeds
     for layer, keys, values in zip(layers, key_caches, value_caches):
-        q_rows, k_rows, v_rows, o_rows, gate_rows, up_rows, down_rows = layer.native_rows
+        q_rows, k_rows, v_rows, o_rows, gate_rows, up_rows, down_rows = layer.native_buckets
         normed = rms_norm(hidden, layer.input_norm, layer.input_eps)
         query = linear(normed, layer.q, layer.q_bias, q_rows).view(heads).transpose(1, 2)
         key = linear(normed, layer.k, layer.k_bias, k_rows).view(heads).transpose(1, 2)
