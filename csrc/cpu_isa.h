@@ -20,7 +20,7 @@ namespace hcr {
 
 // Best last, so a larger value is a newer ISA. `amx` is AVX-512 plus Intel's AMX tiles (AMX-TILE and
 // AMX-BF16, granted by the OS): every kernel runs its AVX-512 variant there, and the few with a tile path
-// (decode_attention's bf16 scores) take it.
+// (decode_attention's bf16 scores, decode_linear's bf16 rows; amx_tiles.h) take it.
 enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, amx = 3 };
 
 Isa active_isa();

@@ -57,10 +57,7 @@
 
 #include <unistd.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>  // AMX tile intrinsics, used in HCR_TARGET_AMX functions only
-#endif
-
+#include "amx_tiles.h"
 #include "decode_ops.h"
 #include "vec_math.h"
 
@@ -439,28 +436,9 @@ struct Scratch {
 // 6 query rows x 16 keys x 128 elements an AVX-512 sweep does in 48 FMAs plus widening and cross-lane sums
 // take 4 tile loads of keys and 4 dot products. The keys are the tiles' A operand straight from the cache
 // (16 rows, any row stride); the queries are the B operand, packed once per block of queries (groups of
-// kTileRows rows, tile_queries_index). The sums come out key-major and are scattered into the scores'
+// kTileRows rows, tile_operand_index in amx_tiles.h). The sums come out key-major and are scattered into the scores'
 // query-major rows, times the scale (applied to each sum: the tile multiplies the unscaled bf16 query).
-constexpr int64_t kTileRows = 16;  // key rows per tile, and query rows per group (a tile's 16 columns)
-
-// Where element d of query row r goes in the packed B operand: per group of 16 rows and 32 elements of D, 16
-// tile rows of 16 pairs (q[n][2i], q[n][2i + 1]) for the group's rows n (zeros past the last row).
-inline int64_t tile_queries_index(int64_t r, int64_t d, int64_t D) {
-  const int64_t group = r / kTileRows, n = r % kTileRows, chunk = d / 32, i = (d % 32) / 2;
-  return (((group * (D / 32) + chunk) * kTileRows + i) * kTileRows + n) * 2 + d % 2;
-}
-
 #if HCR_HAS_ISA_VARIANTS
-struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes: palette 1, then per tile its bytes per row and rows
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// The tile intrinsics are asm statements that name no memory: the compiler must not move a buffer's stores
-// past a tile load of it, nor its loads before the tile store that wrote it.
-inline void tile_memory_barrier() { asm volatile("" ::: "memory"); }
-
 // Tile 0 += keys x queries[chunk] over the chunks of D (at most 4) for 16 key rows at `keys`, queries in tiles
 // 4-7, and the same into tile 3 for the 16 rows at `more`: two independent chains of dot products, so one
 // block's products overlap the other's instead of waiting on their own accumulator.
@@ -492,27 +470,13 @@ HCR_TARGET_AMX inline void two_blocks_against_resident_queries(const uint16_t* k
   }
 }
 
-// Tile 0 = 16 key rows at `keys` x the packed queries of one group (queries loaded per chunk: any D, any rows).
-HCR_TARGET_AMX inline void block_against_queries(const uint16_t* keys, int64_t row_bytes, const uint16_t* queries,
-                                                 int64_t chunks) {
-  _tile_zero(0);
-  for (int64_t c = 0; c < chunks; ++c) {
-    _tile_loadd(1, keys + c * 32, row_bytes);
-    _tile_loadd(2, queries + c * kTileRows * 32, 64);
-    _tile_dpbf16ps(0, 1, 2);
-  }
-}
-
 // dst[n * width + j] = sums[j * 16 + n] * scale for the `rows` query rows n and `count` key rows j of a tile's
 // key-major sums: one gather per query row of a whole block.
 HCR_TARGET_AMX void scatter_tile_sums(const float* sums, int64_t count, int64_t rows, float scale, float* dst,
                                       int64_t width) {
-  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(kTileRows));
   for (int64_t n = 0; n < rows; ++n) {
     if (count == kTileRows) {
-      const __m512 row = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(int(n))), sums, 4);
-      _mm512_storeu_ps(dst + n * width, _mm512_mul_ps(row, _mm512_set1_ps(scale)));
+      _mm512_storeu_ps(dst + n * width, _mm512_mul_ps(tile_column(sums, n), _mm512_set1_ps(scale)));
     } else {
       for (int64_t j = 0; j < count; ++j) dst[n * width + j] = sums[j * kTileRows + n] * scale;
     }
@@ -527,9 +491,7 @@ HCR_TARGET_AMX void scatter_tile_sums(const float* sums, int64_t count, int64_t 
 // on the Intel Xeon the vector pass measured the same without (its prefetch is kept for the AMD EPYCs).
 HCR_TARGET_AMX void tile_scores(const uint16_t* queries, int64_t R, int64_t D, const uint16_t* keys, int64_t k_stride,
                                 int64_t c0, int64_t c1, float scale, float* scores, uint16_t* pad) {
-  TileConfig config;  // tile 0 (and 3) the sums, 1 and 2 keys (or queries), 4-7 one group's queries
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kTileRows;
-  _tile_loadconfig(&config);
+  load_square_tile_config();  // tile 0 (and 3) the sums, 1 and 2 keys (or queries), 4-7 one group's queries
   const int64_t width = c1 - c0 + 1, chunks = D / 32, groups = (R + kTileRows - 1) / kTileRows;
   alignas(64) float sums[2][kTileRows * kTileRows];  // sums[block][key * 16 + query]
   const auto scatter = [&](const float* block_sums, int64_t start, int64_t count, int64_t g) {
@@ -541,16 +503,16 @@ HCR_TARGET_AMX void tile_scores(const uint16_t* queries, int64_t R, int64_t D, c
     for (int64_t j = 0; j < width; ++j) std::copy(keys + (c0 + j) * k_stride, keys + (c0 + j) * k_stride + D, pad + j * D);
     tile_memory_barrier();
     for (int64_t g = 0; g < groups; ++g) {
-      block_against_queries(pad, D * 2, queries + g * chunks * kTileRows * 32, chunks);
+      block_times_packed(pad, D * 2, queries + g * chunks * kTileElements, chunks);
       _tile_stored(0, sums[0], kTileRows * 4);
       tile_memory_barrier();
       scatter(sums[0], c0, width, g);
     }
   } else if (groups == 1 && chunks <= 4) {
     _tile_loadd(4, queries, 64);
-    if (chunks > 1) _tile_loadd(5, queries + kTileRows * 32, 64);
-    if (chunks > 2) _tile_loadd(6, queries + 2 * kTileRows * 32, 64);
-    if (chunks > 3) _tile_loadd(7, queries + 3 * kTileRows * 32, 64);
+    if (chunks > 1) _tile_loadd(5, queries + kTileElements, 64);
+    if (chunks > 2) _tile_loadd(6, queries + 2 * kTileElements, 64);
+    if (chunks > 3) _tile_loadd(7, queries + 3 * kTileElements, 64);
     const int64_t blocks = (width + kTileRows - 1) / kTileRows;
     for (int64_t b = 0; b < blocks; b += 2) {
       const int64_t first = std::min(c0 + b * kTileRows, c1 + 1 - kTileRows);
@@ -566,7 +528,7 @@ HCR_TARGET_AMX void tile_scores(const uint16_t* queries, int64_t R, int64_t D, c
     for (int64_t b0 = c0; b0 <= c1; b0 += kTileRows) {
       const int64_t start = std::min(b0, c1 + 1 - kTileRows);
       for (int64_t g = 0; g < groups; ++g) {
-        block_against_queries(keys + start * k_stride, k_stride * 2, queries + g * chunks * kTileRows * 32, chunks);
+        block_times_packed(keys + start * k_stride, k_stride * 2, queries + g * chunks * kTileElements, chunks);
         _tile_stored(0, sums[0], kTileRows * 4);
         tile_memory_barrier();
         scatter(sums[0], start, kTileRows, g);
@@ -660,7 +622,7 @@ struct AttendGroup {
           const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
           if (tiles) {  // unscaled bf16, as the tiles multiply them (tile_scores scales the sums)
             const auto* bits = reinterpret_cast<const uint16_t*>(src);
-            for (int64_t d = 0; d < D; ++d) tile_queries[tile_queries_index(r, d, D)] = bits[d];
+            for (int64_t d = 0; d < D; ++d) tile_queries[tile_operand_index(r, d, D)] = bits[d];
           } else {
             widen_paired<T, Lanes>(src, q.data() + r * D, D);
             for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
@@ -669,7 +631,7 @@ struct AttendGroup {
       }
       if (tiles) {  // the last group's unused columns
         for (int64_t r = R; r % kTileRows != 0; ++r)
-          for (int64_t d = 0; d < D; ++d) tile_queries[tile_queries_index(r, d, D)] = 0;
+          for (int64_t d = 0; d < D; ++d) tile_queries[tile_operand_index(r, d, D)] = 0;
       }
       // The span [lo, hi] goes in chunks whose keys and values fit in half the L2 together (see chunk_slots):
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores

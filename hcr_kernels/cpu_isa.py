@@ -3,9 +3,10 @@
 The extension compiles every hot loop once per ISA (with that ISA's vector width)
 and picks the best the CPU has when it loads. ``amx`` is AVX-512 plus Intel's AMX
 tiles (Sapphire Rapids and later, where the OS grants them): every kernel runs its
-AVX-512 code there, and decode_attention scores bf16 caches with tile dot products. ``HCR_CPU_ISA`` (read when
-``hcr_kernels`` is imported) or ``set_cpu_isa`` chooses another, so every path a
-machine can run is tested and timed on it; asking for one the CPU lacks is an error.
+AVX-512 code there, and decode_attention's bf16 scores and decode_linear's bf16 rows
+use tile dot products. ``HCR_CPU_ISA`` (read when ``hcr_kernels`` is imported) or
+``set_cpu_isa`` chooses another, so every path a machine can run is tested and timed
+on it; asking for one the CPU lacks is an error.
 ``python -m hcr_kernels.info`` reports the active one.
 """
 

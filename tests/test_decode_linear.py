@@ -90,34 +90,43 @@ def test_native_forward_matches_oracle(rows, out_features, in_features, dtype, w
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
-def test_native_takes_nd_and_strided_inputs(dtype):
+@pytest.mark.parametrize("wide,first,last", [(80, 10, 70), (96, 16, 80)], ids=["K60", "K64"])  # K64: AMX tiles
+def test_native_takes_nd_and_strided_inputs(dtype, wide, first, last):
     """A [B, T, K] input, a non-contiguous input, a weight whose rows sit in a wider matrix."""
-    x, wide, bias = operands(6, 40, 80, dtype)
-    weight = wide[:, 10:70]  # rows contiguous, row stride 80
-    batch = x[:, 10:70].reshape(2, 3, 60)
+    x, wide, bias = operands(6, 40, wide, dtype)
+    K = last - first
+    weight = wide[:, first:last]  # rows contiguous, row stride wider than K
+    batch = x[:, first:last].reshape(2, 3, K)
     out = decode_linear(batch, weight, bias, backend="native")
     assert out.shape == (2, 3, 40)
     assert_linear_matches_oracle(out, batch, weight, bias, dtype)
-    strided = x[:, 10:70:2].t()[:, :4].t()  # [4, 30] with strides in both dims
-    out = decode_linear(strided, weight[:, :30], bias, backend="native")
-    assert_linear_matches_oracle(out, strided, weight[:, :30], bias, dtype)
-    transposed = weight[:, :30].t().contiguous().t()  # rows not contiguous: copied, still right
+    strided = x[:, first:last:2].t()[:, :4].t()  # [4, K / 2] with strides in both dims
+    out = decode_linear(strided, weight[:, :K // 2], bias, backend="native")
+    assert_linear_matches_oracle(out, strided, weight[:, :K // 2], bias, dtype)
+    transposed = weight[:, :K // 2].t().contiguous().t()  # rows not contiguous: copied, still right
     out = decode_linear(strided, transposed, bias, backend="native")
     assert_linear_matches_oracle(out, strided, transposed, bias, dtype)
 
 
-@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
-def test_native_reads_every_16_bit_weight_exactly(dtype):
+def test_native_reads_every_16_bit_weight_exactly(cpu_isa, dtype):
     """Every finite 16-bit pattern (subnormals, signed zeros, the largest values) as a weight, picked
     out by one-hot inputs: each comes back exactly (the fp32 conversion of each ISA, F16C or integer
-    ops); an inf or nan weight gives inf or nan."""
+    ops); an inf or nan weight gives inf or nan. bf16 on AMX tiles (the amx level) reads subnormal
+    values as zero, as the tiles' dot products do (and torch's own bf16 F.linear on such a CPU): every
+    normal value still comes back exactly."""
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = every[torch.isfinite(every)]
-    width = 32  # two vectors of 16 lanes: the unrolled loop of every ISA
+    width = 32  # two vectors of 16 lanes: the unrolled loop of every ISA; one chunk of a tile
     weight = torch.cat((finite, torch.zeros((-len(finite)) % width, dtype=dtype))).reshape(-1, width)
     out = decode_linear(torch.eye(width, dtype=dtype), weight, backend="native")
-    assert torch.equal(out, weight.t())
+    if cpu_isa == "amx" and dtype == torch.bfloat16:
+        expected = torch.where(weight.t().float().abs() < torch.finfo(dtype).tiny, 0, weight.t())
+        assert (out == expected).all()  # zeros of either sign
+        assert torch.equal(out[expected != 0], expected[expected != 0])
+        assert (expected != weight.t()).sum() == 2 * 127  # the subnormals, nothing else
+    else:
+        assert torch.equal(out, weight.t())
     special = torch.zeros(3, width, dtype=dtype)
     special[:, 0] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     picked = decode_linear(torch.eye(width, dtype=dtype)[:1], special, backend="native")[0]
@@ -142,11 +151,12 @@ def test_native_16_bit_outputs_round_as_torch_does(dtype):
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
-@pytest.mark.parametrize("in_features", [133, 2100], ids=["K133", "K2100"])
+@pytest.mark.parametrize("in_features", [133, 2100, 128], ids=["K133", "K2100", "K128"])
 def test_native_row_does_not_depend_on_its_batch(dtype, in_features):
     """Each input row's output is bit-identical alone and inside a batch of 11 rows (groups of 4, 2
     and 1 rows, one to four weight rows per pass, and the weight rows left over one at a time; K short
-    and long): decoding a sequence alone or in a batch reads the same logits."""
+    and long; bf16 with K = 128 on AMX tiles on the amx level): decoding a sequence alone or in a batch
+    reads the same logits."""
     x, weight, bias = operands(11, 67, in_features, dtype)
     batched = decode_linear(x, weight, bias, backend="native")
     for row in range(len(x)):
@@ -330,7 +340,7 @@ def test_fake_kernels_for_torch_compile():
 @given(
     rows=st.integers(1, 9),
     out_features=st.integers(1, 70),
-    in_features=st.integers(1, 140),
+    in_features=st.one_of(st.integers(1, 140), st.sampled_from([32, 64, 96, 128])),  # multiples of 32: tiles
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
