@@ -306,7 +306,6 @@ HCR_TARGET_AMX void bf16_rows_on_tiles(const uint16_t* weight, int64_t weight_st
   }
   _tile_release();
 }
-#endif
 
 // The M input rows packed as the tiles' B operand (tile_operand_index's order, without its divisions), in a
 // buffer each thread keeps: the columns past the last row keep whatever an earlier call left there, as the
@@ -328,6 +327,7 @@ const uint16_t* packed_for_tiles(const at::Tensor& input, int64_t M, int64_t K) 
   }
   return packed.data();
 }
+#endif
 
 template <typename T>
 void linear_all_rows(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
