@@ -201,7 +201,7 @@ def cached_decisions() -> dict[str, dict]:
 
 
 def remembered(key: tuple, derive: Callable[[], object]) -> object:
-    """``derive()`` (a value computed from measured decisions, e.g. a row limit), computed once per
+    """``derive()`` (a value computed from measured decisions, e.g. a bucket mask of row counts), computed once per
     ``key`` on this machine with autotuning on or off, until ``forget``: per-call choices cost one lookup."""
     # The CPU model and torch version cannot change within a process: ISA, threads and the switch can.
     full_key = (cpu_isa.active_cpu_isa(), torch.get_num_threads(), os.environ.get(AUTOTUNE_ENV_VAR), *key)

@@ -51,7 +51,7 @@ def assert_linear_matches_oracle(out, x, weight, bias, dtype):
 
 
 # (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
-# K below one vector, between vectors, over two; N = 1; larger than the row limit; a long K
+# K below one vector, between vectors, over two; N = 1; more rows than the ladder measures; a long K
 # (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more.
 SHAPES = [
     pytest.param(1, 130, 257, id="M1-N130-K257"),
@@ -379,7 +379,8 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
     with decode_linears(model):
         assert [("forward" in vars(m)) for m in model] == [True, False, True, False]
         inside = model(x)
-    assert routed == [((32, 16), UP_TO_4_ROWS), ((8, 32), UP_TO_4_ROWS)]  # the two plain layers; the subclass kept its forward
+    # the two plain layers; the subclass kept its forward
+    assert routed == [((32, 16), UP_TO_4_ROWS), ((8, 32), UP_TO_4_ROWS)]
     torch.testing.assert_close(inside, expected, atol=1e-6, rtol=1e-6)
     assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_buckets") for m in model)
     assert torch.equal(model(x), expected)
