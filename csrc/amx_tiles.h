@@ -8,6 +8,7 @@
 // as B once per call; the sums come out A-row-major.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_isa.h"
@@ -20,15 +21,29 @@ namespace hcr {
 
 constexpr int64_t kTileRows = 16;  // A rows per tile, and B columns (packed operand rows) per group
 
-// Where element d of operand row r goes in the packed B operand: per group of 16 rows and 32 elements of D,
-// 16 tile rows of 16 pairs (x[n][2i], x[n][2i + 1]) for the group's rows n (zeros past the last row).
-inline int64_t tile_operand_index(int64_t r, int64_t d, int64_t D) {
-  const int64_t group = r / kTileRows, n = r % kTileRows, chunk = d / 32, i = (d % 32) / 2;
-  return (((group * (D / 32) + chunk) * kTileRows + i) * kTileRows + n) * 2 + d % 2;
-}
-
 // Elements of one group's packed operand for one chunk of 32 (a B tile: 16 rows of 64 bytes).
 constexpr int64_t kTileElements = kTileRows * 32;
+
+// Operand row r (D values, D a multiple of 32) into the packed B operand: per group of 16 rows and chunk of
+// 32 values, 16 tile rows of 16 pairs (x[n][2i], x[n][2i + 1]), one column n per row of the group.
+inline void pack_operand_row(const uint16_t* row, int64_t r, int64_t D, uint16_t* packed) {
+  uint16_t* column = packed + (r / kTileRows) * (D / 32) * kTileElements + (r % kTileRows) * 2;
+  for (int64_t c = 0; c < D / 32; ++c)
+    for (int64_t i = 0; i < kTileRows; ++i) {
+      uint16_t* pair = column + c * kTileElements + i * kTileRows * 2;
+      pair[0] = row[c * 32 + 2 * i], pair[1] = row[c * 32 + 2 * i + 1];
+    }
+}
+
+// Rows of a block of fewer than 16 (`count` rows of D values, `stride` apart) copied into `pad` (16 rows of
+// D), the rest zeros: a tile then loads 16 rows without reading past the last one, and the copied rows'
+// sums are the same tile sums they would be in a full block.
+inline const uint16_t* zero_padded_block(const uint16_t* rows, int64_t stride, int64_t count, int64_t D,
+                                         uint16_t* pad) {
+  std::fill(pad + count * D, pad + kTileRows * D, uint16_t{0});
+  for (int64_t j = 0; j < count; ++j) std::copy(rows + j * stride, rows + j * stride + D, pad + j * D);
+  return pad;
+}
 
 #if HCR_HAS_ISA_VARIANTS
 struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes: palette 1, then per tile its bytes per row and rows

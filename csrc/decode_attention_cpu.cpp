@@ -436,7 +436,7 @@ struct Scratch {
 // 6 query rows x 16 keys x 128 elements an AVX-512 sweep does in 48 FMAs plus widening and cross-lane sums
 // take 4 tile loads of keys and 4 dot products. The keys are the tiles' A operand straight from the cache
 // (16 rows, any row stride); the queries are the B operand, packed once per block of queries (groups of
-// kTileRows rows, tile_operand_index in amx_tiles.h). The sums come out key-major and are scattered into the scores'
+// kTileRows rows, pack_operand_row in amx_tiles.h). The sums come out key-major and are scattered into the scores'
 // query-major rows, times the scale (applied to each sum: the tile multiplies the unscaled bf16 query).
 #if HCR_HAS_ISA_VARIANTS
 // Tile 0 += keys x queries[chunk] over the chunks of D (at most 4) for 16 key rows at `keys`, queries in tiles
@@ -499,8 +499,7 @@ HCR_TARGET_AMX void tile_scores(const uint16_t* queries, int64_t R, int64_t D, c
                       scores + g * kTileRows * width + start - c0, width);
   };
   if (width < kTileRows) {
-    std::fill(pad, pad + kTileRows * D, uint16_t{0});
-    for (int64_t j = 0; j < width; ++j) std::copy(keys + (c0 + j) * k_stride, keys + (c0 + j) * k_stride + D, pad + j * D);
+    zero_padded_block(keys + c0 * k_stride, k_stride, width, D, pad);
     tile_memory_barrier();
     for (int64_t g = 0; g < groups; ++g) {
       block_times_packed(pad, D * 2, queries + g * chunks * kTileElements, chunks);
@@ -611,6 +610,10 @@ struct AttendGroup {
     const int64_t chunk = chunk_slots(D * int64_t(sizeof(T)));  // slots per chunk of a span (the same for every block)
     for (int64_t t0 = 0; t0 < s.T; t0 += steps_per_block) {
       const int64_t t1 = std::min(s.T, t0 + steps_per_block), R = (t1 - t0) * G;
+      if (tiles && R % kTileRows != 0) {  // the last group's unused columns: zeros (its rows are packed below)
+        const int64_t last_group = R / kTileRows * kTileRows * D;
+        std::fill(tile_queries.begin() + last_group, tile_queries.begin() + last_group + kTileRows * D, uint16_t{0});
+      }
       int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t pos = positions[b * s.T + t];
@@ -621,17 +624,12 @@ struct AttendGroup {
           first[r] = from, last[r] = pos;
           const T* src = query + b * s.q_stride[0] + (h * G + g) * s.q_stride[1] + t * s.q_stride[2];
           if (tiles) {  // unscaled bf16, as the tiles multiply them (tile_scores scales the sums)
-            const auto* bits = reinterpret_cast<const uint16_t*>(src);
-            for (int64_t d = 0; d < D; ++d) tile_queries[tile_operand_index(r, d, D)] = bits[d];
+            pack_operand_row(reinterpret_cast<const uint16_t*>(src), r, D, tile_queries.data());
           } else {
             widen_paired<T, Lanes>(src, q.data() + r * D, D);
             for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
           }
         }
-      }
-      if (tiles) {  // the last group's unused columns
-        for (int64_t r = R; r % kTileRows != 0; ++r)
-          for (int64_t d = 0; d < D; ++d) tile_queries[tile_operand_index(r, d, D)] = 0;
       }
       // The span [lo, hi] goes in chunks whose keys and values fit in half the L2 together (see chunk_slots):
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores

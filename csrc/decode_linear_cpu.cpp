@@ -244,7 +244,7 @@ const float* bias_as_float(const at::Tensor& bias, std::vector<float>& storage) 
 // bf16 rows on AMX tiles (Isa::amx, K a multiple of 32). The vector loop widens every weight to fp32 and
 // multiplies it into each input row with fp32 FMAs: at 8 rows of the 1.5B MLP that is compute-bound, 0.55-0.70x
 // MKL's F.linear (oneDNN's bf16 path). A tile dot product takes 16 weight rows by 32 values straight from the
-// weights (the A operand) against up to 16 input rows packed once per call (the B operand, tile_operand_index),
+// weights (the A operand) against up to 16 input rows packed once per call (the B operand, pack_operand_row),
 // so 1 and 16 rows read the weights at the same speed (a standalone loop, one thread, 8,960 x 1,536: 1.02 ms
 // at 1 row and 1.04 at 8, against 3.8 ms for vdpbf16ps vectors at 8 rows). Every sum is fp32 over exact bf16
 // products, in the tile's order for every row count (each output column is its own sum), so a row's result
@@ -273,7 +273,7 @@ HCR_TARGET_AMX void bf16_rows_on_tiles(const uint16_t* weight, int64_t weight_st
   load_square_tile_config();  // tiles 0 and 3 the sums, 1 and 2 weight rows, 4 one chunk of the inputs
   const int64_t chunks = K / 32, groups = (M + kTileRows - 1) / kTileRows, row_bytes = weight_stride * 2;
   alignas(64) float sums[2][kTileRows * kTileRows];  // sums[block][weight row * 16 + input row]
-  std::vector<uint16_t> pad;
+  std::vector<uint16_t> pad;  // a last block of fewer than 16 rows (one task's at most)
   int64_t n = n0;
   for (; n + 2 * kTileRows <= n1; n += 2 * kTileRows) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -291,11 +291,9 @@ HCR_TARGET_AMX void bf16_rows_on_tiles(const uint16_t* weight, int64_t weight_st
     const uint16_t* rows = weight + n * weight_stride;
     int64_t stride_bytes = row_bytes;
     if (count < kTileRows) {
-      pad.assign(kTileRows * K, 0);
-      for (int64_t j = 0; j < count; ++j)
-        std::copy(rows + j * weight_stride, rows + j * weight_stride + K, pad.data() + j * K);
+      pad.resize(kTileRows * K);
+      rows = zero_padded_block(rows, weight_stride, count, K, pad.data()), stride_bytes = K * 2;
       tile_memory_barrier();
-      rows = pad.data(), stride_bytes = K * 2;
     }
     for (int64_t g = 0; g < groups; ++g) {
       block_times_packed(rows, stride_bytes, packed + g * chunks * kTileElements, chunks);
@@ -307,24 +305,15 @@ HCR_TARGET_AMX void bf16_rows_on_tiles(const uint16_t* weight, int64_t weight_st
   _tile_release();
 }
 
-// The M input rows packed as the tiles' B operand (tile_operand_index's order, without its divisions), in a
-// buffer each thread keeps: the columns past the last row keep whatever an earlier call left there, as the
-// sums of those columns are never stored.
+// The M input rows packed as the tiles' B operand (pack_operand_row), in a buffer each thread keeps: the
+// columns past the last row keep whatever an earlier call left there, as the sums of those columns are never
+// stored.
 const uint16_t* packed_for_tiles(const at::Tensor& input, int64_t M, int64_t K) {
   static thread_local std::vector<uint16_t> packed;
   const at::Tensor dense = input.contiguous();
   const auto* bits = reinterpret_cast<const uint16_t*>(dense.const_data_ptr<c10::BFloat16>());
-  const int64_t chunks = K / 32;
   packed.resize(std::max<size_t>(packed.size(), (M + kTileRows - 1) / kTileRows * kTileRows * K));
-  for (int64_t m = 0; m < M; ++m) {
-    uint16_t* column = packed.data() + (m / kTileRows) * chunks * kTileElements + (m % kTileRows) * 2;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t i = 0; i < kTileRows; ++i) {
-        const uint16_t* pair = bits + m * K + c * 32 + 2 * i;
-        uint16_t* slot = column + c * kTileElements + i * kTileRows * 2;
-        slot[0] = pair[0], slot[1] = pair[1];
-      }
-  }
+  for (int64_t m = 0; m < M; ++m) pack_operand_row(bits + m * K, m, K, packed.data());
   return packed.data();
 }
 #endif
