@@ -18,7 +18,7 @@
   ``test_fused_linear_ce_interleaved`` times the two alternating (``interleaved.py``): the
   time ratio to trust on a shared machine. On the AVX2 machine (2026-12-04) the back-to-back
   cases gave 0.62-0.76x in six runs after the example-building benchmark's Python-list case
-  and 0.91-0.99x in four without it; the interleaved case 0.81x and 0.94x (README).
+  and 0.91-0.99x in four without it; the interleaved case 0.81x and 0.94x (``benchmarks/HISTORY.md``).
 
 ``python -m pytest benchmarks/test_bench_cross_entropy.py --benchmark-only`` (add ``-s``
 to see the peak-memory lines).
