@@ -63,8 +63,8 @@ def choose_backend(
     it can). ``reference`` is always implemented.
     """
     source = "backend="
-    if requested is None and os.environ.get(BACKEND_ENV_VAR):
-        requested, source = os.environ[BACKEND_ENV_VAR].strip().lower(), BACKEND_ENV_VAR
+    if requested is None and (from_environment := _extension.environment_variable(BACKEND_ENV_VAR)):
+        requested, source = from_environment.strip().lower(), BACKEND_ENV_VAR
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op_name}: {source} must be one of {BACKENDS}, got {requested!r}")

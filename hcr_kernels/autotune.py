@@ -42,6 +42,7 @@ ROUNDS = 7  # timed calls of each path (after one warm-up call each), interleave
 
 _decisions: dict[tuple[str, str, str], str] = {}
 _derived: dict[tuple, object] = {}
+_NOT_DERIVED = object()  # a derived value may be None
 _measuring = [0.0]  # wall seconds this process has spent measuring decisions
 
 
@@ -204,10 +205,12 @@ def remembered(key: tuple, derive: Callable[[], object]) -> object:
     """``derive()`` (a value computed from measured decisions, e.g. a bucket mask of row counts), computed once per
     ``key`` on this machine with autotuning on or off, until ``forget``: per-call choices cost one lookup."""
     # The CPU model and torch version cannot change within a process: ISA, threads and the switch can.
-    full_key = (cpu_isa.active_cpu_isa(), torch.get_num_threads(), os.environ.get(AUTOTUNE_ENV_VAR), *key)
-    if full_key not in _derived:
-        _derived[full_key] = derive()
-    return _derived[full_key]
+    full_key = (cpu_isa.active_cpu_isa(), torch.get_num_threads(), _extension.environment_variable(AUTOTUNE_ENV_VAR),
+                *key)
+    value = _derived.get(full_key, _NOT_DERIVED)
+    if value is _NOT_DERIVED:
+        value = _derived[full_key] = derive()
+    return value
 
 
 def forget() -> None:

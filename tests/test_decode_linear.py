@@ -303,6 +303,9 @@ def test_backend_env_var_selects_reference(monkeypatch, measured_by):
     autotune.forget()
     monkeypatch.setenv("HCR_BACKEND", "native")  # a global choice: fp64 falls back instead of failing
     assert native_buckets(torch.randn(4, 4, dtype=torch.float64)) == 0
+    assert native_buckets(weight, "reference") == 0  # a named backend wins over the variable
+    monkeypatch.setenv("HCR_BACKEND", "reference")
+    assert native_buckets(weight, "native") == EVERY_ROW_COUNT
 
 
 def test_bad_input_names_the_argument():

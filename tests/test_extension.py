@@ -79,6 +79,22 @@ def test_explicit_native_without_extension_names_the_rebuild(monkeypatch):
         _extension.require_native(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("loaded", [True, False], ids=["through-C", "without-C"])
+def test_environment_variable_says_what_os_environ_says(monkeypatch, loaded):
+    """The ops read HCR_BACKEND and HCR_AUTOTUNE per call through the C environment: every way a
+    test or a user changes os.environ (set, change, delete, an empty value) must show at once."""
+    if not loaded:
+        monkeypatch.setattr(_extension, "_C", None)
+    name = "HCR_TEST_ENVIRONMENT_VARIABLE"
+    monkeypatch.delenv(name, raising=False)
+    assert _extension.environment_variable(name) is None
+    for value in ("native", "reference ", "", "ü"):
+        monkeypatch.setenv(name, value)
+        assert _extension.environment_variable(name) == os.environ[name] == value
+    os.environ.pop(name)
+    assert _extension.environment_variable(name) is None
+
+
 class _CpuOnlyExtension:
     """Stands in for a ``_C`` whose CUDA part was skipped at build time."""
 

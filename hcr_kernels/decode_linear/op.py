@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from hcr_kernels import _dispatch, autotune
+from hcr_kernels import _dispatch, _extension, autotune
 from hcr_kernels._validate import check_same_device, check_same_dtype, check_tensor
 from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
@@ -81,15 +79,19 @@ def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
     """For which row counts a linear with this weight takes the native kernel: a bit mask over
     ``row_bucket``s (bit i: rows in ``(ROW_LADDER[i-1], ROW_LADDER[i]]``); 0 never, ``EVERY_ROW_COUNT`` always.
 
-    Everything here depends on the layer, not on the call (device, dtype, shape, whether
-    the weight's rows are contiguous, ``backend``, ``HCR_BACKEND``; the extension's
-    presence cannot change in a process), so it is worked out once per such key
-    (``autotune.remembered``, which adds the ISA, the thread count and ``HCR_AUTOTUNE``)
-    and a direct call costs a lookup; ``decode_linears`` asks once per layer.
+    A named ``backend`` decides without measuring (and ``HCR_BACKEND`` does not apply), so it
+    is worked out on the spot: that costs less than a lookup. The automatic choice depends on
+    the layer, not on the call (device, dtype, shape, whether the weight's rows are
+    contiguous, ``HCR_BACKEND``; the extension's presence cannot change in a process), so it
+    is worked out once per such key (``autotune.remembered``, which adds the ISA, the thread
+    count and ``HCR_AUTOTUNE``) and a direct call costs a lookup; ``decode_linears`` asks
+    once per layer.
     """
     contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
-    key = ("decode_linear row buckets", weight.device, weight.dtype, tuple(weight.shape), contiguous_rows, backend,
-           os.environ.get(_dispatch.BACKEND_ENV_VAR))
+    if backend is not None:
+        return _derive_buckets(weight, backend, contiguous_rows)
+    key = ("decode_linear row buckets", weight.device, weight.dtype, weight.shape, contiguous_rows,
+           _extension.environment_variable(_dispatch.BACKEND_ENV_VAR))
     return autotune.remembered(key, lambda: _derive_buckets(weight, backend, contiguous_rows))
 
 
@@ -135,7 +137,8 @@ def _measure_buckets(weight: torch.Tensor) -> int:
 
 def apply_decode_linear(input, weight, bias, buckets: int) -> torch.Tensor:
     """The linear, native when ``input``'s row count is in the bucket mask ``buckets`` (arguments already checked)."""
-    if not takes_native(input.numel() // max(input.shape[-1], 1), buckets) or input.dtype != weight.dtype:
+    if input.dtype != weight.dtype or (buckets != EVERY_ROW_COUNT and
+                                       not takes_native(input.numel() // max(input.shape[-1], 1), buckets)):
         return decode_linear_ref(input, weight, bias)
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
