@@ -71,8 +71,9 @@ def cpu_model() -> str:
 
 _BUILD_FIELD = " | hcr_kernels._C "
 # How decisions are measured; part of the key, so decisions measured another way are measured again
-# (2: each timed call starts with the cores' caches written over, see ``measure``).
-MEASURE_METHOD = 2
+# (2: each timed call starts with the cores' caches written over, see ``measure``; 3: decode_linear times a
+# round over copies of the weight, see ``decode_linear.op.weight_rotation``).
+MEASURE_METHOD = 3
 
 
 def machine_key() -> str:
@@ -115,15 +116,21 @@ def _write_cache(machine: str, key: str, record: dict) -> None:
         pass
 
 
+def core_caches_bytes(threads: int | None = None) -> int:
+    """Twice the L2 of each core torch runs on (1 MiB per core where the OS does not say): what a
+    measurement moves through the cores so that a call finds its operands out of them."""
+    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    return 2 * max(l2, 1 << 20) * (torch.get_num_threads() if threads is None else threads)
+
+
 @functools.cache
 def _eviction_buffer(threads: int) -> torch.Tensor:
-    """Twice the L2 of each core torch runs on (1 MiB per core where the OS does not say): the fill is
-    shared among the threads, so every core that runs a timed call gets its L2 written over. Made outside
-    inference mode: a first measurement under ``torch.inference_mode`` (a generation's) would otherwise
-    leave an inference tensor that a later measurement outside it may not write."""
-    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    """``core_caches_bytes``: the fill is shared among the threads, so every core that runs a timed call
+    gets its L2 written over. Made outside inference mode: a first measurement under
+    ``torch.inference_mode`` (a generation's) would otherwise leave an inference tensor that a later
+    measurement outside it may not write."""
     with torch.inference_mode(False):
-        return torch.empty(2 * max(l2, 1 << 20) * threads, dtype=torch.uint8)
+        return torch.empty(core_caches_bytes(threads), dtype=torch.uint8)
 
 
 def evict_core_caches() -> None:

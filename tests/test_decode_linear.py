@@ -19,11 +19,14 @@ from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
 from hcr_kernels import autotune
 from hcr_kernels.decode_linear import (
     EVERY_ROW_COUNT,
+    ROTATION_LIMIT,
     ROW_LADDER,
     decode_linear_buckets,
+    measured_buckets,
     native_buckets,
     row_bucket,
     takes_native,
+    weight_rotation,
 )
 from param_sets import tolerance
 
@@ -289,6 +292,47 @@ def test_automatic_choice_measures_the_real_kernels(monkeypatch, tmp_path):
     assert all(decisions[key]["fast_s"] > 0 and decisions[key]["reference_s"] > 0 for key in decisions)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV_VAR, "0")  # off: the reference, whatever was measured
     assert native_buckets(torch.randn(40, 24)) == 0
+
+
+@pytest.mark.parametrize("shape,dtype", [((40, 24), torch.float32), ((3, 5), torch.bfloat16), ((4096, 1024), torch.float32)])
+def test_weight_rotation_fills_the_cores_caches_with_copies(shape, dtype):
+    """The weight first, then copies with storage of their own, together at least what the cores' caches hold
+    (or ROTATION_LIMIT matrices); a weight that large alone is not copied."""
+    weight = torch.randn(*shape).to(dtype)
+    rotation = weight_rotation(weight)
+    assert rotation[0] is weight
+    assert all(torch.equal(copy, weight) and copy.dtype == dtype for copy in rotation)
+    assert len({copy.data_ptr() for copy in rotation}) == len(rotation)
+    nbytes = weight.numel() * weight.element_size()
+    if nbytes >= autotune.core_caches_bytes():
+        assert len(rotation) == 1
+    else:
+        assert len(rotation) == ROTATION_LIMIT or (len(rotation) * nbytes >= autotune.core_caches_bytes()
+                                                   > (len(rotation) - 1) * nbytes)
+
+
+def test_each_timed_round_calls_every_copy_once_per_path(monkeypatch):
+    """Both paths of a measured rung see the same input and every matrix of the rotation, in turn."""
+    from hcr_kernels.decode_linear import native, op
+    calls = []
+    monkeypatch.setattr(native, "decode_linear", lambda x, w, b: calls.append(("native", x.shape[0], w.data_ptr())))
+    monkeypatch.setattr(op, "decode_linear_ref", lambda x, w, b: calls.append(("reference", x.shape[0], w.data_ptr())))
+
+    def compare(op_name, shape_class, fast, reference):
+        fast(), reference()
+        return autotune.TIE
+    monkeypatch.setattr(autotune, "compare", compare)
+    autotune.forget()
+    weight = torch.randn(8, 16)
+    rotation = weight_rotation(weight)
+    assert measured_buckets(weight) == 0
+    assert len(rotation) > 1
+    pointers = [copy.data_ptr() for copy in rotation]
+    expected = [(path, rows, pointer) for rows in ROW_LADDER for path in ("native", "reference") for pointer in pointers]
+    assert len(calls) == len(expected)
+    assert [(path, rows) for path, rows, _ in calls] == [(path, rows) for path, rows, _ in expected]
+    assert calls[0][2] == weight.data_ptr() and len({pointer for *_, pointer in calls}) == len(rotation)
+    autotune.forget()
 
 
 def test_backend_env_var_selects_reference(monkeypatch, measured_by):

@@ -21,6 +21,7 @@ from hcr_kernels.decode_linear.op import (
     BACKEND_CHECKS,
     NATIVE_DTYPES,
     EVERY_ROW_COUNT,
+    ROTATION_LIMIT,
     ROW_LADDER,
     apply_decode_linear,
     decode_linear,
@@ -28,10 +29,11 @@ from hcr_kernels.decode_linear.op import (
     native_buckets,
     row_bucket,
     takes_native,
+    weight_rotation,
 )
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 from hcr_kernels.patches import decode_linear_buckets, decode_linears  # after .op, which patches imports
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_buckets", "apply_decode_linear",
            "native_buckets", "measured_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS", "NATIVE_DTYPES",
-           "ROW_LADDER", "EVERY_ROW_COUNT"]
+           "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]

@@ -10,7 +10,8 @@ from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
 __all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "row_bucket", "takes_native",
-           "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER", "EVERY_ROW_COUNT"]
+           "weight_rotation", "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER", "EVERY_ROW_COUNT",
+           "ROTATION_LIMIT"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -24,6 +25,7 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # path there); a limit tuned on one CPU was slower than F.linear on another.
 ROW_LADDER = (1, 2, 4, 8, 16, 32)  # powers of two: ``row_bucket`` is a bit length
 EVERY_ROW_COUNT = -1  # the bucket mask with every bit set: backend="native" takes the kernel at any row count
+ROTATION_LIMIT = 256  # matrices in weight_rotation: a 64 KiB layer's 256 copies still fill 16 MiB
 
 
 class DecodeLinearFunction(torch.autograd.Function):
@@ -111,7 +113,8 @@ def measured_buckets(weight: torch.Tensor) -> int:
     """The bucket mask of the ``ROW_LADDER`` rungs at which the native kernel beat F.linear on this weight's shape.
 
     Measured on this machine at first use (``hcr_kernels.autotune``, cached per CPU, ISA,
-    thread count and shape), every rung on its own: the winner need not change once. On an
+    thread count and shape), each timed round calling the weight and copies of it in turn
+    (``weight_rotation``), every rung on its own: the winner need not change once. On an
     Intel Xeon, MKL's fp32 F.linear on a 151,936 x 256 lm_head took 4.6 ms for 1-2 rows but
     9.0 at 4 and 15.5 at 8, where the kernel took 5.4 / 7.4 / 8.8 ms at 2 / 4 / 8: a limit
     that stopped at the first loss (2 rows) kept F.linear at 8 rows, 1.8x slower. A tie
@@ -122,17 +125,43 @@ def measured_buckets(weight: torch.Tensor) -> int:
 
 def _measure_buckets(weight: torch.Tensor) -> int:
     out_features, in_features = weight.shape
+    rotation = weight_rotation(weight)
     buckets = 0
     for rows in ROW_LADDER:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
-        verdict = autotune.compare("decode_linear", shape_class, lambda: native.decode_linear(x, weight, None),
-                                   lambda: decode_linear_ref(x, weight, None))
+        verdict = autotune.compare("decode_linear", shape_class, _each_in_turn(native.decode_linear, x, rotation),
+                                   _each_in_turn(decode_linear_ref, x, rotation))
         if verdict is None:  # autotuning off
             return 0
         if verdict == autotune.FASTER:
             buckets |= 1 << row_bucket(rows)
     return buckets
+
+
+def weight_rotation(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` and copies of it, ``autotune.core_caches_bytes()`` in all or more (at most ``ROTATION_LIMIT``
+    matrices), called in turn by each timed round of ``measured_buckets``.
+
+    Each call then finds its weights out of the cores' caches, as in a decode step where the other layers
+    run between two calls of a layer, while the code of the call stays hot, as it does there. Timing one
+    call after the caches were written over (``autotune.measure`` does that before each round) also pushed
+    out the code: on an Intel Xeon (2 threads) that added ~8 us to both paths of a small layer and made
+    ties of what the tiny model's stack showed as wins (fp16 256 x 256, one row: 14.8 vs 15.7 us alone, 6.2
+    vs 9.4 in the stack); ties keep F.linear, so the stack's automatic choice had run 1.1-1.3x the kernel's
+    time. With the rotation its fp16 stack went from 0.93-1.07x to 1.16-1.24x the reference, fp32 from
+    0.58-0.87x to 0.87-0.97x (two runs each).
+    """
+    count = min(ROTATION_LIMIT, -(-autotune.core_caches_bytes() // max(weight.nbytes, 1)))
+    return [weight] + [weight.detach().clone() for _ in range(count - 1)]
+
+
+def _each_in_turn(linear, x: torch.Tensor, rotation: list[torch.Tensor]):
+    """A timed round of ``measured_buckets``: ``linear`` of ``x`` with each weight of ``rotation``, results dropped."""
+    def run():
+        for weight in rotation:
+            linear(x, weight, None)
+    return run
 
 
 def apply_decode_linear(input, weight, bias, buckets: int) -> torch.Tensor:
