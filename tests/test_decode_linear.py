@@ -28,6 +28,7 @@ from hcr_kernels.decode_linear import (
     takes_native,
     weight_rotation,
 )
+from hcr_kernels.decode_linear import native as native_module, op as op_module
 from param_sets import tolerance
 
 NATIVE_DTYPES = [
@@ -313,10 +314,11 @@ def test_weight_rotation_fills_the_cores_caches_with_copies(shape, dtype):
 
 def test_each_timed_round_calls_every_copy_once_per_path(monkeypatch):
     """Both paths of a measured rung see the same input and every matrix of the rotation, in turn."""
-    from hcr_kernels.decode_linear import native, op
     calls = []
-    monkeypatch.setattr(native, "decode_linear", lambda x, w, b: calls.append(("native", x.shape[0], w.data_ptr())))
-    monkeypatch.setattr(op, "decode_linear_ref", lambda x, w, b: calls.append(("reference", x.shape[0], w.data_ptr())))
+    monkeypatch.setattr(native_module, "decode_linear",
+                        lambda x, w, b: calls.append(("native", x.shape[0], w.data_ptr())))
+    monkeypatch.setattr(op_module, "decode_linear_ref",
+                        lambda x, w, b: calls.append(("reference", x.shape[0], w.data_ptr())))
 
     def compare(op_name, shape_class, fast, reference):
         fast(), reference()
