@@ -63,18 +63,18 @@ def qwen2_decoder_step_ref(embeds, cos, sin, layers, key_caches, value_caches, s
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     hidden = embeds
     for layer, keys, values in zip(layers, key_caches, value_caches):
-        q_rows, k_rows, v_rows, o_rows, gate_rows, up_rows, down_rows = layer.native_buckets
+        q_mask, k_mask, v_mask, o_mask, gate_mask, up_mask, down_mask = layer.native_buckets
         normed = rms_norm(hidden, layer.input_norm, layer.input_eps)
-        query = linear(normed, layer.q, layer.q_bias, q_rows).view(heads).transpose(1, 2)
-        key = linear(normed, layer.k, layer.k_bias, k_rows).view(heads).transpose(1, 2)
-        value = linear(normed, layer.v, layer.v_bias, v_rows).view(heads).transpose(1, 2)
+        query = linear(normed, layer.q, layer.q_bias, q_mask).view(heads).transpose(1, 2)
+        key = linear(normed, layer.k, layer.k_bias, k_mask).view(heads).transpose(1, 2)
+        value = linear(normed, layer.v, layer.v_bias, v_mask).view(heads).transpose(1, 2)
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         ops.write(keys, values, key, value, start, count)
         attended = ops.attend(query, keys[:, :, :span], values[:, :, :span], positions, layer.scale,
                               layer.sliding_window)
-        hidden = hidden + linear(attended.reshape(batch, steps, -1).contiguous(), layer.o, None, o_rows)
+        hidden = hidden + linear(attended.reshape(batch, steps, -1).contiguous(), layer.o, None, o_mask)
         normed = rms_norm(hidden, layer.post_norm, layer.post_eps)
-        gated = F.silu(linear(normed, layer.gate, None, gate_rows)) * linear(
-            normed, layer.up, None, up_rows)
-        hidden = hidden + linear(gated, layer.down, None, down_rows)
+        gated = F.silu(linear(normed, layer.gate, None, gate_mask)) * linear(
+            normed, layer.up, None, up_mask)
+        hidden = hidden + linear(gated, layer.down, None, down_mask)
     return hidden if final_norm is None else rms_norm(hidden, final_norm, final_eps)
