@@ -20,16 +20,16 @@
 // pass 2 sums the chunk's values into fp32 accumulators, a block of slots at a time.
 // Queries are taken in blocks of at most 16 (query heads x steps), so the scores stay
 // R x chunk floats. Pass 1 takes the keys a vector's width of rows at a time, 4 rows
-// beside 2 query rows on AVX2 and 6 on AVX-512 (one accumulator per pair, summed across
-// lanes together); pass 2 keeps register accumulators per query head of a step (its G
-// heads see the same slots; 4 at a time on AVX2, 6 on AVX-512) for two to eight vectors
-// of D, loading each value vector once for all of them. Both keep about 8 or more FMA
+// beside 6 query rows on AVX-512, on AVX2 2 beside 6 for 16-bit keys and 4 beside 2 for
+// fp32 (one accumulator per pair, summed across lanes together); pass 2 keeps register accumulators per query head of a step (its G
+// heads see the same slots; 6 at a time) for two to eight vectors of D, loading each
+// value vector once for all of them. Both keep about 8 or more FMA
 // chains in flight: with 4 they ran at half the FMA rate (2 threads, AMD EPYC with AVX2
 // only, 512 KiB L2, 3 alternating runs: 1.5B bf16 B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms).
-// AVX-512's 32 registers hold 24 chains, so each widened key or value vector serves
-// three times the FMAs it serves on AVX2 (Intel Xeon, 2 MiB L2, 2 threads, the
-// benchmark's 1.5B bf16 step, the build before -> after: B 1 2.73 -> 2.20 ms, B 8
-// 29.4 -> 25.3 ms; with one layer's caches in the L2, 71 -> 55 us a layer).
+// Six query rows a sweep let each widened key or value vector serve six FMAs: on AVX-512
+// (24 chains; Intel Xeon, 2 MiB L2, 2 threads, the benchmark's 1.5B bf16 step, the build
+// before -> after: B 1 2.73 -> 2.20 ms, B 8 29.4 -> 25.3 ms; with one layer's caches in
+// the L2, 71 -> 55 us a layer) and on AVX2 (12 chains: kSweepQueryRows, kSweepValueRows).
 // Keys and values are read straight from the cache and widened in registers, bf16 as
 // even and odd elements (vec_math.h's load_pair_half: a shift or a mask, no lane
 // shuffle); the queries are stored in the same order, and the accumulators stay in it
@@ -107,12 +107,12 @@ HCR_INLINE void group_dots(const float* q, const float* k, int64_t G, int64_t n,
   if (g < G) dots<1, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
 }
 
-// s[row][r] += q_row * key[r] for QR query rows (one vector each, n apart) and 4 key vectors: block_dots' step.
-template <int QR, int Lanes>
-HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>* key, vfloat<Lanes> (&s)[QR][4]) {
+// s[row][r] += q_row * key[r] for QR query rows (one vector each, n apart) and KR key vectors: block_dots' step.
+template <int QR, int KR, int Lanes>
+HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>* key, vfloat<Lanes> (&s)[QR][KR]) {
   for (int row = 0; row < QR; ++row) {
     const vfloat<Lanes> qv = load_v<Lanes>(q + row * n);
-    for (int r = 0; r < 4; ++r) s[row][r] += qv * key[r];
+    for (int r = 0; r < KR; ++r) s[row][r] += qv * key[r];
   }
 }
 
@@ -122,9 +122,9 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // one vector: for T = 1 and G = 2 this pass took 1.5x less time in L2 than one halving_sum per (head,
 // slot). Key rows go 4 at a time with the QR query rows beside them: 4 * QR FMA chains in flight (one query
 // row's 4 chains waited on the FMA latency: half the FMA rate), each key vector loaded once for the QR rows.
-template <typename T, int QR, int Lanes>
+template <typename T, int QR, int KR, int Lanes>
 HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
-  static_assert(Lanes % 4 == 0, "key rows go 4 at a time");
+  static_assert(Lanes % KR == 0 && (KR == 4 || Lanes < 16), "a block's key rows go KR at a time (4 where folded)");
   // Per query row, its dots with the block's key rows as vectors still to be summed across lanes. AVX-512
   // folds each 4 key rows' accumulators two levels of transposed_sums at once, so a quarter as many vectors go
   // through memory (one layer's 1.5B caches in the L2: 58 -> 55 us a layer, Intel Xeon); the AVX2 path
@@ -132,24 +132,24 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
   constexpr int KeysPerKept = Lanes >= 16 ? 4 : 1;
   vfloat<Lanes> kept[QR][Lanes / KeysPerKept];
   const int64_t pairs = n - n % (2 * Lanes), vectors = n - n % Lanes;
-  for (int j = 0; j < Lanes; j += 4) {
-    vfloat<Lanes> s[QR][4] = {}, kv[4];
+  for (int j = 0; j < Lanes; j += KR) {
+    vfloat<Lanes> s[QR][KR] = {}, kv[KR];
     for (int64_t i = 0; i < pairs; i += 2 * Lanes) {
       for (int half = 0; half < 2; ++half) {
-        for (int r = 0; r < 4; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
-        multiply_add_keys<QR, Lanes>(q + i + half * Lanes, n, kv, s);
+        for (int r = 0; r < KR; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
+        multiply_add_keys<QR, KR, Lanes>(q + i + half * Lanes, n, kv, s);
       }
     }
     for (int64_t i = pairs; i < vectors; i += Lanes) {
-      for (int r = 0; r < 4; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
-      multiply_add_keys<QR, Lanes>(q + i, n, kv, s);
+      for (int r = 0; r < KR; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
+      multiply_add_keys<QR, KR, Lanes>(q + i, n, kv, s);
     }
     for (int row = 0; row < QR; ++row) {
       if constexpr (KeysPerKept == 4) {
         kept[row][j / 4] = pair_fold<Lanes, Lanes / 2>(pair_fold<Lanes, Lanes>(s[row][0], s[row][1]),
                                                        pair_fold<Lanes, Lanes>(s[row][2], s[row][3]));
       } else {
-        for (int r = 0; r < 4; ++r) kept[row][j + r] = s[row][r];
+        for (int r = 0; r < KR; ++r) kept[row][j + r] = s[row][r];
       }
     }
   }
@@ -175,24 +175,36 @@ HCR_INLINE void with_count_below(int64_t n, F&& f) {
   }
 }
 
-// Query rows per sweep over a block of keys: what the registers hold beside 4 key vectors. AVX2's 16
-// registers take pairs: threes (12 accumulators beside 4 key vectors and the bf16 mask) spilled
-// accumulators to the stack; in a standalone loop over blocks of 512 slots (one thread, AVX2 EPYC, 6 query
-// rows) pairs took 25 vs 28-30 ns per slot for bf16 keys and 26-27 vs 33-35 ns for fp32. AVX-512's 32
-// registers take six (24 accumulators): each key vector, widened once, serves three times the FMAs.
-template <int Lanes>
-constexpr int kSweepQueryRows = Lanes >= 16 ? 6 : 2;
+// Query rows per sweep over a block of keys, and key rows beside them: six query rows, so a decode step's six
+// query heads of a group (R1-Distill-Qwen-1.5B's) take one sweep and each key vector, widened once, serves six
+// FMAs. AVX-512's 32 registers hold 6 x 4 accumulators beside 4 key vectors. AVX2's 16 hold 6 x 2 beside 2 (and
+// the bf16 mask) for 16-bit keys: against pairs of query rows beside 4 key rows (an AVX2 EPYC's choice when threes
+// beside 4 spilled accumulators), which widen each key vector three times, 6 x 2 and pass 2's sixes
+// (kSweepValueRows) together took 0.87-0.91x the time of one task's 1.5B bf16 caches in the L2 (one thread;
+// fp16 0.94-0.96x) and 0.89-0.95x at 1.5B bf16 B 1, 0.92-0.97x at B 8 (Intel Xeon on its AVX2 path, 2 threads,
+// both kernels built into one process and alternating, 3 runs of 30 rounds); not measured on an AVX2 EPYC. fp32
+// keys need no widening and keep pairs (6 x 2 took 1.04-1.08x the time on the tiny model's re-encode shape).
+template <typename T, int Lanes>
+constexpr int kSweepQueryRows = Lanes >= 16 || sizeof(T) == 2 ? 6 : 2;
+template <int QR, int Lanes>
+constexpr int kSweepKeyRows = Lanes < 16 && QR > 2 ? 2 : 4;
 
-// block_dots for R query rows, kSweepQueryRows at a time and the rest in one sweep.
+// block_dots for R query rows, kSweepQueryRows at a time, and the rest: in one sweep on AVX-512, in pairs (and a
+// single row) beside 4 key rows on AVX2, where four rows beside 2 key rows (G = 4) took 1.07x the time.
 template <typename T, int Lanes>
 HCR_INLINE void rows_block_dots(const float* q, const T* k, int64_t k_stride, int64_t R, int64_t n, float* out,
                                 int64_t out_stride) {
-  constexpr int QR = kSweepQueryRows<Lanes>;
+  constexpr int QR = kSweepQueryRows<T, Lanes>;
   int64_t r = 0;
-  for (; r + QR <= R; r += QR) block_dots<T, QR, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
-  with_count_below<QR>(R - r, [&](auto rows) HCR_LAMBDA_INLINE {
-    block_dots<T, decltype(rows)::value, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
-  });
+  for (; r + QR <= R; r += QR) block_dots<T, QR, kSweepKeyRows<QR, Lanes>, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  if constexpr (Lanes >= 16) {
+    with_count_below<QR>(R - r, [&](auto rows) HCR_LAMBDA_INLINE {
+      block_dots<T, decltype(rows)::value, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+    });
+  } else {
+    for (; r + 2 <= R; r += 2) block_dots<T, 2, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+    if (r < R) block_dots<T, 1, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  }
 }
 
 // Vector e of the values at p: in widen_paired's order where Paired (p starts a whole pair), else as stored.
@@ -309,9 +321,12 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
   }
 }
 
-// Query heads of a step summed over the same value rows at once: 4 on AVX2 (its 16 registers), 6 on AVX-512.
+// Query heads of a step summed over the same value rows at once: six, so each value vector, widened once, serves a
+// decode step's six heads of a group (R1-Distill-Qwen-1.5B's). On AVX2 the 6 x 2 accumulators, 2 value vectors and
+// a weight take 15 of its 16 registers; fours, then a pair, widened each value vector twice (figures with
+// kSweepQueryRows'; fp32 caches, G = 6: 0.95-0.97x the time in the L2).
 template <int Lanes>
-constexpr int kSweepValueRows = Lanes >= 16 ? 6 : 4;
+constexpr int kSweepValueRows = 6;
 
 // The G query heads of one step against the value rows [s0, s1), kSweepValueRows at a time and the rest in one sweep.
 template <typename T, int Lanes>
