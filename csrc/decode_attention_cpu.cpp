@@ -21,11 +21,12 @@
 // Queries are taken in blocks of at most 16 (query heads x steps), so the scores stay
 // R x chunk floats. Pass 1 takes the keys a vector's width of rows at a time, 4 rows
 // beside 6 query rows on AVX-512, on AVX2 2 beside 6 for 16-bit keys and 4 beside 2 for
-// fp32 (one accumulator per pair, summed across lanes together); pass 2 keeps register accumulators per query head of a step (its G
-// heads see the same slots; 6 at a time) for two to eight vectors of D, loading each
-// value vector once for all of them. Both keep about 8 or more FMA
-// chains in flight: with 4 they ran at half the FMA rate (2 threads, AMD EPYC with AVX2
-// only, 512 KiB L2, 3 alternating runs: 1.5B bf16 B 1 10.9 -> 8.7 ms, B 8 82 -> 61 ms).
+// fp32 (one accumulator per pair, summed across lanes together); pass 2 keeps register
+// accumulators per query head of a step (its G heads see the same slots; 6 at a time)
+// for two to eight vectors of D, loading each value vector once for all of them. Both
+// keep about 8 or more FMA chains in flight: with 4 they ran at half the FMA rate (2
+// threads, AMD EPYC with AVX2 only, 512 KiB L2, 3 alternating runs: 1.5B bf16 B 1 10.9 ->
+// 8.7 ms, B 8 82 -> 61 ms).
 // Six query rows a sweep let each widened key or value vector serve six FMAs: on AVX-512
 // (24 chains; Intel Xeon, 2 MiB L2, 2 threads, the benchmark's 1.5B bf16 step, the build
 // before -> after: B 1 2.73 -> 2.20 ms, B 8 29.4 -> 25.3 ms; with one layer's caches in
@@ -120,7 +121,7 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // and the Lanes key rows of a block (the cache's own rows, widened in registers): one register accumulator
 // per (query row, key row), summed across lanes all at once per query row (transposed_sums) and stored as
 // one vector: for T = 1 and G = 2 this pass took 1.5x less time in L2 than one halving_sum per (head,
-// slot). Key rows go 4 at a time with the QR query rows beside them: 4 * QR FMA chains in flight (one query
+// slot). Key rows go KR at a time with the QR query rows beside them: KR * QR FMA chains in flight (one query
 // row's 4 chains waited on the FMA latency: half the FMA rate), each key vector loaded once for the QR rows.
 template <typename T, int QR, int KR, int Lanes>
 HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
@@ -196,7 +197,9 @@ HCR_INLINE void rows_block_dots(const float* q, const T* k, int64_t k_stride, in
                                 int64_t out_stride) {
   constexpr int QR = kSweepQueryRows<T, Lanes>;
   int64_t r = 0;
-  for (; r + QR <= R; r += QR) block_dots<T, QR, kSweepKeyRows<QR, Lanes>, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  for (; r + QR <= R; r += QR) {
+    block_dots<T, QR, kSweepKeyRows<QR, Lanes>, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
+  }
   if constexpr (Lanes >= 16) {
     with_count_below<QR>(R - r, [&](auto rows) HCR_LAMBDA_INLINE {
       block_dots<T, decltype(rows)::value, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride);
