@@ -328,14 +328,13 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
 // decode step's six heads of a group (R1-Distill-Qwen-1.5B's). On AVX2 the 6 x 2 accumulators, 2 value vectors and
 // a weight take 15 of its 16 registers; fours, then a pair, widened each value vector twice (figures with
 // kSweepQueryRows'; fp32 caches, G = 6: 0.95-0.97x the time in the L2).
-template <int Lanes>
 constexpr int kSweepValueRows = 6;
 
 // The G query heads of one step against the value rows [s0, s1), kSweepValueRows at a time and the rest in one sweep.
 template <typename T, int Lanes>
 HCR_INLINE void group_weighted_sums(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t G,
                                     int64_t s0, int64_t s1, float* acc, int64_t n, int64_t ask_end) {
-  constexpr int R = kSweepValueRows<Lanes>;
+  constexpr int R = kSweepValueRows;
   int64_t g = 0;
   for (; g + R <= G; g += R) {
     weighted_sums<T, R, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
