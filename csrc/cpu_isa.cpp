@@ -28,13 +28,21 @@ bool amx_usable() {
   }();
   return usable;
 }
+
+// AVX512_BF16 (CPUID leaf 7 subleaf 1, EAX bit 5): vdpbf16ps, two bf16 products per fp32 lane.
+bool avx512_bf16_usable() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __builtin_cpu_supports("x86-64-v4") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5));
+}
 #endif
 
 bool cpu_has(Isa isa) {
 #if HCR_HAS_ISA_VARIANTS
   switch (isa) {
     case Isa::amx:
-      return amx_usable();
+      return avx512_bf16_usable() && amx_usable();
+    case Isa::avx512_bf16:
+      return avx512_bf16_usable();
     case Isa::avx512:
       return __builtin_cpu_supports("x86-64-v4");
     case Isa::avx2:
@@ -47,8 +55,10 @@ bool cpu_has(Isa isa) {
 #endif
 }
 
+constexpr Isa kEveryIsa[] = {Isa::amx, Isa::avx512_bf16, Isa::avx512, Isa::avx2, Isa::baseline};  // best first
+
 Isa best_isa() {
-  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2})
+  for (Isa isa : kEveryIsa)
     if (cpu_has(isa)) return isa;
   return Isa::baseline;
 }
@@ -66,6 +76,8 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::amx:
       return "amx";
+    case Isa::avx512_bf16:
+      return "avx512_bf16";
     case Isa::avx512:
       return "avx512";
     case Isa::avx2:
@@ -77,13 +89,13 @@ const char* isa_name(Isa isa) {
 
 std::vector<std::string> supported_isa_names() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2, Isa::baseline})
+  for (Isa isa : kEveryIsa)
     if (cpu_has(isa)) names.emplace_back(isa_name(isa));
   return names;
 }
 
 void set_active_isa(const std::string& name) {
-  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2, Isa::baseline}) {
+  for (Isa isa : kEveryIsa) {
     if (name != isa_name(isa)) continue;
     std::string supported;
     for (const std::string& n : supported_isa_names()) supported += (supported.empty() ? "" : ", ") + n;
@@ -92,7 +104,7 @@ void set_active_isa(const std::string& name) {
     active().store(static_cast<int>(isa), std::memory_order_relaxed);
     return;
   }
-  TORCH_CHECK_VALUE(false, "CPU ISA must be one of amx, avx512, avx2, baseline, got '", name, "'");
+  TORCH_CHECK_VALUE(false, "CPU ISA must be one of amx, avx512_bf16, avx512, avx2, baseline, got '", name, "'");
 }
 
 }  // namespace hcr

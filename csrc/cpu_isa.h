@@ -18,10 +18,12 @@
 
 namespace hcr {
 
-// Best last, so a larger value is a newer ISA. `amx` is AVX-512 plus Intel's AMX tiles (AMX-TILE and
-// AMX-BF16, granted by the OS): every kernel runs its AVX-512 variant there, and the few with a tile path
-// (decode_attention's bf16 scores, decode_linear's bf16 rows; amx_tiles.h) take it.
-enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, amx = 3 };
+// Best last, so a larger value is a newer ISA (each level has what the ones below it have). `avx512_bf16` is
+// AVX-512 plus AVX512_BF16's vdpbf16ps (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids): every kernel
+// runs its AVX-512 variant, and decode_linear's bf16 rows multiply bf16 pairs straight from memory (bf16_pairs.h)
+// instead of widening them. `amx` is that plus Intel's AMX tiles (AMX-TILE and AMX-BF16, granted by the OS): the
+// few kernels with a tile path (decode_attention's bf16 scores, decode_linear's bf16 rows; amx_tiles.h) take it.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
 
 Isa active_isa();
 const char* isa_name(Isa isa);
@@ -62,6 +64,7 @@ inline auto run_for_active_isa(Args&&... args) {
 #if HCR_HAS_ISA_VARIANTS
   switch (active_isa()) {
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512:
       return run_avx512<Kernel>(std::forward<Args>(args)...);
     case Isa::avx2:

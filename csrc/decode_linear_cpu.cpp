@@ -21,8 +21,9 @@
 // by its own loop (no fp32 staging tensor, no ATen conversion ops: a small layer's
 // whole kernel takes a few microseconds, as long as an op's dispatch). The hot loop
 // is compiled for AVX-512, AVX2 (+F16C) and the baseline, each with vectors of its
-// register width (cpu_isa.h). On the amx level bf16 rows run on AMX tiles instead
-// (bf16_rows_on_tiles): all of the weights' bf16 products in the tiles, none widened.
+// register width (cpu_isa.h). On the avx512_bf16 level bf16 rows multiply bf16 pairs as
+// stored (dot_tile_bf16_pairs: vdpbf16ps, nothing widened); on the amx level they run on AMX
+// tiles (bf16_rows_on_tiles), and in pairs where K is no multiple of a tile's 32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "bf16_pairs.h"
 #include "decode_ops.h"
 #include "vec_math.h"
 
@@ -107,6 +109,67 @@ HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int6
   }
 }
 
+#if HCR_HAS_ISA_VARIANTS
+// dot_tile for bf16 weights and bf16 input rows as they are stored, on the avx512_bf16 and amx levels
+// (bf16_pairs.h): each 32 values of a weight row and of an input row are one vdpbf16ps, nothing widened, the
+// last partial block zero-padded (so every product goes through the instruction: subnormals read as zero
+// wherever they sit). Two sums per pair of rows (alternate 32-value blocks) keep 2 NR R chains of the
+// instruction's latency in flight (8 at one input row). Every pair sums in the same order whatever NR and R,
+// as in dot_tile. Against the widened loop on the Intel Xeon (where vdpbf16ps does about as many products a
+// cycle as its FMAs; both levels in one process, 2 threads, alternating, 15 rounds, median time pairs /
+// widened): one row 0.81 with the weights in the L2 (512 x 1,536), 0.94-0.97 from memory (the 1.5B MLP's
+// 8,960 x 1,536 and 1,536 x 8,960, 3 copies in turn); 2 rows 0.92 / 0.97; 4 rows 1.02 / 1.00; 8 rows 1.03 /
+// 0.91-1.07 (amx takes tiles there instead). Written for CPUs whose 512-bit FMAs are half rate (AMD Zen 4),
+// where the products a cycle may double: not measured on one.
+template <int NR, int R>
+HCR_INLINE void dot_tile_bf16_pairs(const uint16_t* w, int64_t weight_stride, const uint16_t* x, int64_t K,
+                                    float* dots) {
+  vfloat<16> even[NR][R] = {}, odd[NR][R] = {};
+  // sums[i][r] += the products of 32 values of weight row i (rows w_stride apart) and input row r (x_stride apart)
+  const auto block = [](vfloat<16>(&sums)[NR][R], const uint16_t* w_at, int64_t w_stride, const uint16_t* x_at,
+                        int64_t x_stride) HCR_LAMBDA_INLINE {
+    bf16_pairs weights[NR];
+    for (int i = 0; i < NR; ++i) weights[i] = load_bf16_pairs(w_at + i * w_stride);
+    for (int r = 0; r < R; ++r) {
+      const bf16_pairs inputs = load_bf16_pairs(x_at + r * x_stride);
+      for (int i = 0; i < NR; ++i) add_pair_products(sums[i][r], weights[i], inputs);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    block(even, w + k, weight_stride, x + k, K);
+    block(odd, w + k + 32, weight_stride, x + k + 32, K);
+  }
+  if (k + 32 <= K) block(even, w + k, weight_stride, x + k, K), k += 32;
+  if (k < K) {  // the rows' last values, zero-padded to a block
+    uint16_t w_tail[NR][32] = {}, x_tail[R][32] = {};
+    for (int i = 0; i < NR; ++i) std::memcpy(w_tail[i], w + i * weight_stride + k, (K - k) * sizeof(uint16_t));
+    for (int r = 0; r < R; ++r) std::memcpy(x_tail[r], x + r * K + k, (K - k) * sizeof(uint16_t));
+    block(odd, w_tail[0], 32, x_tail[0], 32);
+  }
+  static_assert(NR * R <= 16, "dot_tile_bf16_pairs: one vector holds the tile's sums");
+  vfloat<16> pairs[NR * R];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < R; ++r) pairs[i * R + r] = even[i][r] + odd[i][r];
+  const vfloat<16> lanes = transposed_sums<16, 16, NR * R>(pairs);
+  for (int j = 0; j < NR * R; ++j) dots[j] = lanes[j];
+}
+#endif
+
+// dots of a tile of NR weight rows and R input rows: from input rows widened to fp32 (dot_tile), or bf16
+// weights against bf16 input rows as stored (X = uint16_t, dot_tile_bf16_pairs).
+template <typename T, int NR, int R, int Lanes, typename X>
+HCR_INLINE void tile_dots(const T* w, int64_t weight_stride, const X* x, int64_t K, float* dots) {
+  if constexpr (std::is_same_v<X, float>) {
+    dot_tile<T, NR, R, Lanes>(w, weight_stride, x, K, dots);
+  } else {
+#if HCR_HAS_ISA_VARIANTS
+    static_assert(std::is_same_v<T, c10::BFloat16> && Lanes == 16, "bf16 pairs: bf16 weights, AVX-512 loops");
+    dot_tile_bf16_pairs<NR, R>(reinterpret_cast<const uint16_t*>(w), weight_stride, x, K, dots);
+#endif
+  }
+}
+
 // Weight rows a pass takes beside R input rows: as many as keep the 2 NR R accumulators,
 // the NR pairs of weight vectors and an input pair in the vector registers (32 on
 // AVX-512, 16 below), and NR R sums in one vector for transposed_sums. With 4 input rows,
@@ -130,19 +193,19 @@ template <int Lanes>
 constexpr int kWeightRowsTogether = weight_rows_per_pass<1, Lanes>();
 
 // sums[m * ld + i] = <w_i, x_m> + bias[i] for NR weight rows and R input rows from m.
-template <typename T, int NR, int R, int Lanes>
-HCR_INLINE void tile_into_sums(const T* w, int64_t weight_stride, const float* x, const float* bias, int64_t m,
+template <typename T, int NR, int R, int Lanes, typename X>
+HCR_INLINE void tile_into_sums(const T* w, int64_t weight_stride, const X* x, const float* bias, int64_t m,
                                int64_t K, float* sums, int64_t ld) {
   float dots[NR * R];
-  dot_tile<T, NR, R, Lanes>(w, weight_stride, x + m * K, K, dots);
+  tile_dots<T, NR, R, Lanes>(w, weight_stride, x + m * K, K, dots);
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < R; ++r) sums[(m + r) * ld + i] = dots[i * R + r] + (bias != nullptr ? bias[i] : 0.0f);
 }
 
 // The same for NR weight rows and all M input rows: groups of 4 input rows, then 2, then 1, each
 // taking the weight rows weight_rows_per_pass at a time (NR one at a time: the rows left over).
-template <typename T, int NR, int Lanes>
-HCR_INLINE void weight_rows_times_inputs(const T* w, int64_t weight_stride, const float* x, const float* bias,
+template <typename T, int NR, int Lanes, typename X>
+HCR_INLINE void weight_rows_times_inputs(const T* w, int64_t weight_stride, const X* x, const float* bias,
                                          int64_t M, int64_t K, float* sums, int64_t ld) {
   const auto rows_from = [&](auto rows, int64_t m) HCR_LAMBDA_INLINE {
     constexpr int R = decltype(rows)::value;
@@ -165,8 +228,8 @@ template <typename T>
 struct LinearBlock {
   static constexpr int64_t kTile = 64;
 
-  template <int Lanes>
-  static HCR_INLINE void run(const T* weight, int64_t weight_stride, const float* x, const float* bias, T* out,
+  template <int Lanes, typename X>
+  static HCR_INLINE void run(const T* weight, int64_t weight_stride, const X* x, const float* bias, T* out,
                              int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     constexpr bool direct = std::is_same_v<T, float>;  // fp32 sums go straight to out
     constexpr int kWeightRows = kWeightRowsTogether<Lanes>;
@@ -252,7 +315,8 @@ const float* bias_as_float(const at::Tensor& bias, std::vector<float>& storage) 
 // MKL's F.linear (oneDNN's bf16 path). A tile dot product takes 16 weight rows by 32 values straight from the
 // weights (the A operand) against up to 16 input rows packed once per call (the B operand, pack_operand_row),
 // so 1 and 16 rows read the weights at the same speed (a standalone loop, one thread, 8,960 x 1,536: 1.02 ms
-// at 1 row and 1.04 at 8, against 3.8 ms for vdpbf16ps vectors at 8 rows). Every sum is fp32 over exact bf16
+// at 1 row and 1.04 at 8, against 3.8 ms for a standalone loop of vdpbf16ps vectors at 8 rows; with 2 threads
+// the avx512_bf16 level's dot_tile_bf16_pairs took 2.1-2.3 ms at 8 rows, as the widened loop did). Every sum is fp32 over exact bf16
 // products, in the tile's order for every row count (each output column is its own sum), so a row's result
 // does not depend on its batch. Two blocks of 16 weight rows take each chunk of the inputs at once; a last
 // block of fewer than 16 rows is copied into a zero-padded one.
@@ -332,24 +396,32 @@ void linear_all_rows(const at::Tensor& input, const at::Tensor& weight, const c1
   const T* w = weight.const_data_ptr<T>();
   const int64_t stride = weight.stride(0);
   T* result = out.mutable_data_ptr<T>();
+  // About 32K weights (128 KiB of fp32) per task: small layers run on one thread, big ones on all.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
 #if HCR_HAS_ISA_VARIANTS
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (K % 32 == 0 && active_isa() == Isa::amx) {  // see bf16_rows_on_tiles
       const uint16_t* packed = packed_for_tiles(input, M, K);
       const int64_t blocks = (N + kTileRows - 1) / kTileRows;
       // whole blocks of 16 weight rows per task, about 32K weights (64 KiB of bf16) or more
-      const int64_t grain = std::max<int64_t>(1, 32768 / (kTileRows * K));
-      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t tile_grain = std::max<int64_t>(1, 32768 / (kTileRows * K));
+      at::parallel_for(0, blocks, tile_grain, [&](int64_t b0, int64_t b1) {
         bf16_rows_on_tiles(reinterpret_cast<const uint16_t*>(w), stride, packed, b, result, M, N, K,
                            b0 * kTileRows, std::min(N, b1 * kTileRows));
+      });
+      return;
+    }
+    if (active_isa() >= Isa::avx512_bf16) {  // the input rows as they are stored: dot_tile_bf16_pairs
+      const at::Tensor dense = input.contiguous();
+      const auto* x = reinterpret_cast<const uint16_t*>(dense.const_data_ptr<T>());
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        run_avx512<LinearBlock<T>>(w, stride, x, b, result, M, N, K, n0, n1);
       });
       return;
     }
   }
 #endif
   const float* x = input_rows_as_float<T>(input, M, K, x_storage);
-  // About 32K weights (128 KiB of fp32) per task: small layers run on one thread, big ones on all.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     run_for_active_isa<LinearBlock<T>>(w, stride, x, b, result, M, N, K, n0, n1);
   });

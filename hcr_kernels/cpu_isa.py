@@ -1,10 +1,12 @@
-"""Which instruction set the native CPU kernels run with: ``amx``, ``avx512``, ``avx2`` or ``baseline``.
+"""Which instruction set the native CPU kernels run with: ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` or ``baseline``.
 
 The extension compiles every hot loop once per ISA (with that ISA's vector width)
-and picks the best the CPU has when it loads. ``amx`` is AVX-512 plus Intel's AMX
-tiles (Sapphire Rapids and later, where the OS grants them): every kernel runs its
-AVX-512 code there, and decode_attention's bf16 scores and decode_linear's bf16 rows
-use tile dot products. ``HCR_CPU_ISA`` (read when ``hcr_kernels`` is imported) or
+and picks the best the CPU has when it loads. ``avx512_bf16`` is AVX-512 plus the
+bf16 dot-product instruction (AMD Zen 4 and later, Intel Cooper Lake and Sapphire
+Rapids): every kernel runs its AVX-512 code there, and decode_linear multiplies
+bf16 rows as stored, without widening them. ``amx`` is that plus Intel's AMX tiles
+(Sapphire Rapids and later, where the OS grants them): decode_attention's bf16
+scores and decode_linear's bf16 rows use tile dot products. ``HCR_CPU_ISA`` (read when ``hcr_kernels`` is imported) or
 ``set_cpu_isa`` chooses another, so every path a machine can run is tested and timed
 on it; asking for one the CPU lacks is an error.
 ``python -m hcr_kernels.info`` reports the active one.
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from hcr_kernels import _extension
 
 CPU_ISA_ENV_VAR = "HCR_CPU_ISA"
-CPU_ISAS = ("amx", "avx512", "avx2", "baseline")
+CPU_ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "baseline")
 
 
 def active_cpu_isa() -> str | None:

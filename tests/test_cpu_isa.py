@@ -22,6 +22,19 @@ def test_supported_isas_best_first_and_baseline_always():
     assert cpu_isa.active_cpu_isa() == (requested or supported[0])  # the best, unless HCR_CPU_ISA said otherwise
 
 
+def test_avx512_bf16_level_matches_the_cpu_flags():
+    """The CPUID check of AVX512_BF16 (leaf 7, subleaf 1) agrees with the kernel's view of the CPU."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    supported = cpu_isa.supported_cpu_isas()
+    assert ("avx512_bf16" in supported) == ("avx512" in supported and "avx512_bf16" in flags)
+    if "amx" in supported:
+        assert "avx512_bf16" in supported  # every level has what the ones below it have
+
+
 def test_use_cpu_isa_switches_and_restores():
     before = cpu_isa.active_cpu_isa()
     with cpu_isa.use_cpu_isa("baseline"):
@@ -33,7 +46,7 @@ def test_use_cpu_isa_switches_and_restores():
 
 
 def test_unknown_or_unsupported_isa_is_refused():
-    with pytest.raises(ValueError, match="CPU ISA must be one of amx, avx512, avx2, baseline, got 'sse9'"):
+    with pytest.raises(ValueError, match="CPU ISA must be one of amx, avx512_bf16, avx512, avx2, baseline, got 'sse9'"):
         cpu_isa.set_cpu_isa("sse9")
     missing = [isa for isa in cpu_isa.CPU_ISAS if isa not in cpu_isa.supported_cpu_isas()]
     if not missing:
@@ -70,4 +83,4 @@ def test_environment_variable_selects_the_isa_and_info_reports_it():
     assert "CPU ISA       baseline" in done.stdout
     refused = run_python("import hcr_kernels", "sse9")
     assert refused.returncode != 0
-    assert "HCR_CPU_ISA='sse9': CPU ISA must be one of amx, avx512, avx2, baseline" in refused.stderr
+    assert "HCR_CPU_ISA='sse9': CPU ISA must be one of amx, avx512_bf16, avx512, avx2, baseline" in refused.stderr

@@ -116,21 +116,24 @@ def test_native_takes_nd_and_strided_inputs(dtype, wide, first, last):
 def test_native_reads_every_16_bit_weight_exactly(cpu_isa, dtype):
     """Every finite 16-bit pattern (subnormals, signed zeros, the largest values) as a weight, picked
     out by one-hot inputs: each comes back exactly (the fp32 conversion of each ISA, F16C or integer
-    ops); an inf or nan weight gives inf or nan. bf16 on AMX tiles (the amx level) reads subnormal
-    values as zero, as the tiles' dot products do (and torch's own bf16 F.linear on such a CPU): every
-    normal value still comes back exactly."""
+    ops); an inf or nan weight gives inf or nan. bf16 on the avx512_bf16 level (vdpbf16ps) and on AMX
+    tiles (the amx level) reads subnormal values as zero, as those dot products do (and torch's own
+    bf16 F.linear on such a CPU): every normal value still comes back exactly, at a width of whole
+    32-value blocks and at one with a partial block."""
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = every[torch.isfinite(every)]
-    width = 32  # two vectors of 16 lanes: the unrolled loop of every ISA; one chunk of a tile
-    weight = torch.cat((finite, torch.zeros((-len(finite)) % width, dtype=dtype))).reshape(-1, width)
-    out = decode_linear(torch.eye(width, dtype=dtype), weight, backend="native")
-    if cpu_isa == "amx" and dtype == torch.bfloat16:
-        expected = torch.where(weight.t().float().abs() < torch.finfo(dtype).tiny, 0, weight.t())
-        assert (out == expected).all()  # zeros of either sign
-        assert torch.equal(out[expected != 0], expected[expected != 0])
-        assert (expected != weight.t()).sum() == 2 * 127  # the subnormals, nothing else
-    else:
-        assert torch.equal(out, weight.t())
+    # 32: two vectors of 16 lanes (the unrolled loop of every ISA), one chunk of a tile, one vdpbf16ps;
+    # 45: a partial block after it (the tail of each loop)
+    for width in (32, 45):
+        weight = torch.cat((finite, torch.zeros((-len(finite)) % width, dtype=dtype))).reshape(-1, width)
+        out = decode_linear(torch.eye(width, dtype=dtype), weight, backend="native")
+        if cpu_isa in ("amx", "avx512_bf16") and dtype == torch.bfloat16:
+            expected = torch.where(weight.t().float().abs() < torch.finfo(dtype).tiny, 0, weight.t())
+            assert (out == expected).all()  # zeros of either sign
+            assert torch.equal(out[expected != 0], expected[expected != 0])
+            assert (expected != weight.t()).sum() == 2 * 127  # the subnormals, nothing else
+        else:
+            assert torch.equal(out, weight.t())
     special = torch.zeros(3, width, dtype=dtype)
     special[:, 0] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     picked = decode_linear(torch.eye(width, dtype=dtype)[:1], special, backend="native")[0]
@@ -159,7 +162,8 @@ def test_native_16_bit_outputs_round_as_torch_does(dtype):
 def test_native_row_does_not_depend_on_its_batch(dtype, in_features):
     """Each input row's output is bit-identical alone and inside a batch of 11 rows (groups of 4, 2
     and 1 rows, one to four weight rows per pass, and the weight rows left over one at a time; K short
-    and long; bf16 with K = 128 on AMX tiles on the amx level): decoding a sequence alone or in a batch
+    and long; bf16 with K = 128 on AMX tiles on the amx level, vdpbf16ps pairs with a partial block at
+    K = 133 and 2,100 there and on the avx512_bf16 level): decoding a sequence alone or in a batch
     reads the same logits."""
     x, weight, bias = operands(11, 67, in_features, dtype)
     batched = decode_linear(x, weight, bias, backend="native")
