@@ -52,7 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled kernels of hcr (ops live in torch.ops.hcr)";
   m.def("build_info", &build_info, "What this build of the extension contains");
   m.def("cpu_isa", [] { return std::string(hcr::isa_name(hcr::active_isa())); },
-        "The instruction set the CPU kernels run with: amx, avx512, avx2 or baseline");
+        "The instruction set the CPU kernels run with: amx, avx512_bf16, avx512, avx2 or baseline");
   m.def("supported_cpu_isas", &hcr::supported_isa_names, "The instruction sets this CPU can run, best first");
   m.def("set_cpu_isa", &hcr::set_active_isa, "Run the CPU kernels with this instruction set", pybind11::arg("name"));
   // hcr_kernels._extension.environment_variable: os.environ.get without its KeyErrors, for per-call reads.
