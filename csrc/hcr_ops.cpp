@@ -4,11 +4,15 @@
 // TORCH_LIBRARY_FRAGMENT) and registers its CUDA kernels in <op>_cuda.cu, so the
 // ops are reachable as torch.ops.hcr.* with their mutation annotations and adding
 // an op touches no shared file.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "cpu_isa.h"
 
@@ -46,6 +50,43 @@ pybind11::dict build_info() {
   return info;
 }
 
+// Choices worked out once per layer (hcr_kernels.decode_linear's native_buckets: for which row counts a weight
+// takes the native kernel), kept in a table keyed by everything such a choice depends on, read here from the
+// weight and the process: its device, dtype, sizes and whether its rows are contiguous, the active CPU ISA,
+// torch's thread count and the values of the environment variables named by set_weight_choice_environment. A
+// direct decode_linear call looks its choice up in one call (~0.2 us) where building that key in Python took
+// ~1.2 us, more than the rest of its dispatch. The GIL serialises every call.
+std::vector<std::string>& weight_choice_environment() {
+  static std::vector<std::string> names;
+  return names;
+}
+
+std::unordered_map<std::string, int64_t>& weight_choices() {
+  static std::unordered_map<std::string, int64_t> table;
+  return table;
+}
+
+// The table's key for `weight`, or nullopt for a layout without strides (such a weight is never kept).
+std::optional<std::string> weight_choice_key(const at::Tensor& weight) {
+  if (weight.layout() != at::kStrided || weight.dim() == 0) return std::nullopt;
+  std::string key;
+  const auto put = [&key](int64_t value) { key.append(reinterpret_cast<const char*>(&value), sizeof(value)); };
+  put(static_cast<int64_t>(weight.device().type()));
+  put(weight.device().index());
+  put(static_cast<int64_t>(weight.scalar_type()));
+  put(weight.dim());
+  for (int64_t size : weight.sizes()) put(size);
+  put(weight.size(-1) <= 1 || weight.stride(-1) == 1);  // rows contiguous, as native_buckets reads it
+  put(static_cast<int64_t>(hcr::active_isa()));
+  put(at::get_num_threads());
+  for (const std::string& name : weight_choice_environment()) {
+    const char* value = std::getenv(name.c_str());
+    put(value == nullptr ? -1 : static_cast<int64_t>(std::strlen(value)));  // unset differs from empty
+    if (value != nullptr) key.append(value);
+  }
+  return key;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -60,6 +101,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const char* value = std::getenv(name.c_str());
         return value == nullptr ? std::nullopt : std::optional<std::string>(value);
       }, "os.environ.get(name), faster when the variable is unset", pybind11::arg("name"));
+  m.def("set_weight_choice_environment", [](std::vector<std::string> names) {
+        weight_choice_environment() = std::move(names);
+        weight_choices().clear();
+      }, "The environment variables a weight's remembered choice depends on (clears the table)",
+      pybind11::arg("names"));
+  m.def("weight_choice", [](const at::Tensor& weight) -> std::optional<int64_t> {
+        const std::optional<std::string> key = weight_choice_key(weight);
+        if (!key) return std::nullopt;
+        const auto found = weight_choices().find(*key);
+        return found == weight_choices().end() ? std::nullopt : std::optional<int64_t>(found->second);
+      }, "The choice remembered for a weight like this one in this process's state, else None",
+      pybind11::arg("weight"));
+  m.def("remember_weight_choice", [](const at::Tensor& weight, int64_t choice) {
+        if (const std::optional<std::string> key = weight_choice_key(weight)) weight_choices()[*key] = choice;
+      }, "Remember a choice for weights like this one in this process's state", pybind11::arg("weight"),
+      pybind11::arg("choice"));
+  m.def("forget_weight_choices", [] { weight_choices().clear(); }, "Drop every remembered weight choice");
   // Read by hcr_kernels.decode_attention (BLOCK_QUERIES), so Python never restates the kernel's constant.
   m.attr("DECODE_ATTENTION_BLOCK_QUERIES") = hcr::decode_attention_block_queries();
   m.def("decode_attention_chunk_slots", &hcr::decode_attention_chunk_slots,

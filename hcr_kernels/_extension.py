@@ -67,6 +67,37 @@ def environment_variable(name: str) -> str | None:
     return _C.environment_variable(name)
 
 
+def weight_choice(weight: torch.Tensor) -> int | None:
+    """A choice remembered for weights like ``weight`` (same device, dtype, shape, row contiguity) in this
+    process's state (CPU ISA, thread count, the variables of ``set_weight_choice_environment``), else None.
+
+    Kept by ``_C`` (``remember_weight_choice``), which reads that whole key from the weight and the process in
+    one call: the same key built in Python took ~1.2 us, more than the rest of a direct call's dispatch. None
+    without ``_C`` or while torch.compile traces (which traces the Python key instead).
+    """
+    if _C is None or torch.compiler.is_compiling():
+        return None
+    return _C.weight_choice(weight)
+
+
+def remember_weight_choice(weight: torch.Tensor, choice: int) -> None:
+    """Keep ``choice`` for weights like ``weight`` in this process's state (see ``weight_choice``)."""
+    if _C is not None and not torch.compiler.is_compiling():
+        _C.remember_weight_choice(weight, choice)
+
+
+def set_weight_choice_environment(*names: str) -> None:
+    """The environment variables a remembered weight choice depends on (read on every lookup); clears the table."""
+    if _C is not None:
+        _C.set_weight_choice_environment(list(names))
+
+
+def forget_weight_choices() -> None:
+    """Drop every remembered weight choice (``autotune.forget``)."""
+    if _C is not None:
+        _C.forget_weight_choices()
+
+
 def register_fake(op_name: str):
     """``torch.library.register_fake("hcr::<op_name>")`` for torch.compile, when ``_C`` (which defines it) is loaded.
 

@@ -224,3 +224,4 @@ def forget() -> None:
     """Drop the in-memory decisions (the cache file stays): the next choice reads the file or measures."""
     _decisions.clear()
     _derived.clear()
+    _extension.forget_weight_choices()

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hcr_kernels import decode_linear, decode_linear_ref, decode_linears
-from hcr_kernels import autotune
+from hcr_kernels import _extension, autotune, cpu_isa
 from hcr_kernels.decode_linear import (
     EVERY_ROW_COUNT,
     ROTATION_LIMIT,
@@ -356,6 +356,49 @@ def test_backend_env_var_selects_reference(monkeypatch, measured_by):
     assert native_buckets(weight, "reference") == 0  # a named backend wins over the variable
     monkeypatch.setenv("HCR_BACKEND", "reference")
     assert native_buckets(weight, "native") == EVERY_ROW_COUNT
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="the per-call lookup table lives in _C")
+def test_per_call_lookup_follows_everything_the_choice_depends_on(monkeypatch, measured_by):
+    """A direct call finds its layer's mask in _C's table (``_extension.weight_choice``), for any weight like
+    that one, and never a mask worked out under other conditions: another shape, dtype or row layout, another
+    ISA or thread count, HCR_BACKEND or HCR_AUTOTUNE set otherwise (unset is not empty) find nothing there and
+    are worked out again; ``autotune.forget`` drops it; a weight without strides is never kept."""
+    verdict = {"now": autotune.FASTER}
+    measured_by(lambda shape_class: verdict["now"])
+    every = 2**len(ROW_LADDER) - 1
+    weight = torch.randn(24, 16)
+    assert _extension.weight_choice(weight) is None
+    assert native_buckets(weight) == every
+    assert _extension.weight_choice(weight) == every
+    assert _extension.weight_choice(torch.randn(24, 16)) == every  # a weight like it
+    verdict["now"] = autotune.SLOWER  # what measuring again would say from now on
+    assert native_buckets(torch.randn(24, 16)) == every  # remembered: not measured again
+    unlike = {"shape": torch.randn(24, 17), "dtype": torch.randn(24, 16).bfloat16(),
+              "row layout": torch.randn(16, 24).t()}
+    for what, other in unlike.items():
+        assert _extension.weight_choice(other) is None, what
+    assert native_buckets(unlike["shape"]) == 0  # measured now
+    others = [isa for isa in cpu_isa.supported_cpu_isas() if isa != cpu_isa.active_cpu_isa()]
+    if others:
+        with cpu_isa.use_cpu_isa(others[0]):
+            assert _extension.weight_choice(weight) is None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert _extension.weight_choice(weight) is None
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in (("HCR_BACKEND", ""), ("HCR_BACKEND", "reference"), (autotune.AUTOTUNE_ENV_VAR, "0")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            assert _extension.weight_choice(weight) is None, (name, value)
+    assert native_buckets(weight) == every  # the original conditions again: still there
+    sparse = torch.randn(24, 16).to_sparse()
+    _extension.remember_weight_choice(sparse, every)
+    assert _extension.weight_choice(sparse) is None
+    autotune.forget()
+    assert _extension.weight_choice(weight) is None
 
 
 def test_bad_input_names_the_argument():
