@@ -72,7 +72,7 @@ def weight_choice(weight: torch.Tensor) -> int | None:
     process's state (CPU ISA, thread count, the variables of ``set_weight_choice_environment``), else None.
 
     Kept by ``_C`` (``remember_weight_choice``), which reads that whole key from the weight and the process in
-    one call: the same key built in Python took ~1.2 us, more than the rest of a direct call's dispatch. None
+    one call: the same key built in Python took 1.2-1.4 us longer, more than the rest of a direct call's dispatch. None
     without ``_C`` or while torch.compile traces (which traces the Python key instead).
     """
     if _C is None or torch.compiler.is_compiling():
