@@ -316,9 +316,9 @@ const float* bias_as_float(const at::Tensor& bias, std::vector<float>& storage) 
 // weights (the A operand) against up to 16 input rows packed once per call (the B operand, pack_operand_row),
 // so 1 and 16 rows read the weights at the same speed (a standalone loop, one thread, 8,960 x 1,536: 1.02 ms
 // at 1 row and 1.04 at 8, against 3.8 ms for a standalone loop of vdpbf16ps vectors at 8 rows; with 2 threads
-// the avx512_bf16 level's dot_tile_bf16_pairs took 2.1-2.3 ms at 8 rows, as the widened loop did). Every sum is fp32 over exact bf16
-// products, in the tile's order for every row count (each output column is its own sum), so a row's result
-// does not depend on its batch. Two blocks of 16 weight rows take each chunk of the inputs at once; a last
+// the avx512_bf16 level's dot_tile_bf16_pairs took 2.1-2.3 ms at 8 rows, as the widened loop did). Every sum
+// is fp32 over exact bf16 products, in the tile's order for every row count (each output column is its own
+// sum), so a row's result does not depend on its batch. Two blocks of 16 weight rows take each chunk of the inputs at once; a last
 // block of fewer than 16 rows is copied into a zero-padded one.
 #if HCR_HAS_ISA_VARIANTS
 // out[m, n + j] = sums[j * 16 + m % 16] + bias[n + j], rounded to bf16, for the group's rows m < M and the
