@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -350,3 +351,39 @@ def test_merged_adapter_pools_as_the_adapted_pooler(tokenizer, traces, base, tmp
     loaded = CompressionModel.from_pretrained(tmp_path / "merged", base_model=base).eval()
     with torch.no_grad():
         assert torch.equal(loaded.pooled_windows(batch["window_ids"]), merged_windows)
+
+
+def test_lora_pooler_of_a_tied_base_builds_saves_loads_and_merges_without_library_warnings(tokenizer, tmp_path):
+    """The warnings peft and transformers gave on every demo run, none of them the user's to act on: the
+    deprecated ``is_gradient_checkpointing`` read by peft, "save_embedding_layers set to True" on every
+    save, and LoRA on tied embeddings (the pooler has no head to tie; its base here has). The adapter
+    still saves the adapted token table."""
+    from safetensors import safe_open
+
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    tied_base = transformers.Qwen2ForCausalLM(config)
+    noise = ("is_gradient_checkpointing", "save_embedding_layers", "tie_word_embeddings")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_compression_model(tied_base, tokenizer, WINDOW, pooler=PoolerSettings(num_hidden_layers=1),
+                                        lora=LoraSettings(r=4, alpha=8))
+        model.save_pretrained(tmp_path / "saved")
+        loaded = CompressionModel.from_pretrained(tmp_path / "saved", base_model=tied_base)
+        loaded.merge_adapter()
+    assert [str(w.message)[:100] for w in caught if any(n in str(w.message) for n in noise)] == []
+    with safe_open(str(tmp_path / "saved" / "pooler_adapter" / "adapter_model.safetensors"), "pt") as saved:
+        assert any("embed_tokens" in key and "lora_" in key for key in saved.keys())
+
+
+def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transformers_name(tmp_path):
+    """transformers 5 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing and warns
+    on the old name; hcr's setting (and --gradient-checkpointing) passes whichever this transformers has."""
+    for wanted in (True, False):
+        settings = TrainSettings(output_dir=str(tmp_path / "out"), report_to="none", gradient_checkpointing=wanted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = settings.training_arguments()
+        assert args.gradient_checkpointing is wanted
+        assert getattr(args, "activation_checkpointing", wanted) is wanted

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hcr.compression.examples import window_tokens
-from hcr.compression.pooler import EmbedPooler
+from hcr.compression.pooler import EmbedPooler, quiet_peft_wrapping
 from hcr.compression.tokens import CompressionTokens
 from hcr_kernels import IGNORE_INDEX, fused_linear_cross_entropy, pool_scatter, window_mean_pool
 
@@ -198,7 +198,10 @@ class CompressionModel(PreTrainedModel):
     def _write(self, directory: Path) -> None:
         pooler, weights = self.pooler, None
         if self.has_adapter:
-            pooler.save_pretrained(str(directory / ADAPTER_DIR))
+            # Said, not left to peft's "auto" (which warns each save that it chose to save them): the token
+            # table goes into the adapter exactly when LoRA adapts it.
+            adapted = pooler.peft_config[pooler.active_adapter].target_modules or ()
+            pooler.save_pretrained(str(directory / ADAPTER_DIR), save_embedding_layers="embed_tokens" in adapted)
             pooler = pooler.get_base_model()
             # the pooler's own weights, without the LoRA layers peft injected into it
             weights = {k.replace(".base_layer", ""): v for k, v in pooler.state_dict().items() if "lora_" not in k}
@@ -236,7 +239,8 @@ class CompressionModel(PreTrainedModel):
         if os.path.isdir(adapter):
             from peft import PeftModel
 
-            pooler = PeftModel.from_pretrained(pooler, adapter, is_trainable=is_trainable)
+            with quiet_peft_wrapping():
+                pooler = PeftModel.from_pretrained(pooler, adapter, is_trainable=is_trainable)
         return cls(config, base_model, pooler)
 
 

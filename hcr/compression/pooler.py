@@ -15,6 +15,9 @@ layers and its embedding table).
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
@@ -26,6 +29,9 @@ class EmbedPoolerConfig(Qwen2Config):
     model_type = "hcr_embed_pooler"
 
     def __init__(self, own_embeddings: bool = True, projection: bool = False, **kwargs):
+        # The pooler has no output head, so nothing of it is tied to its token table, whatever the base's
+        # config said (peft warns that LoRA on tied embeddings may break a merge when this is left True).
+        kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)
         self.own_embeddings = own_embeddings
         self.projection = projection
@@ -92,3 +98,13 @@ class EmbedPooler(Qwen2PreTrainedModel):
     def forward(self, window_ids: torch.Tensor | None = None, window_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One vector per window: ``[N, W] -> [N, H]`` (mean of the last hidden states)."""
         return window_mean_pool(self.window_hidden_states(window_ids, window_embeds))
+
+
+@contextmanager
+def quiet_peft_wrapping():
+    """For wrapping the pooler in peft: peft 0.21 reads transformers' deprecated
+    ``is_gradient_checkpointing`` each time it wraps a model, and transformers 5 warns about it
+    each time, a FutureWarning nobody using hcr can act on. Only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

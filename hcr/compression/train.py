@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hcr.compression.collator import CompressionCollator
 from hcr.compression.examples import CompressionExampleDataset, ExampleConfig
 from hcr.compression.model import POOLER_DIR, CompressionConfig, CompressionModel
-from hcr.compression.pooler import EmbedPooler
+from hcr.compression.pooler import EmbedPooler, quiet_peft_wrapping
 from hcr.compression.settings import LoraSettings, PoolerSettings, TrainSettings
 from hcr.compression.tokens import CompressionTokens
 from hcr.compression.traces import format_skips, tokenize_dataset
@@ -34,7 +34,8 @@ def add_lora(pooler: EmbedPooler, settings: LoraSettings):
     if settings.embeddings and pooler.get_input_embeddings() is not None:
         targets.append("embed_tokens")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
-    return get_peft_model(pooler, config)
+    with quiet_peft_wrapping():
+        return get_peft_model(pooler, config)
 
 
 def build_compression_model(base, tokenizer, window: int, *, pooler: PoolerSettings | None = None,
