@@ -64,8 +64,8 @@ class TrainSettings:
         on_gpu = torch.cuda.is_available()
         optional = {**launcher_arguments(), **self.extra}
         if self.gradient_checkpointing:  # transformers 5 renamed it, and warns on the 4.x name
-            fields = TrainingArguments.__dataclass_fields__
-            optional["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
+            renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            optional["activation_checkpointing" if renamed else "gradient_checkpointing"] = True
         args = TrainingArguments(
             output_dir=self.output_dir,
             max_steps=self.max_steps,
