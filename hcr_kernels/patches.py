@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hcr_kernels.causal_conv1d import causal_conv1d
-from hcr_kernels.decode_linear.op import apply_decode_linear, native_buckets
+from hcr_kernels.decode_linear.op import apply_decode_linear, native_buckets, stack_buckets
 from hcr_kernels.selective_scan import selective_scan
 
 __all__ = ["apply_hcr_kernels_to_mamba", "remove_hcr_kernels_from_mamba", "decode_linears", "decode_linear_buckets"]
@@ -140,6 +140,8 @@ def decode_linears(model: torch.nn.Module, *, backend: str | None = None) -> Ite
         raise TypeError(f"decode_linears: model must be a torch.nn.Module, got {type(model).__name__}")
     plain = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
     masks = [native_buckets(m.weight, backend) for m in plain]  # raises before anything is patched
+    if backend is None:
+        masks = stack_buckets([m.weight for m in plain], masks)
     routed = [(module, buckets) for module, buckets in zip(plain, masks) if buckets != 0]
     for module, buckets in routed:
         _patch_forward(module, _routed_forward, native_buckets=buckets)

@@ -25,6 +25,7 @@ from hcr_kernels.decode_linear import (
     measured_buckets,
     native_buckets,
     row_bucket,
+    stack_buckets,
     takes_native,
     weight_rotation,
 )
@@ -485,8 +486,9 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
 def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(measured_by):
     """A layer whose bucket mask is 0 (F.linear measured faster at every row count) is not routed: the same
     F.linear call, without the routing's Python on every call. ``decode_linear_buckets`` tells which is which."""
-    # the kernel wins on the 16 -> 32 layer only
-    measured_by(lambda shape_class: autotune.FASTER if "N=32 K=16" in shape_class else autotune.SLOWER)
+    # the kernel wins on the 16 -> 32 layer only, and the stack of the two layers runs faster with that mix
+    measured_by(lambda shape_class: autotune.FASTER if "N=32 K=16" in shape_class or "mix vs F.linear" in shape_class
+                else autotune.SLOWER)
     model, x = small_model(), torch.randn(1, 1, 16)
     expected = model(x)
     with decode_linears(model):
@@ -498,6 +500,86 @@ def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forwar
     assert [decode_linear_buckets(m) for m in model] == [0, None, 0, None]
     model[2].forward = lambda x: x  # replaced by something else: not a mask anyone knows
     assert decode_linear_buckets(model[2]) is None
+
+
+def three_linears():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 24), torch.nn.Linear(24, 8))
+
+
+@pytest.mark.parametrize("stack_verdicts,expected", [
+    ({"mix vs F.linear": "tie", "kernel vs F.linear": "faster"}, [63, 63, 63]),  # the kernel everywhere
+    ({"mix vs F.linear": "slower", "kernel vs F.linear": "tie"}, [0, 0, 0]),  # F.linear everywhere: none routed
+    ({"mix vs F.linear": "faster", "kernel vs F.linear": "tie"}, [63, 0, 63]),  # the layers' own mix
+    ({"mix vs F.linear": "faster", "kernel vs F.linear": "faster", "mix vs kernel": "faster"}, [63, 0, 63]),
+    ({"mix vs F.linear": "faster", "kernel vs F.linear": "faster", "mix vs kernel": "tie"}, [63, 63, 63]),
+])
+def test_decode_linears_decides_a_mixed_stack_as_a_whole(measured_by, stack_verdicts, expected):
+    """Where the layers' own choices mix the kernel and F.linear at a rung, the stack is timed as a whole (a
+    switch of path costs what no single layer's measurement sees): the mix, the kernel everywhere or F.linear
+    everywhere, each against F.linear everywhere, a tie keeping the simpler plan. Uniform rungs are not timed."""
+    asked = []
+
+    def rule(shape_class):
+        asked.append(shape_class)
+        if "linears" not in shape_class:  # a layer's own measurement: the kernel wins on the 32 -> 24 layer only
+            return autotune.SLOWER if "N=24 K=32" in shape_class else autotune.FASTER
+        return next(verdict for name, verdict in stack_verdicts.items() if f": {name}," in shape_class)
+
+    measured_by(rule)
+    model, x = three_linears(), torch.randn(1, 1, 16)
+    expected_out = model(x)
+    with decode_linears(model):
+        assert [decode_linear_buckets(m) for m in model] == expected
+        assert [("forward" in vars(m)) for m in model] == [mask != 0 for mask in expected]
+        torch.testing.assert_close(model(x), expected_out, atol=1e-6, rtol=1e-6)
+    stack_classes = [c for c in asked if "linears" in c]
+    assert {rows_of(c) for c in stack_classes} == set(ROW_LADDER) and all("own choices 101" in c for c in stack_classes)
+    assert len(stack_classes) == len(ROW_LADDER) * len(stack_verdicts)
+    asked.clear()
+    with decode_linears(model):  # remembered: nothing measured again
+        pass
+    assert not asked
+
+
+def test_decode_linears_times_a_uniform_or_named_stack_not_at_all(measured_by):
+    asked = []
+    measured_by(lambda shape_class: asked.append(shape_class) or autotune.FASTER)
+    model = three_linears()
+    with decode_linears(model):  # the kernel wins on every layer: nothing mixed
+        assert [decode_linear_buckets(m) for m in model] == [63, 63, 63]
+    with decode_linears(model, backend="native"):
+        assert [decode_linear_buckets(m) for m in model] == [EVERY_ROW_COUNT] * 3
+    assert asked and not any("linears" in c for c in asked)
+
+
+def test_a_stack_is_timed_over_its_layers_in_order_and_only_the_measured_ones_take_part(monkeypatch):
+    """Each timed call of a plan runs every measured layer in the model's order, on the path the plan gives it; a
+    layer the automatic choice does not measure (rows not contiguous) keeps its mask 0 whatever the stack says."""
+    calls = []
+    monkeypatch.setattr(native_module, "decode_linear", lambda x, w, b: calls.append(("native", w.shape)))
+    monkeypatch.setattr(op_module, "decode_linear_ref", lambda x, w, b: calls.append(("reference", w.shape)))
+    plans = {}
+
+    def compare(op_name, shape_class, fast, reference):
+        if op_name != "decode_linear stack":
+            return autotune.FASTER if shape_class.startswith("float32 N=32") else autotune.SLOWER
+        for name, run in (("fast", fast), ("reference", reference)):
+            calls.clear()
+            run()
+            plans[shape_class.split(": ")[1].split(",")[0], name] = list(calls)
+        return autotune.FASTER if "kernel vs F.linear" in shape_class else autotune.TIE
+    monkeypatch.setattr(autotune, "compare", compare)
+    autotune.forget()
+    weights = [torch.randn(32, 16), torch.randn(24, 32), torch.randn(8, 24), torch.randn(24, 8).t()]
+    masks = [native_buckets(w) for w in weights]
+    assert masks == [63, 0, 0, 0]
+    assert stack_buckets(weights, masks) == [63, 63, 63, 0]
+    shapes = [(32, 16), (24, 32), (8, 24)]
+    assert plans["kernel vs F.linear", "fast"] == [("native", s) for s in shapes]
+    assert plans["kernel vs F.linear", "reference"] == [("reference", s) for s in shapes]
+    assert plans["mix vs F.linear", "fast"] == [("native", shapes[0]), ("reference", shapes[1]), ("reference", shapes[2])]
+    autotune.forget()
 
 
 def test_decode_linears_reference_is_bit_identical_and_gradients_flow():

@@ -14,7 +14,9 @@ Backends: ``reference`` (``F.linear``, what ``nn.Linear`` computes: the oracle a
 the fallback), ``native`` (the compiled extension, CPU; fp32, bf16, fp16). No GPU
 kernel: there cuBLAS already streams the weights at bandwidth, so CUDA tensors take
 the reference. ``decode_linears(model)`` routes a model's ``nn.Linear`` layers
-through this op for the duration of a ``with`` block (``hcr_kernels.patches``).
+through this op for the duration of a ``with`` block (``hcr_kernels.patches``), each
+layer's choice measured on its own and, where the layers mix the two paths at a row
+count, the stack as a whole (``stack_buckets``).
 """
 
 from hcr_kernels.decode_linear.op import (
@@ -28,6 +30,7 @@ from hcr_kernels.decode_linear.op import (
     measured_buckets,
     native_buckets,
     row_bucket,
+    stack_buckets,
     takes_native,
     weight_rotation,
 )
@@ -35,5 +38,6 @@ from hcr_kernels.decode_linear.reference import decode_linear_ref
 from hcr_kernels.patches import decode_linear_buckets, decode_linears  # after .op, which patches imports
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_buckets", "apply_decode_linear",
-           "native_buckets", "measured_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS", "NATIVE_DTYPES",
+           "native_buckets", "measured_buckets", "stack_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS",
+           "NATIVE_DTYPES",
            "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from hcr_kernels import _dispatch, _extension, autotune
@@ -9,9 +11,9 @@ from hcr_kernels._validate import check_same_device, check_same_dtype, check_ten
 from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
-__all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "row_bucket", "takes_native",
-           "weight_rotation", "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER", "EVERY_ROW_COUNT",
-           "ROTATION_LIMIT"]
+__all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "stack_buckets", "row_bucket",
+           "takes_native", "weight_rotation", "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER",
+           "EVERY_ROW_COUNT", "ROTATION_LIMIT"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -95,7 +97,7 @@ def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
         found = _extension.weight_choice(weight)
         if found is not None:
             return found
-    contiguous_rows = weight.shape[-1] <= 1 or weight.stride(-1) == 1
+    contiguous_rows = _rows_contiguous(weight)
     if backend is not None:
         return _derive_buckets(weight, backend, contiguous_rows)
     key = ("decode_linear row buckets", weight.device, weight.dtype, weight.shape, contiguous_rows,
@@ -108,6 +110,10 @@ def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
 # The key of the per-call lookup (weight_choice): what native_buckets' key and autotune.remembered's add to it
 # read from the environment.
 _extension.set_weight_choice_environment(_dispatch.BACKEND_ENV_VAR, autotune.AUTOTUNE_ENV_VAR)
+
+
+def _rows_contiguous(weight: torch.Tensor) -> bool:
+    return weight.shape[-1] <= 1 or weight.stride(-1) == 1
 
 
 def _derive_buckets(weight: torch.Tensor, backend: str | None, contiguous_rows: bool) -> int:
@@ -175,6 +181,78 @@ def _each_in_turn(linear, x: torch.Tensor, rotation: list[torch.Tensor]):
         for weight in rotation:
             linear(x, weight, None)
     return run
+
+
+def stack_buckets(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
+    """The automatic bucket masks ``masks`` of a model's linears (called in the order of ``weights``), with every
+    rung of ``ROW_LADDER`` at which they mix the two paths decided again for the stack as a whole.
+
+    Each layer's own measurement (``measured_buckets``) calls one path over copies of one weight, so it never
+    sees what a switch of path costs: in a stack each path's code and data go cold while the other runs. On an
+    Intel Xeon (2 threads) a switch cost about 1 us at 1 row and 3 us at 8-32 rows, and the tiny Qwen2's fp32
+    layers, on which the kernel and MKL's F.linear tie, took a mix of the two at 4-8 rows that ran 1.03-1.16x
+    the time of F.linear everywhere (``benchmarks/HISTORY.md``). So where the layers' masks differ at a rung,
+    the stack's linears are timed in order three ways, each measured choice against F.linear everywhere: the
+    layers' own mix, the kernel everywhere, and (where both win) the mix against the kernel everywhere; a tie
+    keeps the simpler plan (F.linear, then the kernel everywhere). Only layers whose masks were measured take
+    part (the others keep theirs); remembered per stack, and cached per machine as every measured choice.
+    """
+    chosen = [i for i, weight in enumerate(weights) if _measured_layer(weight)]
+    if len(chosen) < 2:
+        return list(masks)
+    plan = tuple((weights[i].dtype, tuple(weights[i].shape), masks[i]) for i in chosen)
+    stacked = autotune.remembered(("decode_linear stack", plan),
+                                  lambda: _measure_stack([weights[i] for i in chosen], [masks[i] for i in chosen]))
+    out = list(masks)
+    for i, mask in zip(chosen, stacked):
+        out[i] = mask
+    return out
+
+
+def _measured_layer(weight: torch.Tensor) -> bool:
+    """Whether the automatic choice measures this weight (rather than keeping F.linear without measuring)."""
+    return (autotune.enabled() and _rows_contiguous(weight) and weight.dtype in NATIVE_DTYPES and
+            _dispatch.choose_backend("decode_linear", weight.device, None, BACKEND_CHECKS) == "native")
+
+
+def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
+    masks = list(masks)
+    layers = hashlib.sha1(repr([(str(w.dtype), tuple(w.shape)) for w in weights]).encode()).hexdigest()[:12]
+    everywhere, nowhere = [True] * len(weights), [False] * len(weights)
+    for rows in ROW_LADDER:
+        bit = 1 << row_bucket(rows)
+        own = [mask & bit != 0 for mask in masks]
+        if all(own) or not any(own):
+            continue
+        inputs = {}
+        for weight in weights:
+            if (weight.dtype, weight.shape[1]) not in inputs:
+                generator = torch.Generator().manual_seed(rows)
+                x = torch.randn(rows, weight.shape[1], generator=generator)
+                inputs[weight.dtype, weight.shape[1]] = x.to(weight.dtype)
+
+        def stack(native_at):
+            def run():
+                for weight, takes in zip(weights, native_at):
+                    linear = native.decode_linear if takes else decode_linear_ref
+                    linear(inputs[weight.dtype, weight.shape[1]], weight, None)
+            return run
+
+        shape_class = f"{len(weights)} linears {layers}, own choices {''.join('1' if t else '0' for t in own)}"
+        mix = autotune.compare("decode_linear stack", f"{shape_class}: mix vs F.linear, rows={rows}", stack(own),
+                               stack(nowhere))
+        kernel = autotune.compare("decode_linear stack", f"{shape_class}: kernel vs F.linear, rows={rows}",
+                                  stack(everywhere), stack(nowhere))
+        if mix is None or kernel is None:  # autotuning off
+            return masks
+        if mix == autotune.FASTER and kernel == autotune.FASTER:
+            mix_over_kernel = autotune.compare("decode_linear stack", f"{shape_class}: mix vs kernel, rows={rows}",
+                                               stack(own), stack(everywhere))
+            native_at = own if mix_over_kernel == autotune.FASTER else everywhere
+        else:
+            native_at = own if mix == autotune.FASTER else everywhere if kernel == autotune.FASTER else nowhere
+        masks = [mask | bit if takes else mask & ~bit for mask, takes in zip(masks, native_at)]
+    return masks
 
 
 def apply_decode_linear(input, weight, bias, buckets: int) -> torch.Tensor:
