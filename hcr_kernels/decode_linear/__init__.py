@@ -39,5 +39,4 @@ from hcr_kernels.patches import decode_linear_buckets, decode_linears  # after .
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_buckets", "apply_decode_linear",
            "native_buckets", "measured_buckets", "stack_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS",
-           "NATIVE_DTYPES",
-           "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]
+           "NATIVE_DTYPES", "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]

@@ -97,12 +97,11 @@ def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
         found = _extension.weight_choice(weight)
         if found is not None:
             return found
-    contiguous_rows = _rows_contiguous(weight)
     if backend is not None:
-        return _derive_buckets(weight, backend, contiguous_rows)
-    key = ("decode_linear row buckets", weight.device, weight.dtype, weight.shape, contiguous_rows,
+        return _derive_buckets(weight, backend)
+    key = ("decode_linear row buckets", weight.device, weight.dtype, weight.shape, _rows_contiguous(weight),
            _extension.environment_variable(_dispatch.BACKEND_ENV_VAR))
-    buckets = autotune.remembered(key, lambda: _derive_buckets(weight, backend, contiguous_rows))
+    buckets = autotune.remembered(key, lambda: _derive_buckets(weight, backend))
     _extension.remember_weight_choice(weight, buckets)
     return buckets
 
@@ -116,12 +115,11 @@ def _rows_contiguous(weight: torch.Tensor) -> bool:
     return weight.shape[-1] <= 1 or weight.stride(-1) == 1
 
 
-def _derive_buckets(weight: torch.Tensor, backend: str | None, contiguous_rows: bool) -> int:
-    chosen = _dispatch.choose_backend("decode_linear", weight.device, backend, BACKEND_CHECKS)
-    if chosen == "reference":
-        return 0
+def _derive_buckets(weight: torch.Tensor, backend: str | None) -> int:
     if backend is None:  # automatic or HCR_BACKEND: native only where it is the faster path
-        return measured_buckets(weight) if contiguous_rows and weight.dtype in NATIVE_DTYPES else 0
+        return measured_buckets(weight) if _measured_layer(weight) else 0
+    if _dispatch.choose_backend("decode_linear", weight.device, backend, BACKEND_CHECKS) == "reference":
+        return 0
     if weight.dtype not in NATIVE_DTYPES:
         raise TypeError(f"decode_linear: backend 'native' supports {NATIVE_DTYPES}, got {weight.dtype}; "
                         "use backend='reference'")
@@ -211,8 +209,8 @@ def stack_buckets(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
 
 def _measured_layer(weight: torch.Tensor) -> bool:
     """Whether the automatic choice measures this weight (rather than keeping F.linear without measuring)."""
-    return (autotune.enabled() and _rows_contiguous(weight) and weight.dtype in NATIVE_DTYPES and
-            _dispatch.choose_backend("decode_linear", weight.device, None, BACKEND_CHECKS) == "native")
+    return (_dispatch.choose_backend("decode_linear", weight.device, None, BACKEND_CHECKS) == "native" and
+            _rows_contiguous(weight) and weight.dtype in NATIVE_DTYPES and autotune.enabled())
 
 
 def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
