@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -87,11 +88,26 @@ def test_marker_exposure_wraps_a_reasoning_prefix_and_never_supervises_the_marke
     assert plain_ids == trace.ids.tolist() and plain_labels == [IGNORE_INDEX] * 3 + trace.ids[3:].tolist()
 
 
+QUICK_RUN_WARNINGS: list[str] = []  # every warning the quick run raised
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    QUICK_RUN_WARNINGS[:] = [f"{w.category.__name__}: {w.message}" for w in caught]
     return out
+
+
+def test_quick_demo_prints_none_of_the_library_warnings_it_used_to(quick_run):
+    """peft's and transformers' warnings that every demo printed (three times each, one with a 15-line code
+    sample), none of them the user's to act on: tied embeddings the pooler does not have, save_embedding_layers
+    on every save, the deprecated checkpointing names."""
+    noise = ("is_gradient_checkpointing", "save_embedding_layers", "tie_word_embeddings",
+             "_checkpointing` is deprecated")
+    assert [m[:120] for m in QUICK_RUN_WARNINGS if any(n in m for n in noise)] == []
 
 
 def test_tokens_per_second_sets_the_autotuners_measurements_aside():
