@@ -93,12 +93,11 @@ def native_buckets(weight: torch.Tensor, backend: str | None = None) -> int:
     building the key in Python, and 0.6 us for a named backend's choice); ``decode_linears`` asks
     once per layer.
     """
-    if backend is None:
-        found = _extension.weight_choice(weight)
-        if found is not None:
-            return found
     if backend is not None:
         return _derive_buckets(weight, backend)
+    found = _extension.weight_choice(weight)
+    if found is not None:
+        return found
     key = ("decode_linear row buckets", weight.device, weight.dtype, weight.shape, _rows_contiguous(weight),
            _extension.environment_variable(_dispatch.BACKEND_ENV_VAR))
     buckets = autotune.remembered(key, lambda: _derive_buckets(weight, backend))
@@ -145,7 +144,7 @@ def _measure_buckets(weight: torch.Tensor) -> int:
     rotation = weight_rotation(weight)
     buckets = 0
     for rows in ROW_LADDER:
-        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(weight.dtype)
+        x = _measurement_input(rows, in_features, weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
         verdict = autotune.compare("decode_linear", shape_class, _each_in_turn(native.decode_linear, x, rotation),
                                    _each_in_turn(decode_linear_ref, x, rotation))
@@ -154,6 +153,11 @@ def _measure_buckets(weight: torch.Tensor) -> int:
         if verdict == autotune.FASTER:
             buckets |= 1 << row_bucket(rows)
     return buckets
+
+
+def _measurement_input(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The seeded input rows both paths of a measurement see."""
+    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
 
 
 def weight_rotation(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -222,12 +226,8 @@ def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
         own = [mask & bit != 0 for mask in masks]
         if all(own) or not any(own):
             continue
-        inputs = {}
-        for weight in weights:
-            if (weight.dtype, weight.shape[1]) not in inputs:
-                generator = torch.Generator().manual_seed(rows)
-                x = torch.randn(rows, weight.shape[1], generator=generator)
-                inputs[weight.dtype, weight.shape[1]] = x.to(weight.dtype)
+        kinds = {(weight.dtype, weight.shape[1]) for weight in weights}
+        inputs = {(dtype, k): _measurement_input(rows, k, dtype) for dtype, k in kinds}
 
         def stack(native_at):
             def run():
