@@ -9,6 +9,8 @@ F.linear bit for bit otherwise), the fakes torch.compile needs, bad input, and t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -481,6 +483,54 @@ def test_decode_linears_routes_plain_linears_and_restores(monkeypatch, native_wi
     torch.testing.assert_close(inside, expected, atol=1e-6, rtol=1e-6)
     assert not any("forward" in vars(m) or hasattr(m, "_hcr_native_buckets") for m in model)
     assert torch.equal(model(x), expected)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(wins=st.sets(st.sampled_from(ROW_LADDER)), leading=st.lists(st.integers(0, 21), min_size=1, max_size=3),
+       bias=st.booleans())
+def test_a_routed_layer_takes_the_kernel_exactly_at_the_row_counts_of_its_mask(monkeypatch, measured_by, wins,
+                                                                                leading, bias):
+    """The routed forward's inline row-count test agrees with ``takes_native`` for any input shape (no rows,
+    one, between and past the ladder's rungs) and any set of rungs the kernel won; the other calls are
+    ``F.linear``'s, bit for bit."""
+    from hcr_kernels.decode_linear import patch
+
+    measured_by(lambda shape_class: autotune.FASTER if rows_of(shape_class) in wins else autotune.SLOWER)
+    taken = []
+    original = patch.apply_decode_linear
+    monkeypatch.setattr(patch, "apply_decode_linear", lambda *args: taken.append(args[3]) or original(*args))
+    layer, x = torch.nn.Linear(16, 8, bias=bias), torch.randn(*leading, 16)
+    mask = sum(1 << row_bucket(rung) for rung in wins)
+    rows = x.numel() // 16
+    with decode_linears(layer):
+        assert decode_linear_buckets(layer) == mask and ("forward" in vars(layer)) == (mask != 0)
+        out = layer(x)
+    assert taken == ([mask] if takes_native(rows, mask) else [])
+    if taken:
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_routed_layer_uses_its_own_parameters_of_the_moment_and_fails_as_nn_linear_does():
+    """A parameter assigned inside the block, and a copy's parameters (a deep copy made inside it), are the ones
+    a routed layer multiplies by."""
+    layer, x = torch.nn.Linear(16, 8), torch.randn(3, 16)
+    with decode_linears(layer, backend="native"):
+        assert decode_linear_buckets(layer) == EVERY_ROW_COUNT
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))
+        layer.bias = None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
+        twin = copy.deepcopy(layer)
+        with torch.no_grad():
+            twin.weight.mul_(-1)
+        assert decode_linear_buckets(twin) == EVERY_ROW_COUNT
+        torch.testing.assert_close(twin(x), -layer(x), atol=1e-5, rtol=1e-5)
+        for bad in (torch.tensor(1.0), None):  # 0-d, not a tensor: F.linear's errors, not the routing's
+            with pytest.raises((RuntimeError, TypeError)) as inside:
+                layer(bad)
+            with pytest.raises(type(inside.value)):
+                F.linear(bad, layer.weight)
 
 
 def test_decode_linears_leaves_a_layer_the_kernel_never_wins_with_its_own_forward(measured_by):
