@@ -109,22 +109,13 @@ def remove_hcr_kernels_from_mamba(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _routed_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """A plain ``nn.Linear``'s forward inside ``decode_linears``: ``decode_linear`` at the row counts of its
-    bucket mask (``takes_native``), ``F.linear`` at the others.
-
-    The parameters are read from the module's table (``self._parameters``), not as ``self.weight``, which
-    ``nn.Module`` finds only through its ``__getattr__``, the slow way; the row-count test is inline. On an
-    Intel Xeon (256 x 256 fp32, one row, 2 threads) a routed layer taking ``F.linear`` cost 10.3-10.9 us
-    with both through ``apply_decode_linear`` against 9.5-9.7 us for the plain ``nn.Linear``, and 8.1-8.6
-    us so; taking the kernel 7.7-8.1 us and 6.4-6.7."""
-    try:
-        rows = input.numel() // (input.shape[-1] or 1)
-    except (AttributeError, IndexError):  # not a tensor, or 0-d: F.linear's own error says what is wrong
-        return F.linear(input, self.weight, self.bias)
-    buckets, parameters = self._hcr_native_buckets, self._parameters
-    if buckets >> ((rows or 1) - 1).bit_length() & 1:  # takes_native(rows, buckets)
-        return apply_decode_linear(input, parameters["weight"], parameters["bias"], buckets)
-    return F.linear(input, parameters["weight"], parameters["bias"])
+    # The parameters from the module's table: ``self.weight`` is found only through ``nn.Module.__getattr__``,
+    # the slow way. On an Intel Xeon (256 x 256 fp32, one row, 2 threads) a routed layer taking ``F.linear``
+    # cost 10.3-10.9 us reading ``self.weight`` (and with two more calls in apply_decode_linear) against
+    # 9.4-9.7 us for the plain ``nn.Linear``, and 8.4-9.1 us so; taking the kernel 7.7-8.1 us and 6.2-6.7.
+    # A method, not a closure over the table: copy.deepcopy binds a method to the copy, a closure it shares.
+    parameters = self._parameters
+    return apply_decode_linear(input, parameters["weight"], parameters["bias"], self._hcr_native_buckets)
 
 
 def decode_linear_buckets(module: torch.nn.Module) -> int | None:

@@ -493,19 +493,17 @@ def test_a_routed_layer_takes_the_kernel_exactly_at_the_row_counts_of_its_mask(m
     """The routed forward's inline row-count test agrees with ``takes_native`` for any input shape (no rows,
     one, between and past the ladder's rungs) and any set of rungs the kernel won; the other calls are
     ``F.linear``'s, bit for bit."""
-    from hcr_kernels.decode_linear import patch
-
     measured_by(lambda shape_class: autotune.FASTER if rows_of(shape_class) in wins else autotune.SLOWER)
     taken = []
-    original = patch.apply_decode_linear
-    monkeypatch.setattr(patch, "apply_decode_linear", lambda *args: taken.append(args[3]) or original(*args))
+    kernel = native_module.decode_linear
+    monkeypatch.setattr(native_module, "decode_linear", lambda *args: taken.append(args[0].shape) or kernel(*args))
     layer, x = torch.nn.Linear(16, 8, bias=bias), torch.randn(*leading, 16)
     mask = sum(1 << row_bucket(rung) for rung in wins)
     rows = x.numel() // 16
     with decode_linears(layer):
         assert decode_linear_buckets(layer) == mask and ("forward" in vars(layer)) == (mask != 0)
         out = layer(x)
-    assert taken == ([mask] if takes_native(rows, mask) else [])
+    assert taken == ([x.shape] if takes_native(rows, mask) else [])
     if taken:
         torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     else:
