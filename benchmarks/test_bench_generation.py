@@ -14,14 +14,17 @@ A tiny Qwen2 (hidden 256, 4 layers, intermediate 1024; the built-in tokenizer's
 * ``model-forward``: the eager fast path with ``direct_forward=False`` (each step through
   transformers' own forward; interleaved only: what ``direct_forward`` adds);
 * ``reference``: the recompute oracle (batch 1 only: it re-encodes everything every step);
-* ``generate``: transformers' ``generate()`` on the same base without compression.
+* ``generate``: transformers' ``generate()`` on the same base without compression;
+* ``generate-decode-linears`` (interleaved only): the same ``generate()`` inside
+  ``hcr_kernels.decode_linears(base)``, as a user of plain transformers generation would
+  route its linears (target: never slower than ``generate``).
 
 Targets: fast path >= 0.8x generate()'s tokens/s while compressing, >= 10x the oracle
 at 1024 new tokens. The time split (decode / pooling / re-encode / other) and the peak
 cache length go to ``extra_info``. Each case is one timed run, after the other paths of
 its group: ``test_generation_interleaved`` times the fast path, the same through the
-model's own forward, without decode kernels, and ``generate()`` alternating (``interleaved.py``), the ratios to trust on a
-shared machine. ``test_generation_real_vocabulary``: the same model with R1-Distill-Qwen's
+model's own forward, without decode kernels, and ``generate()`` without and inside ``decode_linears``
+alternating (``interleaved.py``), the ratios to trust on a shared machine. ``test_generation_real_vocabulary``: the same model with R1-Distill-Qwen's
 151,936-token vocabulary, batch 8 of 256-token prompts, 64 new tokens, where the lm_head
 outweighs the rest; the fast path (logits at each row's last position only), the same
 with every position's logits (``keeps_logits = False``, as before 2026-12-04) and
@@ -41,6 +44,7 @@ transformers = pytest.importorskip("transformers")
 from hcr.compression.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from hcr.compression.train import PoolerSettings, build_compression_model  # noqa: E402
 from hcr.generation import CompressedGenerator  # noqa: E402
+from hcr_kernels import decode_linears  # noqa: E402
 from interleaved import record_interleaved  # noqa: E402
 
 PROMPT = 32
@@ -87,9 +91,15 @@ def setup(request, tmp_path_factory):
 
 def generation_run(base, generators, backend: str, ids: torch.Tensor, new: int):
     """A call writing ``new`` tokens per row of ``ids`` through ``backend`` (see the module docstring)."""
-    if backend == "generate":
-        def run():
+    if backend in ("generate", "generate-decode-linears"):
+        def generate():
             return base.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+        def run():
+            if backend == "generate":
+                return generate()
+            with decode_linears(base):
+                return generate()
     else:
         generator = generators.get(backend, generators["native"])
         strategy = "recompute" if backend == "reference" else "cache"
@@ -102,8 +112,8 @@ def generation_run(base, generators, backend: str, ids: torch.Tensor, new: int):
 
 @pytest.mark.parametrize("batch,new", INTERLEAVED_CASES, ids=[f"B{b}-{n}-new" for b, n in INTERLEAVED_CASES])
 def test_generation_interleaved(benchmark, setup, batch, new):
-    """The fast path, through the model's own forward, without decode kernels, and generate(), alternating
-    (``interleaved.py``)."""
+    """The fast path, through the model's own forward, without decode kernels, and generate() without and
+    inside ``decode_linears``, alternating (``interleaved.py``)."""
     base, generators, _ = setup
     if base.device.type == "cuda":
         pytest.skip("interleaved on the CPU only")
@@ -111,7 +121,7 @@ def test_generation_interleaved(benchmark, setup, batch, new):
     benchmark.group = f"generation interleaved, tiny Qwen2, batch {batch}, {new} new tokens, W=10 k=4"
     benchmark.extra_info.update(count=batch * new, unit="tokens")
     paths = {backend: generation_run(base, generators, backend, ids, new)
-             for backend in ("native", "model-forward", "no-kernels", "generate")}
+             for backend in ("native", "model-forward", "no-kernels", "generate", "generate-decode-linears")}
     record_interleaved(benchmark, paths, rounds=INTERLEAVED_ROUNDS, baselines=["model-forward", "no-kernels", "generate"])
 
 
