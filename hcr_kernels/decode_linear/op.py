@@ -222,12 +222,12 @@ def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
     masks = list(masks)
     layers = hashlib.sha1(repr([(str(w.dtype), tuple(w.shape)) for w in weights]).encode()).hexdigest()[:12]
     everywhere, nowhere = [True] * len(weights), [False] * len(weights)
+    kinds = {(weight.dtype, weight.shape[1]) for weight in weights}  # one input per kind, at each rung
     for rows in ROW_LADDER:
         bit = 1 << row_bucket(rows)
         own = [mask & bit != 0 for mask in masks]
         if all(own) or not any(own):
             continue
-        kinds = {(weight.dtype, weight.shape[1]) for weight in weights}
         inputs = {(dtype, k): _measurement_input(rows, k, dtype) for dtype, k in kinds}
 
         def stack(native_at):
