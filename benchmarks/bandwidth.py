@@ -1,4 +1,5 @@
-"""The ``copy`` yardstick of the benchmarks: what this machine's memory moves, warmed up.
+"""The ``copy`` yardstick of the benchmarks: what this machine's memory moves, warmed up;
+and ``last_level_cache_eviction``, which puts a call's operands back in memory.
 
 A ``clone()`` allocates its output on every call; where the allocator hands back
 fresh pages, it times page faults more than bandwidth (3 GB/s for 158 MiB on one of
@@ -10,8 +11,11 @@ before timing: it reads half the bytes and writes the other half.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Callable:
@@ -25,3 +29,26 @@ def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torc
         return target.copy_(source)
 
     return copy
+
+
+def last_level_cache_bytes() -> int:
+    """The size of the largest CPU cache the OS reports (the L3 on this project's machines; 0 if it does not say)."""
+    sizes = [0]
+    for size_file in CPU_CACHES.glob("index*/size"):
+        text = size_file.read_text().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes)
+
+
+def last_level_cache_eviction(limit: int = 2**30) -> Callable:
+    """A call reading a buffer of twice the last-level cache (at most ``limit`` bytes): run before a timed call,
+    it leaves that call's operands in memory, as a model's step leaves them when its weights stream through
+    the cache between two calls of a layer. It reads (a sum), as the weights are read: written lines would be
+    written back to memory during the timed call, taking bandwidth from it."""
+    buffer = torch.ones(min(limit, 2 * max(last_level_cache_bytes(), 2**20)) // 4, dtype=torch.float32)
+
+    def evict() -> None:  # returns nothing: pytest-benchmark takes what a pedantic setup returns as arguments
+        buffer.sum()
+
+    return evict

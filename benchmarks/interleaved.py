@@ -21,9 +21,11 @@ from typing import Callable
 
 
 def record_interleaved(benchmark, paths: dict[str, Callable[[], object]], *, rounds: int, baselines: list[str],
-                       warmup_rounds: int = 1) -> dict[str, list[float]]:
+                       warmup_rounds: int = 1, between: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Time ``paths`` alternating for ``rounds`` rounds (after ``warmup_rounds`` untimed ones); returns each
-    path's times in seconds and records their medians in ``benchmark.extra_info``."""
+    path's times in seconds and records their medians in ``benchmark.extra_info``. ``between``, if given,
+    runs untimed before each timed call (e.g. ``bandwidth.last_level_cache_eviction``: otherwise a path
+    finds in the cache what the path before it just read)."""
     unknown = [name for name in baselines if name not in paths]
     if unknown:
         raise ValueError(f"baselines {unknown} are not among the paths {list(paths)}")
@@ -38,6 +40,8 @@ def record_interleaved(benchmark, paths: dict[str, Callable[[], object]], *, rou
         first = done // 2 % len(names)
         order = names[first:] + names[:first]
         for name in (reversed(order) if done % 2 else order):
+            if between is not None:
+                between()
             began = time.perf_counter()
             paths[name]()
             times[name].append(time.perf_counter() - began)

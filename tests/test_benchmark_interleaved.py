@@ -47,3 +47,25 @@ def test_paths_alternate_with_the_first_rotating_every_other_round_reversed_and_
 def test_a_baseline_must_be_one_of_the_paths():
     with pytest.raises(ValueError, match=r"baselines \['d'\] are not among the paths \['a', 'b'\]"):
         record_interleaved(FakeBenchmark(), {"a": lambda: None, "b": lambda: None}, rounds=1, baselines=["d"])
+
+
+def test_between_runs_untimed_before_every_timed_call_and_not_in_warmup():
+    calls = []
+    paths = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    record_interleaved(FakeBenchmark(), paths, rounds=3, baselines=["a"], warmup_rounds=1,
+                       between=lambda: calls.append("evict"))
+    assert calls == ["a", "b"] + ["evict", "a", "evict", "b", "evict", "b", "evict", "a", "evict", "b", "evict", "a"]
+
+
+def test_last_level_cache_size_and_eviction(monkeypatch, tmp_path):
+    import bandwidth
+
+    for index, size in enumerate(("48K", "2048K", "300M")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    monkeypatch.setattr(bandwidth, "CPU_CACHES", tmp_path)
+    assert bandwidth.last_level_cache_bytes() == 300 * 2**20
+    monkeypatch.setattr(bandwidth, "CPU_CACHES", tmp_path / "absent")
+    assert bandwidth.last_level_cache_bytes() == 0
+    evict = bandwidth.last_level_cache_eviction(limit=2**22)
+    assert evict() is None  # pytest-benchmark would take a pedantic setup's return value as the call's arguments
