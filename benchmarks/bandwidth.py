@@ -10,6 +10,7 @@ before timing: it reads half the bytes and writes the other half.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def last_level_cache_bytes() -> int:
     return max(sizes)
 
 
+@functools.cache  # one buffer for a session's benchmarks
 def last_level_cache_eviction(limit: int = 2**30) -> Callable:
     """A call reading a buffer of twice the last-level cache (at most ``limit`` bytes): run before a timed call,
     it leaves that call's operands in memory, as a model's step leaves them when its weights stream through

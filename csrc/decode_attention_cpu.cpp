@@ -618,8 +618,9 @@ struct AttendGroup {
     }
     for (int64_t b0 = c0; b0 <= c1; b0 += Lanes) {
       const int64_t start = std::min(b0, c1 + 1 - Lanes);
+      const int64_t ahead = start + key_ahead;  // the first row asked for, if a row of the span
       rows_block_dots<T, Lanes>(q, k_base + start * s.k_stride[2], s.k_stride[2], R, D, scores + start - c0, width,
-                                k_base + (start + key_ahead) * s.k_stride[2], hi + 1 - (start + key_ahead));
+                                ahead <= hi ? k_base + ahead * s.k_stride[2] : nullptr, hi + 1 - ahead);
     }
   }
 
