@@ -134,7 +134,9 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // slot). Key rows go KR at a time with the QR query rows beside them: KR * QR FMA chains in flight (one query
 // row's 4 chains waited on the FMA latency: half the FMA rate), each key vector loaded once for the QR rows.
 // The Lanes key rows from `ahead` on (ahead_rows of them, none if <= 0), further down the chunk, are asked for
-// into the outer caches KR rows beside each KR key rows summed (score_chunk says why).
+// into the outer caches as the block's own rows are read: a line of KR rows ahead as the sweep reaches the same
+// line of its KR rows (score_chunk says why); where D is not whole pairs of vectors or whole lines, or fewer
+// than KR rows are left ahead, the KR rows' lines all at once before their sums.
 template <typename T, int QR, int KR, int Lanes>
 HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride,
                            const T* ahead = nullptr, int64_t ahead_rows = 0) {
@@ -146,10 +148,15 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
   constexpr int KeysPerKept = Lanes >= 16 ? 4 : 1;
   vfloat<Lanes> kept[QR][Lanes / KeysPerKept];
   const int64_t pairs = n - n % (2 * Lanes), vectors = n - n % Lanes;
+  const bool whole_lines = pairs == n && (n * int64_t(sizeof(T))) % 64 == 0;
   for (int j = 0; j < Lanes; j += KR) {
-    prefetch_rows<1>(ahead, k_stride, j, std::min<int64_t>(j + KR, ahead_rows), n * int64_t(sizeof(T)));
+    const bool line_by_line = whole_lines && j + KR <= ahead_rows;
+    if (!line_by_line) prefetch_rows<1>(ahead, k_stride, j, std::min<int64_t>(j + KR, ahead_rows), n * int64_t(sizeof(T)));
     vfloat<Lanes> s[QR][KR] = {}, kv[KR];
     for (int64_t i = 0; i < pairs; i += 2 * Lanes) {
+      if (line_by_line && (i * int64_t(sizeof(T))) % 64 == 0) {
+        for (int r = 0; r < KR; ++r) __builtin_prefetch(ahead + (j + r) * k_stride + i, 0, 1);
+      }
       for (int half = 0; half < 2; ++half) {
         for (int r = 0; r < KR; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
         multiply_add_keys<QR, KR, Lanes>(q + i + half * Lanes, n, kv, s);
@@ -597,12 +604,14 @@ struct AttendGroup {
   // asks for keys only; pass 2 asks for its 16-bit value rows itself, as it sweeps them (kValuePrefetchRows).
   // (On an AVX-512 EPYC with a 1 MiB L2 the value prefetch had gained 1.04-1.39x at
   // 1.7k-2k slots, with keys converted into an L1 block first; not measured there since.)
-  // The block's 8 or 16 rows ahead are asked for KR rows at a time, beside each KR key rows the block sums
-  // (block_dots), not all before the block: with the caches coming from memory (the L3 read over before each
-  // call), 1.5B bf16 on the AVX2 path B 1 0.94-0.97x, B 8 0.89-0.96x the time of asking all at once, on
-  // `avx512` 0.94 / 0.95x (Intel Xeon, 300 MiB L3, 2 threads, alternating in one process, 3 runs of 20 rounds).
-  // A burst of 16-32 requests at a block's start waits on the core's few line fill buffers; spread, the
-  // requests go while the FMAs run. (amx's tile pass asking for keys the same way measured 0.96-1.11x: noise.)
+  // The block's 8 or 16 rows ahead are asked for as the block's own rows are read (block_dots), not all before
+  // the block: with the caches coming from memory (the L3 read over before each call), asking KR rows beside each
+  // KR key rows summed took 0.94-0.97x the time of asking all at once at 1.5B bf16 B 1 on the AVX2 path, 0.89-0.96x
+  // at B 8, 0.94 / 0.95x on `avx512`; a line of the rows ahead as each line of the rows summed is reached, against
+  // KR rows at a time: AVX2 path B 1 0.96-0.98x (and one run 1.11x), B 8 0.97-0.98x, `avx512` 0.99 / 0.95x (Intel
+  // Xeon, 300 MiB L3, 2 threads, alternating in one process, 2-4 runs of 20-30 rounds). A burst of 16-32 requests
+  // at a block's start waits on the core's few line fill buffers; spread, the requests go while the FMAs run.
+  // (amx's tile pass asking for keys ahead in bursts measured 0.96-1.11x: noise; it asks for none.)
   // (The automatic route still times the kernel against the model's own attention on every machine.)
   template <int Lanes>
   static HCR_INLINE void score_chunk(const float* q, const T* k_base, const Shape& s, int64_t G, int64_t R,
