@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}  # the suffixes of the size files there
 
 
 def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Callable:
@@ -37,8 +38,7 @@ def last_level_cache_bytes() -> int:
     sizes = [0]
     for size_file in CPU_CACHES.glob("index*/size"):
         text = size_file.read_text().strip()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        sizes.append(int(text[:-1]) * SIZE_UNITS[text[-1]] if text[-1] in SIZE_UNITS else int(text))
     return max(sizes)
 
 

@@ -149,7 +149,7 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // than KR rows are left ahead, the KR rows' lines all at once before their sums.
 template <typename T, int QR, int KR, int Lanes>
 HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride,
-                           const T* ahead = nullptr, int64_t ahead_rows = 0) {
+                           const T* ahead, int64_t ahead_rows) {
   static_assert(Lanes % KR == 0 && (KR == 4 || Lanes < 16), "a block's key rows go KR at a time (4 where folded)");
   // Per query row, its dots with the block's key rows as vectors still to be summed across lanes. AVX-512
   // folds each 4 key rows' accumulators two levels of transposed_sums at once, so a quarter as many vectors go
@@ -610,8 +610,9 @@ struct AttendGroup {
   // KR key rows summed took 0.94-0.97x the time of asking all at once at 1.5B bf16 B 1 on the AVX2 path, 0.89-0.96x
   // at B 8, 0.94 / 0.95x on `avx512`; a line of the rows ahead as each line of the rows summed is reached, against
   // KR rows at a time: AVX2 path B 1 0.96-0.98x (and one run 1.11x), B 8 0.97-0.98x, `avx512` 0.99 / 0.95x (Intel
-  // Xeon, 300 MiB L3, 2 threads, alternating in one process, 2-4 runs of 20-30 rounds). A burst of 16-32 requests
-  // at a block's start waits on the core's few line fill buffers; spread, the requests go while the FMAs run.
+  // Xeon, 300 MiB L3, 2 threads, alternating in one process, 2-4 runs of 20-30 rounds). Presumably a burst of 16-32
+  // requests at a block's start waits on the core's few line fill buffers (the VM shows no counters to confirm it),
+  // while spread they go out as the FMAs run.
   // (amx's tile pass asking for keys ahead in bursts measured 0.96-1.11x: noise; it asks for none.)
   // (The automatic route still times the kernel against the model's own attention on every machine.)
   template <int Lanes>
