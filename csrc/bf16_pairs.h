@@ -34,9 +34,14 @@ HCR_INLINE bf16_pairs load_bf16_pairs(const uint16_t* p) {
 // the levels whose CPUs have the instruction (a caller checks active_isa() >= Isa::avx512_bf16). Both operands
 // in registers: allowed a memory operand, GCC folded each input vector's load into every weight row's
 // instruction, reading the input rows from the L2 twice where they do not fit in the L1 (4 and 8 rows of the
-// 1,536 x 8,960 down projection: 1.30-1.37x the time of the widened loop, against 1.00-1.07x).
+// 1,536 x 8,960 down projection: 1.30-1.37x the time of the widened loop, against 1.00-1.07x). The sums go in
+// as an input tied to the output, not as an in-out operand: with "+v" on an element of an array of sums
+// (decode_attention's pass 1), GCC kept the whole array on the stack, loading and storing it around every
+// instruction.
 HCR_INLINE void add_pair_products(vfloat<16>& sums, bf16_pairs a, bf16_pairs b) {
-  asm("vdpbf16ps %2, %1, %0" : "+v"(sums) : "v"(a), "v"(b));
+  vfloat<16> out;
+  asm("vdpbf16ps %3, %2, %0" : "=v"(out) : "0"(sums), "v"(a), "v"(b));
+  sums = out;
 }
 #endif
 

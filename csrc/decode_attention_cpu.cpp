@@ -53,12 +53,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include <unistd.h>
 
 #include "amx_tiles.h"
+#include "bf16_pairs.h"
 #include "decode_ops.h"
 #include "vec_math.h"
 
@@ -99,16 +101,6 @@ HCR_INLINE void dots(const float* q, const float* k, int64_t n, float* out, int6
   }
 }
 
-// Asks for the Lines 64-byte lines from p (Locality as __builtin_prefetch's). Unrolled: written as a loop, the
-// AVX2 path took 1.15-1.2x the time with its one line a sweep (Intel Xeon, one layer's 1.5B caches in the L2).
-template <int Lines, int Locality, typename T>
-HCR_INLINE void prefetch_lines(const T* p) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  [&]<int... Line>(std::integer_sequence<int, Line...>) HCR_LAMBDA_INLINE {
-    (__builtin_prefetch(bytes + 64 * Line, 0, Locality), ...);
-  }(std::make_integer_sequence<int, Lines>{});
-}
-
 // Asks for rows [from, to) of a cache (each `bytes` long, `stride` elements apart) ahead of their use, so
 // their reads from memory overlap arithmetic. Locality 3 fetches into L1, 1 into the outer caches (L2).
 template <int Locality, typename T>
@@ -137,6 +129,21 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
   }
 }
 
+#if HCR_HAS_ISA_VARIANTS
+// s[row][r] += the pair products of 32 bf16 values of QR query rows (n apart) and KR key rows (k_stride apart), as
+// stored: block_dots' step in pairs.
+template <int QR, int KR>
+HCR_INLINE void add_pair_products_of_keys(const uint16_t* q, int64_t n, const uint16_t* k, int64_t k_stride,
+                                          vfloat<16> (&s)[QR][KR]) {
+  bf16_pairs key[KR];
+  for (int r = 0; r < KR; ++r) key[r] = load_bf16_pairs(k + r * k_stride);
+  for (int row = 0; row < QR; ++row) {
+    const bf16_pairs qv = load_bf16_pairs(q + row * n);
+    for (int r = 0; r < KR; ++r) add_pair_products(s[row][r], key[r], qv);
+  }
+}
+#endif
+
 // out[r * out_stride + j] = <q + r * n, k + j * k_stride> for QR query rows (fp32, in widen_paired's order)
 // and the Lanes key rows of a block (the cache's own rows, widened in registers): one register accumulator
 // per (query row, key row), summed across lanes all at once per query row (transposed_sums) and stored as
@@ -147,10 +154,15 @@ HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>
 // into the outer caches as the block's own rows are read: a line of KR rows ahead as the sweep reaches the same
 // line of its KR rows (score_chunk says why); where D is not whole pairs of vectors or whole lines, or fewer
 // than KR rows are left ahead, the KR rows' lines all at once before their sums.
-template <typename T, int QR, int KR, int Lanes>
-HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t n, float* out, int64_t out_stride,
-                           const T* ahead, int64_t ahead_rows) {
+// Query rows as Q = uint16_t: bf16 as stored and unscaled, against bf16 keys as stored in pairs (vdpbf16ps,
+// bf16_pairs.h; the avx512_bf16 level, D a multiple of 32): the products of a 32-value step, nothing widened,
+// the sums times `scale` at the end (as the AMX tiles'). Q = float: fp32 rows scaled already, and scale 1.
+template <typename T, int QR, int KR, int Lanes, typename Q>
+HCR_INLINE void block_dots(const Q* q, const T* k, int64_t k_stride, int64_t n, float scale, float* out,
+                           int64_t out_stride, const T* ahead, int64_t ahead_rows) {
   static_assert(Lanes % KR == 0 && (KR == 4 || Lanes < 16), "a block's key rows go KR at a time (4 where folded)");
+  constexpr bool Pairs = std::is_same_v<Q, uint16_t>;
+  static_assert(!Pairs || (Lanes == 16 && std::is_same_v<T, c10::BFloat16>), "pairs: bf16 keys, 32 values a step");
   // Per query row, its dots with the block's key rows as vectors still to be summed across lanes. AVX-512
   // folds each 4 key rows' accumulators two levels of transposed_sums at once, so a quarter as many vectors go
   // through memory (one layer's 1.5B caches in the L2: 58 -> 55 us a layer, Intel Xeon); the AVX2 path
@@ -162,20 +174,30 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
   for (int j = 0; j < Lanes; j += KR) {
     const bool line_by_line = whole_lines && j + KR <= ahead_rows;
     if (!line_by_line) prefetch_rows<1>(ahead, k_stride, j, std::min<int64_t>(j + KR, ahead_rows), n * int64_t(sizeof(T)));
-    vfloat<Lanes> s[QR][KR] = {}, kv[KR];
+    vfloat<Lanes> s[QR][KR] = {};
     for (int64_t i = 0; i < pairs; i += 2 * Lanes) {
       if (line_by_line && (i * int64_t(sizeof(T))) % 64 == 0) {  // the lines this step starts (2 for fp32 on AVX-512)
         constexpr int step_lines = std::max<int>(1, 2 * Lanes * int(sizeof(T)) / 64);
         for (int r = 0; r < KR; ++r) prefetch_lines<step_lines, 1>(ahead + (j + r) * k_stride + i);
       }
-      for (int half = 0; half < 2; ++half) {
-        for (int r = 0; r < KR; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
-        multiply_add_keys<QR, KR, Lanes>(q + i + half * Lanes, n, kv, s);
+      if constexpr (Pairs) {
+#if HCR_HAS_ISA_VARIANTS
+        add_pair_products_of_keys<QR, KR>(q + i, n, reinterpret_cast<const uint16_t*>(k + j * k_stride + i), k_stride, s);
+#endif
+      } else {
+        for (int half = 0; half < 2; ++half) {
+          vfloat<Lanes> kv[KR];
+          for (int r = 0; r < KR; ++r) kv[r] = load_pair_half<T, Lanes>(k + (j + r) * k_stride + i, half);
+          multiply_add_keys<QR, KR, Lanes>(q + i + half * Lanes, n, kv, s);
+        }
       }
     }
-    for (int64_t i = pairs; i < vectors; i += Lanes) {
-      for (int r = 0; r < KR; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
-      multiply_add_keys<QR, KR, Lanes>(q + i, n, kv, s);
+    if constexpr (!Pairs) {  // pairs: n is whole steps
+      for (int64_t i = pairs; i < vectors; i += Lanes) {
+        vfloat<Lanes> kv[KR];
+        for (int r = 0; r < KR; ++r) kv[r] = load_as_float<T, Lanes>(k + (j + r) * k_stride + i);
+        multiply_add_keys<QR, KR, Lanes>(q + i, n, kv, s);
+      }
     }
     for (int row = 0; row < QR; ++row) {
       if constexpr (KeysPerKept == 4) {
@@ -188,10 +210,12 @@ HCR_INLINE void block_dots(const float* q, const T* k, int64_t k_stride, int64_t
   }
   for (int row = 0; row < QR; ++row) {
     vfloat<Lanes> total = transposed_sums<Lanes, Lanes / KeysPerKept>(kept[row]);
-    for (int64_t i = vectors; i < n; ++i) {
-      for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * static_cast<float>(k[j * k_stride + i]);
+    if constexpr (!Pairs) {
+      for (int64_t i = vectors; i < n; ++i) {
+        for (int j = 0; j < Lanes; ++j) total[j] += q[row * n + i] * static_cast<float>(k[j * k_stride + i]);
+      }
     }
-    store_v<Lanes>(out + row * out_stride, total);
+    store_v<Lanes>(out + row * out_stride, total * scale);
   }
 }
 
@@ -222,28 +246,29 @@ constexpr int kSweepQueryRows = Lanes >= 16 || sizeof(T) == 2 ? 6 : 2;
 template <int QR, int Lanes>
 constexpr int kSweepKeyRows = Lanes < 16 && QR > 2 ? 2 : 4;
 
-// block_dots for R query rows, kSweepQueryRows at a time, and the rest: in one sweep on AVX-512, in pairs (and a
-// single row) beside 4 key rows on AVX2, where four rows beside 2 key rows (G = 4) took 1.07x the time.
+// block_dots for R query rows, kSweepQueryRows at a time, and the rest: in one sweep on AVX-512 (in bf16 pairs too:
+// three query rows a sweep took 1.02-1.03x the time of the widened pass at the 1.5B step, six 0.85-0.95x), in pairs
+// (and a single row) beside 4 key rows on AVX2, where four rows beside 2 key rows (G = 4) took 1.07x the time.
 // The first sweep asks for the rows from `ahead` (block_dots).
-template <typename T, int Lanes>
-HCR_INLINE void rows_block_dots(const float* q, const T* k, int64_t k_stride, int64_t R, int64_t n, float* out,
+template <typename T, int Lanes, typename Q>
+HCR_INLINE void rows_block_dots(const Q* q, const T* k, int64_t k_stride, int64_t R, int64_t n, float scale, float* out,
                                 int64_t out_stride, const T* ahead, int64_t ahead_rows) {
   constexpr int QR = kSweepQueryRows<T, Lanes>;
   int64_t r = 0;
   for (; r + QR <= R; r += QR, ahead_rows = 0) {
-    block_dots<T, QR, kSweepKeyRows<QR, Lanes>, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride, ahead,
-                                                       ahead_rows);
+    block_dots<T, QR, kSweepKeyRows<QR, Lanes>, Lanes>(q + r * n, k, k_stride, n, scale, out + r * out_stride, out_stride,
+                                                       ahead, ahead_rows);
   }
   if constexpr (Lanes >= 16) {
     with_count_below<QR>(R - r, [&](auto rows) HCR_LAMBDA_INLINE {
-      block_dots<T, decltype(rows)::value, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride, ahead,
-                                                     ahead_rows);
+      block_dots<T, decltype(rows)::value, 4, Lanes>(q + r * n, k, k_stride, n, scale, out + r * out_stride, out_stride,
+                                                     ahead, ahead_rows);
     });
   } else {
     for (; r + 2 <= R; r += 2, ahead_rows = 0) {
-      block_dots<T, 2, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride, ahead, ahead_rows);
+      block_dots<T, 2, 4, Lanes>(q + r * n, k, k_stride, n, scale, out + r * out_stride, out_stride, ahead, ahead_rows);
     }
-    if (r < R) block_dots<T, 1, 4, Lanes>(q + r * n, k, k_stride, n, out + r * out_stride, out_stride, ahead, ahead_rows);
+    if (r < R) block_dots<T, 1, 4, Lanes>(q + r * n, k, k_stride, n, scale, out + r * out_stride, out_stride, ahead, ahead_rows);
   }
 }
 
@@ -463,6 +488,7 @@ struct Scratch {
   std::vector<float> q, acc, row, top, total, scores;  // top, total: each query row's running softmax
   std::vector<int64_t> first, last;                     // each query row's visible slots
   std::vector<uint16_t> tile_queries, tile_keys;        // the AMX pass's operands (tile_scores)
+  std::vector<uint16_t> pair_queries;                   // the query rows as stored, for pass 1 in bf16 pairs
 };
 
 // Pass 1 on AMX tiles (Isa::amx, bf16 caches, D a multiple of 32). A tile dot product (tdpbf16ps) takes 16
@@ -582,13 +608,48 @@ bool scores_on_tiles(int64_t D) {
 #endif
 }
 
+// Pass 1's blocks of Lanes key rows over the chunk [c0, c1] of a span that ends at hi (at least a block wide), the
+// last one shifted back to end at c1 (recomputing a few scores, bit for bit the same): scores[r * width + slot - c0]
+// for the R query rows, the key rows kKeyPrefetchBytes ahead asked for as they go (score_chunk says why).
+template <typename T, int Lanes, typename Q>
+HCR_INLINE void score_blocks(const Q* q, const T* k_base, int64_t k_stride, int64_t R, int64_t D, float scale,
+                             int64_t c0, int64_t c1, int64_t hi, float* scores) {
+  const int64_t width = c1 - c0 + 1;
+  const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / (D * int64_t(sizeof(T))));  // D >= 1 here
+  for (int64_t b0 = c0; b0 <= c1; b0 += Lanes) {
+    const int64_t start = std::min(b0, c1 + 1 - Lanes);
+    const int64_t ahead = start + key_ahead;  // the first row asked for, if a row of the span
+    rows_block_dots<T, Lanes>(q, k_base + start * k_stride, k_stride, R, D, scale, scores + start - c0, width,
+                              ahead <= hi ? k_base + ahead * k_stride : nullptr, hi + 1 - ahead);
+  }
+}
+
+// Whether pass 1 multiplies bf16 pairs (block_dots with bf16 query rows): the avx512_bf16 level, bf16 caches, D a
+// multiple of 32 (amx takes tiles there). vdpbf16ps does two products a lane where an FMA does one, and needs no
+// widening: on an AMD EPYC (Zen 4, whose 512-bit FMAs take both 256-bit pipes) a loop of it did 2.6-2.8x the
+// products a second of one of 512-bit FMAs. The 1.5B bf16 step with its caches from memory, both levels in one
+// process alternating (the L3 read over before each call, 2 threads, 3 runs of 20 rounds; time pairs / widened):
+// B 1 0.95, 0.92, 0.93; B 8 0.85, 0.91, 0.93 (at 87-88 % of a read's speed where the widened pass was at 75-80 %).
+// Not measured on an Intel CPU (the Xeon here has AMX, whose tiles take this pass).
+template <typename T, int Lanes>
+constexpr bool kPairsPossible = HCR_HAS_ISA_VARIANTS && Lanes == 16 && std::is_same_v<T, c10::BFloat16>;
+
+template <typename T, int Lanes>
+bool scores_in_pairs(int64_t D) {
+#if HCR_HAS_ISA_VARIANTS
+  return kPairsPossible<T, Lanes> && D % 32 == 0 && active_isa() == Isa::avx512_bf16;
+#else
+  return false;
+#endif
+}
+
 // One (row b, key/value head h) task: every query of the group's heads and the step's steps.
 template <typename T>
 struct AttendGroup {
   // Pass 1 over the chunk [c0, c1] of the span (which ends at hi): every query row's score at every slot
   // (all written, whichever row sees them; the softmax and pass 2 use each row's own slots only) into
-  // scores[r * width + slot - c0]. Blocks of Lanes key rows, the last one shifted back to end at c1
-  // (recomputing a few scores, bit for bit the same); a chunk shorter than a block goes slot by slot.
+  // scores[r * width + slot - c0]: blocks of Lanes key rows (score_blocks); a chunk shorter than a block goes
+  // slot by slot (in fp32 on every level).
   // Beside each block of keys, the key rows kKeyPrefetchBytes ahead are asked for into the outer caches:
   // without it a block's arithmetic and the wait for its keys add up (pass 1 ran at about half a plain
   // read's speed from memory, and at the same time per byte from the L2). Measured side by side, with the
@@ -615,24 +676,24 @@ struct AttendGroup {
   // while spread they go out as the FMAs run.
   // (amx's tile pass asking for keys ahead in bursts measured 0.96-1.11x: noise; it asks for none.)
   // (The automatic route still times the kernel against the model's own attention on every machine.)
+  // pair_q: the query rows as stored (bf16, unscaled) where pass 1 multiplies bf16 pairs (scores_in_pairs), else
+  // nullptr; q: the same rows scaled, in fp32, for a chunk shorter than a block (and every other chunk without pairs).
   template <int Lanes>
-  static HCR_INLINE void score_chunk(const float* q, const T* k_base, const Shape& s, int64_t G, int64_t R,
-                                     int64_t c0, int64_t c1, int64_t hi, float* scores, float* row) {
-    const int64_t D = s.D, width = c1 - c0 + 1, row_bytes = D * int64_t(sizeof(T));
-    const int64_t key_ahead = std::max<int64_t>(Lanes, kKeyPrefetchBytes / row_bytes);  // D >= 1 here
-    if (width < Lanes) {
+  static HCR_INLINE void score_chunk(const float* q, const uint16_t* pair_q, float scale, const T* k_base, const Shape& s,
+                                     int64_t G, int64_t R, int64_t c0, int64_t c1, int64_t hi, float* scores, float* row) {
+    const int64_t D = s.D;
+    if (c1 - c0 + 1 < Lanes) {
+      const int64_t width = c1 - c0 + 1;
       for (int64_t slot = c0; slot <= c1; ++slot) {
         const float* k = as_paired_floats<T, Lanes>(k_base + slot * s.k_stride[2], row, D);
         for (int64_t r = 0; r < R; r += G) group_dots<Lanes>(q + r * D, k, G, D, scores + r * width + slot - c0, width);
       }
       return;
     }
-    for (int64_t b0 = c0; b0 <= c1; b0 += Lanes) {
-      const int64_t start = std::min(b0, c1 + 1 - Lanes);
-      const int64_t ahead = start + key_ahead;  // the first row asked for, if a row of the span
-      rows_block_dots<T, Lanes>(q, k_base + start * s.k_stride[2], s.k_stride[2], R, D, scores + start - c0, width,
-                                ahead <= hi ? k_base + ahead * s.k_stride[2] : nullptr, hi + 1 - ahead);
+    if constexpr (kPairsPossible<T, Lanes>) {
+      if (pair_q != nullptr) return score_blocks<T, Lanes>(pair_q, k_base, s.k_stride[2], R, D, scale, c0, c1, hi, scores);
     }
+    score_blocks<T, Lanes>(q, k_base, s.k_stride[2], R, D, 1.0f, c0, c1, hi, scores);
   }
 
   template <int Lanes>
@@ -643,10 +704,11 @@ struct AttendGroup {
     const T* k_base = keys + b * s.k_stride[0] + h * s.k_stride[1];
     const T* v_base = values + b * s.v_stride[0] + h * s.v_stride[1];
     const int64_t rows = steps_per_block * G;  // more than kBlockQueries where one step's G heads are more
-    auto& [q, acc, row, top, total, scores, first, last, tile_queries, tile_keys] = scratch;
+    auto& [q, acc, row, top, total, scores, first, last, tile_queries, tile_keys, pair_queries] = scratch;
     q.resize(rows * D), acc.resize(rows * D), row.resize(D), top.resize(rows), total.resize(rows);
     first.resize(rows), last.resize(rows);
-    const bool tiles = scores_on_tiles<T, Lanes>(D);
+    const bool tiles = scores_on_tiles<T, Lanes>(D), pairs = scores_in_pairs<T, Lanes>(D);
+    if (pairs) pair_queries.resize(rows * D);
     if (tiles) {
       tile_queries.resize((rows + kTileRows - 1) / kTileRows * kTileRows * D), tile_keys.resize(kTileRows * D);
     }
@@ -671,6 +733,7 @@ struct AttendGroup {
           } else {
             widen_paired<T, Lanes>(src, q.data() + r * D, D);
             for (int64_t d = 0; d < D; ++d) q[r * D + d] *= scale;
+            if (pairs) std::memcpy(pair_queries.data() + r * D, src, D * sizeof(uint16_t));
           }
         }
       }
@@ -691,7 +754,8 @@ struct AttendGroup {
                       scores.data(), tile_keys.data());
 #endif
         } else {
-          score_chunk<Lanes>(q.data(), k_base, s, G, R, c0, c1, hi, scores.data(), row.data());
+          score_chunk<Lanes>(q.data(), pairs ? pair_queries.data() : nullptr, scale, k_base, s, G, R, c0, c1, hi,
+                             scores.data(), row.data());
         }
         for (int64_t r = 0; r < R; ++r) {  // each query's own slots of the chunk; its other scores are never read
           const int64_t from = std::max(first[r], c0), to = std::min(last[r], c1);
