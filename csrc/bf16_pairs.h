@@ -1,5 +1,5 @@
 // bf16 dot products in pairs (AVX512_BF16's vdpbf16ps), for decode_linear's bf16 rows on the avx512_bf16 and amx
-// levels (cpu_isa.h).
+// levels and decode_attention's pass 1 over bf16 caches on avx512_bf16 (cpu_isa.h).
 //
 // Why: a bf16 value is the high half of an fp32, so the AVX-512 loops widen each loaded bf16 vector into two fp32
 // vectors and multiply those with two fp32 FMAs. vdpbf16ps takes 32 bf16 values of each operand as they are in

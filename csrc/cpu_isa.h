@@ -20,8 +20,8 @@ namespace hcr {
 
 // Best last, so a larger value is a newer ISA (each level has what the ones below it have). `avx512_bf16` is
 // AVX-512 plus AVX512_BF16's vdpbf16ps (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids): every kernel
-// runs its AVX-512 variant, and decode_linear's bf16 rows multiply bf16 pairs straight from memory (bf16_pairs.h)
-// instead of widening them. `amx` is that plus Intel's AMX tiles (AMX-TILE and AMX-BF16, granted by the OS): the
+// runs its AVX-512 variant, and decode_linear's bf16 rows and decode_attention's bf16 scores multiply bf16 pairs
+// straight from memory (bf16_pairs.h) instead of widening them. `amx` is that plus Intel's AMX tiles (AMX-TILE and AMX-BF16, granted by the OS): the
 // few kernels with a tile path (decode_attention's bf16 scores, decode_linear's bf16 rows; amx_tiles.h) take it.
 enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
 

@@ -46,6 +46,8 @@
 // Intel's AMX tiles) pass 1 over bf16 caches runs on tiles instead (tile_scores):
 // 1.5B bf16 B 1 0.80-0.83x, B 8 0.78-0.90x the time of the AVX-512 sweeps (Intel Xeon,
 // 2 threads, 3 alternations); pass 2 on tiles measured slower from memory (HISTORY.md).
+// On the avx512_bf16 level (AMD Zen 4) pass 1 over bf16 caches multiplies bf16 pairs
+// (block_dots with bf16 query rows, scores_in_pairs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -3,8 +3,8 @@
 The extension compiles every hot loop once per ISA (with that ISA's vector width)
 and picks the best the CPU has when it loads. ``avx512_bf16`` is AVX-512 plus the
 bf16 dot-product instruction (AMD Zen 4 and later, Intel Cooper Lake and Sapphire
-Rapids): every kernel runs its AVX-512 code there, and decode_linear multiplies
-bf16 rows as stored, without widening them. ``amx`` is that plus Intel's AMX tiles
+Rapids): every kernel runs its AVX-512 code there, and decode_linear's bf16 rows and
+decode_attention's bf16 scores multiply bf16 values as stored, without widening them. ``amx`` is that plus Intel's AMX tiles
 (Sapphire Rapids and later, where the OS grants them): decode_attention's bf16
 scores and decode_linear's bf16 rows use tile dot products. ``HCR_CPU_ISA`` (read when ``hcr_kernels`` is imported) or
 ``set_cpu_isa`` chooses another, so every path a machine can run is tested and timed
