@@ -178,10 +178,7 @@ HCR_INLINE void block_dots(const Q* q, const T* k, int64_t k_stride, int64_t n, 
     if (!line_by_line) prefetch_rows<1>(ahead, k_stride, j, std::min<int64_t>(j + KR, ahead_rows), n * int64_t(sizeof(T)));
     vfloat<Lanes> s[QR][KR] = {};
     for (int64_t i = 0; i < pairs; i += 2 * Lanes) {
-      if (line_by_line && (i * int64_t(sizeof(T))) % 64 == 0) {  // the lines this step starts (2 for fp32 on AVX-512)
-        constexpr int step_lines = std::max<int>(1, 2 * Lanes * int(sizeof(T)) / 64);
-        for (int r = 0; r < KR; ++r) prefetch_lines<step_lines, 1>(ahead + (j + r) * k_stride + i);
-      }
+      if (line_by_line) prefetch_step_lines<T, Lanes, KR, 1>(ahead + j * k_stride, k_stride, i);
       if constexpr (Pairs) {
 #if HCR_HAS_ISA_VARIANTS
         add_pair_products_of_keys<QR, KR>(q + i, n, reinterpret_cast<const uint16_t*>(k + j * k_stride + i), k_stride, s);

@@ -86,12 +86,9 @@ template <typename T, int NR, int R, int Lanes>
 HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
   vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
   const int64_t ahead = kWeightPrefetchBytes / int64_t(sizeof(T));
-  constexpr int step_lines = std::max<int>(1, 2 * Lanes * int(sizeof(T)) / 64);  // the 64-byte lines a step starts
   int64_t k = 0;
   for (; k + 2 * Lanes <= K; k += 2 * Lanes) {
-    if ((k * int64_t(sizeof(T))) % 64 == 0) {
-      for (int i = 0; i < NR; ++i) prefetch_lines<step_lines, 1>(w + i * weight_stride + k + ahead);
-    }
+    prefetch_step_lines<T, Lanes, NR, 1>(w + ahead, weight_stride, k);
     vfloat<Lanes> w0[NR], w1[NR];
     for (int i = 0; i < NR; ++i) {
       w0[i] = load_pair_half<T, Lanes>(w + i * weight_stride + k, 0);

@@ -116,6 +116,16 @@ HCR_INLINE void prefetch_lines(const T* p) {
   }(std::make_integer_sequence<int, Lines>{});
 }
 
+// Asks for the 64-byte lines that a sweep's step of 2 * Lanes values of T, at offset i of each of Rows rows (stride
+// elements apart from p), starts: the prefetch a sweep makes as it reaches each line (16-bit values on AVX2 start
+// one every other step, fp32 on AVX-512 two a step).
+template <typename T, int Lanes, int Rows, int Locality>
+HCR_INLINE void prefetch_step_lines(const T* p, int64_t stride, int64_t i) {
+  constexpr int step_bytes = 2 * Lanes * int(sizeof(T)), lines = step_bytes > 64 ? step_bytes / 64 : 1;
+  if ((i * int64_t(sizeof(T))) % 64 != 0) return;
+  for (int r = 0; r < Rows; ++r) prefetch_lines<lines, Locality>(p + r * stride + i);
+}
+
 // Lane `out` of one half of a pair fold (`pair_fold`) at group size Seg: each input holds
 // Lanes / Seg groups of Seg partial sums, one group per original vector; the output holds
 // twice as many groups of Seg / 2, the first input's groups first. `High` picks the upper
