@@ -50,7 +50,9 @@ namespace {
 // 16 / 32 KiB ahead (0.89-0.90 into the L1 instead), again 0.69 / 0.69 / 0.66 at 16 / 32 / 64 KiB; 1 row 0.88-0.95
 // at 8-64 KiB; fp32 1 row 0.92 / 0.92 / 0.96 at 16 / 32 / 64 KiB; 32 KiB on the AVX2 path bf16 8 rows 0.72, 1 row
 // 0.79, fp32 1 row 0.92; the tiny model's 29 matrices (in the L3) fp32 1 / 8 rows 0.98 / 0.69, bf16 1.04 / 0.83,
-// AVX2 path fp32 8 rows 0.96, bf16 1 row 1.02.
+// AVX2 path fp32 8 rows 0.96, bf16 1 row 1.02. On an AMD EPYC with AVX2 only (Zen 3, 512 KiB L2; the same
+// way, 12-15 rounds): bf16 1 row 0.98 / 0.90 / 0.92 at 8 / 32 / 64 KiB, again 0.85 at 32 KiB; bf16 8 rows 0.96 /
+// 1.04 / 1.04, again 0.95; fp32 1 row 1.04 / 0.97 / 0.96; tiny fp32 1 / 8 rows 0.96 / 0.94, tiny bf16 1 row 1.04.
 // Asking past a matrix's end is harmless (a prefetch never faults). Not measured on an Intel CPU; the amx
 // level's tile path does not ask.
 constexpr int64_t kWeightPrefetchBytes = 32 << 10;
