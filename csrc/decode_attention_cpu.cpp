@@ -122,6 +122,52 @@ HCR_INLINE void group_dots(const float* q, const float* k, int64_t G, int64_t n,
   if (g < G) dots<1, Lanes>(q + g * n, k, n, out + g * out_stride, out_stride);
 }
 
+#if HCR_HAS_ISA_VARIANTS
+// block_dots' step on AVX2 for 16-bit keys, six query rows beside two key rows, written out in asm: s[row][r] +=
+// the products of 16 values of query row `row` (fp32, n apart, in load_pair_half's order) and key row r (k_stride
+// apart), each key half widened once into ymm13 / ymm14 and each query vector loaded once into ymm15 for its two
+// FMAs. 12 accumulators, 2 keys, the query and the bf16 mask take all 16 registers: compiled from C++, GCC either
+// folded each query load into both of its FMAs (28 loads a step where 16 do; the loop ran at about half the FMA
+// rate on an AVX2 EPYC, Zen 3) or, with the query forced into a register, spilled 3 accumulators. The same FMAs in
+// the same order as multiply_add_keys, so every score is bit for bit the same. One task of the 1.5B shape (bf16,
+// 512 / 2,048 slots, one thread) took 0.86-0.94x the time of the C++ step, fp16 0.93-0.94x; the 1.5B step from
+// memory (2 threads) B 1 0.93-0.97x, B 8 0.94-0.97x (AVX2 EPYC, Zen 3, alternating in one process). The rows
+// are read through registers (asm takes at most 30 operands, 24 of them the accumulators), hence "memory".
+#define HCR_QUERY_ROW(R, ADDRESS) \
+  "vmovups " ADDRESS ", %%ymm15\n\tvfmadd231ps %%ymm13, %%ymm15, %[s" #R "0]\n\tvfmadd231ps %%ymm14, %%ymm15, %[s" #R "1]\n\t"
+#define HCR_SIX_ROWS(OFFSET)                                                                              \
+  HCR_QUERY_ROW(0, OFFSET "(%[q])") HCR_QUERY_ROW(1, OFFSET "(%[q],%[n4])") HCR_QUERY_ROW(2, OFFSET "(%[q],%[n4],2)") \
+  HCR_QUERY_ROW(3, OFFSET "(%[q3])") HCR_QUERY_ROW(4, OFFSET "(%[q3],%[n4])") HCR_QUERY_ROW(5, OFFSET "(%[q3],%[n4],2)")
+#define HCR_SIX_ROWS_OPERANDS                                                                                        \
+  [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]), [s20] "+x"(s[2][0]),           \
+      [s21] "+x"(s[2][1]), [s30] "+x"(s[3][0]), [s31] "+x"(s[3][1]), [s40] "+x"(s[4][0]), [s41] "+x"(s[4][1]),       \
+      [s50] "+x"(s[5][0]), [s51] "+x"(s[5][1])
+template <typename T>
+HCR_INLINE void six_rows_two_keys_avx2(const float* q, int64_t n, const T* k, int64_t k_stride, vfloat<8> (&s)[6][2]) {
+  const float* q3 = q + 3 * n;
+  const int64_t n4 = n * int64_t(sizeof(float)), ks = k_stride * int64_t(sizeof(T));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // even elements: the bits shifted up; odd: the low half masked
+    const vu32<8> mask = vu32<8>{} + 0xffff0000u;
+    asm("vmovdqu (%[k]), %%ymm13\n\tvpslld $16, %%ymm13, %%ymm13\n\t"
+        "vmovdqu (%[k],%[ks]), %%ymm14\n\tvpslld $16, %%ymm14, %%ymm14\n\t" HCR_SIX_ROWS("")
+        "vpand (%[k]), %[mask], %%ymm13\n\tvpand (%[k],%[ks]), %[mask], %%ymm14\n\t" HCR_SIX_ROWS("32")
+        : HCR_SIX_ROWS_OPERANDS
+        : [k] "r"(k), [ks] "r"(ks), [q] "r"(q), [q3] "r"(q3), [n4] "r"(n4), [mask] "x"(mask)
+        : "xmm13", "xmm14", "xmm15", "memory");
+  } else {  // fp16: the first 8 values, then the next 8 (F16C)
+    static_assert(std::is_same_v<T, c10::Half>, "16-bit keys: bf16 or fp16");
+    asm("vcvtph2ps (%[k]), %%ymm13\n\tvcvtph2ps (%[k],%[ks]), %%ymm14\n\t" HCR_SIX_ROWS("")
+        "vcvtph2ps 16(%[k]), %%ymm13\n\tvcvtph2ps 16(%[k],%[ks]), %%ymm14\n\t" HCR_SIX_ROWS("32")
+        : HCR_SIX_ROWS_OPERANDS
+        : [k] "r"(k), [ks] "r"(ks), [q] "r"(q), [q3] "r"(q3), [n4] "r"(n4)
+        : "xmm13", "xmm14", "xmm15", "memory");
+  }
+}
+#undef HCR_QUERY_ROW
+#undef HCR_SIX_ROWS
+#undef HCR_SIX_ROWS_OPERANDS
+#endif
+
 // s[row][r] += q_row * key[r] for QR query rows (one vector each, n apart) and KR key vectors: block_dots' step.
 template <int QR, int KR, int Lanes>
 HCR_INLINE void multiply_add_keys(const float* q, int64_t n, const vfloat<Lanes>* key, vfloat<Lanes> (&s)[QR][KR]) {
@@ -183,6 +229,10 @@ HCR_INLINE void block_dots(const Q* q, const T* k, int64_t k_stride, int64_t n, 
 #if HCR_HAS_ISA_VARIANTS
         add_pair_products_of_keys<QR, KR>(q + i, n, reinterpret_cast<const uint16_t*>(k + j * k_stride + i), k_stride, s);
 #endif
+      } else if constexpr (HCR_HAS_ISA_VARIANTS && Lanes == 8 && QR == 6 && KR == 2 && sizeof(T) == 2) {
+#if HCR_HAS_ISA_VARIANTS
+        six_rows_two_keys_avx2<T>(q + i, n, k + j * k_stride + i, k_stride, s);
+#endif
       } else {
         for (int half = 0; half < 2; ++half) {
           vfloat<Lanes> kv[KR];
@@ -239,7 +289,8 @@ HCR_INLINE void with_count_below(int64_t n, F&& f) {
 // (kSweepValueRows) together took 0.87-0.91x the time of one task's 1.5B bf16 caches in the L2 (one thread;
 // fp16 0.94-0.96x) and 0.89-0.95x at 1.5B bf16 B 1, 0.92-0.97x at B 8 (Intel Xeon on its AVX2 path, 2 threads,
 // both kernels built into one process and alternating, 3 runs of 30 rounds); not measured on an AVX2 EPYC. fp32
-// keys need no widening and keep pairs (6 x 2 took 1.04-1.08x the time on the tiny model's re-encode shape).
+// keys need no widening and keep pairs (6 x 2 took 1.04-1.08x the time on the tiny model's re-encode shape). AVX2's
+// 6 x 2 step over 16-bit keys is written in asm (six_rows_two_keys_avx2), as GCC could not fit it in the registers.
 template <typename T, int Lanes>
 constexpr int kSweepQueryRows = Lanes >= 16 || sizeof(T) == 2 ? 6 : 2;
 template <int QR, int Lanes>
