@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
-SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}  # the suffixes of the size files there
+from hcr_kernels.cpu_identity import cache_bytes
+
 
 
 def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Callable:
@@ -35,11 +34,7 @@ def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torc
 
 def last_level_cache_bytes() -> int:
     """The size of the largest CPU cache the OS reports (the L3 on this project's machines; 0 if it does not say)."""
-    sizes = [0]
-    for size_file in CPU_CACHES.glob("index*/size"):
-        text = size_file.read_text().strip()
-        sizes.append(int(text[:-1]) * SIZE_UNITS[text[-1]] if text[-1] in SIZE_UNITS else int(text))
-    return max(sizes)
+    return max(cache_bytes().values(), default=0)
 
 
 @functools.cache  # one buffer for a session's benchmarks

@@ -29,7 +29,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from hcr_kernels import autotune, cpu_isa
+from hcr_kernels import cpu_isa
+from hcr_kernels.cpu_identity import cpu_identity
 from page_faults import keep_freed_memory
 
 MEMORY_REUSED = keep_freed_memory()
@@ -39,7 +40,7 @@ BANDWIDTH_YARDSTICKS = ("copy", "read")
 
 def machine() -> str:
     isas = ", ".join(cpu_isa.supported_cpu_isas()) or "-"
-    return (f"{autotune.cpu_model()}, native kernels on {cpu_isa.active_cpu_isa()} (CPU has: {isas}), "
+    return (f"{cpu_identity()}, native kernels on {cpu_isa.active_cpu_isa()} (CPU has: {isas}), "
             f"{torch.get_num_threads()} CPU threads")
 
 
@@ -51,7 +52,7 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _record_machine(request):
     if "benchmark" in request.fixturenames:
-        request.getfixturevalue("benchmark").extra_info.update(cpu=autotune.cpu_model(),
+        request.getfixturevalue("benchmark").extra_info.update(cpu=cpu_identity(),
                                                                cpu_isa=cpu_isa.active_cpu_isa())
 
 

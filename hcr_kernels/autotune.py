@@ -9,12 +9,12 @@ step), and the fast path is taken only if its median time is below ``MARGIN`` ti
 reference's. A tie or a loss keeps the reference, so a measured choice is never slower
 than not having the fast path (up to the noise of a short measurement).
 
-Decisions are cached per machine (CPU model, active ISA, thread count, torch
-version), per build of the compiled kernels (a hash of ``_C``: a rebuilt kernel is
-measured again, and the old build's decisions are dropped from the file) and per
-shape class: in memory, and in ``autotune.json`` under
-``HCR_CACHE_DIR`` (default ``~/.cache/hcr``) so the next process does not
-measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every machine-dependent
+Decisions are cached per machine (``cpu_identity``: the CPU's name, family, model,
+stepping and cache sizes; the active ISA, thread count, torch version), per build of
+the compiled kernels (a hash of ``_C``: a rebuilt kernel is measured again, and the
+old build's decisions are dropped from the file) and per shape class: in memory,
+and in ``autotune.json`` under ``HCR_CACHE_DIR`` (default ``~/.cache/hcr``) so the
+next process does not measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every machine-dependent
 choice then takes the reference path. ``python -m hcr_kernels.info`` lists the
 cached decisions.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hcr_kernels import _extension, cpu_isa
+from hcr_kernels.cpu_identity import cache_bytes, cpu_identity
 
 AUTOTUNE_ENV_VAR = "HCR_AUTOTUNE"
 CACHE_DIR_ENV_VAR = "HCR_CACHE_DIR"
@@ -57,18 +57,6 @@ def enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
-@functools.cache
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 _BUILD_FIELD = " | hcr_kernels._C "
 # How decisions are measured; part of the key, so decisions measured another way are measured again
 # (2: each timed call starts with the cores' caches written over, see ``measure``; 3: decode_linear times a
@@ -80,7 +68,7 @@ def machine_key() -> str:
     """What a measured decision depends on besides the shape: the machine, the build of the kernels, and
     how decisions are measured (the last two after ``_BUILD_FIELD``: another build's or method's decisions
     for this machine are dropped from the file when a decision is written)."""
-    return (f"{cpu_model()} | isa {cpu_isa.active_cpu_isa()} | {torch.get_num_threads()} threads | "
+    return (f"{cpu_identity()} | isa {cpu_isa.active_cpu_isa()} | {torch.get_num_threads()} threads | "
             f"torch {torch.__version__}{_BUILD_FIELD}{_extension.build_fingerprint()} | measured {MEASURE_METHOD}")
 
 
@@ -117,10 +105,9 @@ def _write_cache(machine: str, key: str, record: dict) -> None:
 
 
 def core_caches_bytes(threads: int | None = None) -> int:
-    """Twice the L2 of each core torch runs on (1 MiB per core where the OS does not say): what a
-    measurement moves through the cores so that a call finds its operands out of them."""
-    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
-    return 2 * max(l2, 1 << 20) * (torch.get_num_threads() if threads is None else threads)
+    """Twice the L2 of each core torch runs on (at least 1 MiB a core, and that where the OS does not say):
+    what a measurement moves through the cores so that a call finds its operands out of them."""
+    return 2 * max(cache_bytes().get(2, 0), 1 << 20) * (torch.get_num_threads() if threads is None else threads)
 
 
 @functools.cache

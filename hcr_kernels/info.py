@@ -16,6 +16,7 @@ import time
 import torch
 
 from hcr_kernels import _dispatch, _extension, autotune, cpu_isa
+from hcr_kernels.cpu_identity import cpu_identity
 from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
 from hcr_kernels.decode_attention import BACKEND_CHECKS as DECODE_ATTENTION_BACKENDS
@@ -69,6 +70,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton": _triton_version(),
+        "cpu": cpu_identity(),
         "cpu_threads": torch.get_num_threads(),
         "extension_loaded": _extension.extension_loaded(),
         "extension_error": str(_extension.import_error()) if _extension.import_error() else None,
@@ -98,6 +100,7 @@ def report() -> str:
         f"  torch           {info['torch']} (CUDA build: {info['torch_cuda'] or 'no'}, "
         f"GPU available: {info['cuda_available']}{', ' + info['gpu'] if info['gpu'] else ''})",
         f"  triton          {info['triton']}",
+        f"  cpu             {info['cpu']}",
         f"  cpu threads     {info['cpu_threads']}",
         f"  extension _C    {'loaded' if info['extension_loaded'] else 'NOT LOADED: ' + str(info['extension_error'])}",
         f"    CPU kernels   {'yes' if info['extension_cpu'] else 'no'}",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 import torch
 
 from hcr_kernels import autotune, cpu_isa
+from hcr_kernels.cpu_identity import cache_bytes
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_measure_times_both_paths_interleaved_each_call_after_an_eviction(monkey
 
 def test_the_eviction_writes_over_twice_every_cores_l2():
     autotune.evict_core_caches()
-    l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+    l2 = cache_bytes().get(2, 0)
     buffer = autotune._eviction_buffer(torch.get_num_threads())
     assert buffer.numel() >= 2 * max(l2, 1 << 20) * torch.get_num_threads() and bool((buffer == 1).all())
 
