@@ -1,4 +1,4 @@
-"""Every native CPU kernel gives the same bits whatever torch's thread count.
+"""Every native CPU kernel gives the same bits whatever torch's thread count and wherever its inputs start.
 
 CI's machines have 2 cores; users' have 1 to 100 or more. The kernels split their work into tasks
 (at::parallel_for over output features, tokens, rows, (row, head) pairs, channel chunks) whose
@@ -8,6 +8,10 @@ scratch shared between threads): each result here, gradients included, is compar
 with the one-thread run at thread counts that cut the work unevenly. On CI's 2 cores 3, 5 and 8
 threads are oversubscribed, which only costs time. Each shape is sized above the kernel's grain
 (its rows, tokens or tasks per thread), so that every count really splits it.
+
+The same holds with every input one element past the start of its allocation (2 or 4 bytes off
+every vector's alignment, as a tensor sliced out of a larger buffer is): the kernels load through
+memcpy and unaligned instructions, and this keeps an aligned load from slipping in on any ISA.
 """
 
 from __future__ import annotations
@@ -36,9 +40,22 @@ def randn(*shape, dtype=torch.float32):
     return torch.randn(*shape).to(dtype)
 
 
+def as_is(tensor):
+    return tensor
+
+
+def one_element_on(tensor):
+    """``tensor``'s values (contiguous) one element past the start of a buffer of their dtype."""
+    buffer = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    buffer[1:].copy_(tensor.flatten())
+    placed = buffer[1:].view(tensor.shape)
+    assert placed.data_ptr() % 64 == tensor.element_size()  # torch's CPU allocations start on 64 bytes
+    return placed
+
+
 def with_grads(forward, *leaves):
     """A call returning ``forward``'s output and the gradients of ``leaves`` for a fixed upstream gradient."""
-    leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+    leaves = [leaf.detach().requires_grad_() for leaf in leaves]  # detach keeps a leaf where it lies
     upstream = []
 
     def run():
@@ -53,70 +70,75 @@ def with_grads(forward, *leaves):
     return run
 
 
-def decode_linear_case(dtype, rows, out_features, in_features):
+# Each case: (place, *arguments) -> a call returning its results; place puts every tensor input where it lies
+# in memory (as_is, or one_element_on).
+
+
+def decode_linear_case(place, dtype, rows, out_features, in_features):
     # about 32K weights a task: 1,531 x 72 is 4 tasks, 777 x 200 5, 4,099 x 16 3 (with their remainders)
-    x, weight = randn(rows, in_features, dtype=dtype), randn(out_features, in_features, dtype=dtype)
+    x, weight = place(randn(rows, in_features, dtype=dtype)), place(randn(out_features, in_features, dtype=dtype))
     return lambda: (decode_linear(x, weight, backend="native"),)
 
 
-def decode_attention_case(dtype, batch, heads, kv_heads, steps, slots, head_dim, window):
+def decode_attention_case(place, dtype, batch, heads, kv_heads, steps, slots, head_dim, window):
     # one task per (row, key/value head)
-    query = randn(batch, heads, steps, head_dim, dtype=dtype)
-    keys, values = randn(batch, kv_heads, slots, head_dim, dtype=dtype), randn(batch, kv_heads, slots, head_dim, dtype=dtype)
-    positions = torch.randint(steps, slots, (batch, 1)) - torch.arange(steps - 1, -1, -1)
+    query, keys, values = (place(randn(batch, h, n, head_dim, dtype=dtype))
+                           for h, n in ((heads, steps), (kv_heads, slots), (kv_heads, slots)))
+    positions = place(torch.randint(steps, slots, (batch, 1)) - torch.arange(steps - 1, -1, -1))
     return lambda: (decode_attention(query, keys, values, positions, scale=head_dim**-0.5,
                                      sliding_window=window, backend="native"),)
 
 
-def weighted_cross_entropy_case(dtype, tokens, vocab):
+def weighted_cross_entropy_case(place, dtype, tokens, vocab):
     # about 32K logits a task: 37 x 3,001 is 4 tasks, 600 x 517 10
     labels, weights = torch.randint(0, vocab, (tokens,)), torch.rand(tokens)
     labels[::7] = -100
+    labels, weights = place(labels), place(weights)
     return with_grads(lambda logits: weighted_cross_entropy(logits, labels, weights, backend="native"),
-                      randn(tokens, vocab, dtype=dtype))
+                      place(randn(tokens, vocab, dtype=dtype)))
 
 
-def fused_linear_cross_entropy_case(tokens, hidden_size, vocab):
-    labels, weights = torch.randint(0, vocab, (tokens,)), torch.rand(tokens)
+def fused_linear_cross_entropy_case(place, tokens, hidden_size, vocab):
+    labels, weights = place(torch.randint(0, vocab, (tokens,))), place(torch.rand(tokens))
     return with_grads(lambda hidden, head: fused_linear_cross_entropy(hidden, head, labels, weights, backend="native"),
-                      randn(tokens, hidden_size), randn(vocab, hidden_size) * 0.1)
+                      place(randn(tokens, hidden_size)), place(randn(vocab, hidden_size) * 0.1))
 
 
-def pool_scatter_case(dtype, batch, length, dim, window):
+def pool_scatter_case(place, dtype, batch, length, dim, window):
     # about 32K values a task: 80 windows of 10 x 64 are 4 tasks
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, 1::3] = True
-    hidden = randn(int(mask.sum()), window, dim, dtype=dtype)
+    mask, hidden = place(mask), place(randn(int(mask.sum()), window, dim, dtype=dtype))
     return with_grads(lambda template, hidden: pool_scatter(template, mask, hidden, backend="native"),
-                      randn(batch, length, dim, dtype=dtype), hidden)
+                      place(randn(batch, length, dim, dtype=dtype)), hidden)
 
 
-def causal_conv1d_case(batch, channels, length, width):
+def causal_conv1d_case(place, batch, channels, length, width):
     # one task per row of the batch; the weight's and bias's gradients are per-row partials summed after
     return with_grads(lambda x, weight, bias: causal_conv1d(x, weight, bias, activation="silu", backend="native"),
-                      randn(batch, channels, length), randn(channels, width), randn(channels))
+                      place(randn(batch, channels, length)), place(randn(channels, width)), place(randn(channels)))
 
 
-def selective_scan_case(batch, channels, length, state):
+def selective_scan_case(place, batch, channels, length, state):
     # one task per (row, 32 channels): 3 x 3 here
     inputs = dict(u=randn(batch, channels, length), delta=randn(batch, channels, length) * 0.5,
                   A=-torch.rand(channels, state) - 0.5, B=randn(batch, state, length), C=randn(batch, state, length),
                   D=randn(channels), z=randn(batch, channels, length))
     names = list(inputs)
     return with_grads(lambda *leaves: selective_scan(**dict(zip(names, leaves)), delta_softplus=True, backend="native"),
-                      *inputs.values())
+                      *map(place, inputs.values()))
 
 
-def ragged_cache_write_case(batch, heads, slots, head_dim, steps):
+def ragged_cache_write_case(place, batch, heads, slots, head_dim, steps):
     # about 64 KiB a task: 5 rows x 2 heads x keys and values of 40 x 128 fp32 states (20 KiB each), 7 tasks
-    caches = [torch.zeros(batch, heads, slots, head_dim) for _ in "kv"]
-    states = [randn(batch, heads, steps, head_dim) for _ in "kv"]
+    states = [place(randn(batch, heads, steps, head_dim)) for _ in "kv"]
     start, count = torch.randint(0, slots - steps, (batch,)), torch.randint(0, steps + 1, (batch,))
+    start, count = place(start), place(count)
 
     def run():
-        out = [cache.clone() for cache in caches]
-        ragged_cache_write_(*out, *states, start, count, backend="native")
-        return tuple(out)
+        caches = [place(torch.zeros(batch, heads, slots, head_dim)) for _ in "kv"]
+        ragged_cache_write_(*caches, *states, start, count, backend="native")
+        return tuple(caches)
 
     return run
 
@@ -148,15 +170,28 @@ def at_threads(threads, run):
         torch.set_num_threads(previous)
 
 
+def assert_same_bits(results, expected, what):
+    for index, (result, reference) in enumerate(zip(results, expected, strict=True)):
+        assert torch.equal(result, reference), (
+            f"{what}: result {index} differs by up to {(result.double() - reference.double()).abs().max().item():.3g}")
+
+
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_same_bits_at_every_thread_count(case):
     build, *arguments = CASES[case]
-    run = build(*arguments)
+    run = build(as_is, *arguments)
     expected = at_threads(1, run)
     for threads in THREADS:
-        results = at_threads(threads, run)
-        for index, (result, one_thread) in enumerate(zip(results, expected, strict=True)):
-            assert torch.equal(result, one_thread), (
-                f"{case}: result {index} on {threads} threads differs from one thread's by up to "
-                f"{(result.double() - one_thread.double()).abs().max().item():.3g}")
+        assert_same_bits(at_threads(threads, run), expected, f"{case} on {threads} threads against one")
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_same_bits_wherever_the_inputs_start(case):
+    build, *arguments = CASES[case]
+    results = []
+    for place in (as_is, one_element_on):
+        torch.manual_seed(0)  # the same values either way
+        results.append(build(place, *arguments)())
+    assert_same_bits(results[1], results[0], f"{case} with every input one element off")
