@@ -18,7 +18,6 @@ import torch
 from hcr_kernels.cpu_identity import cache_bytes
 
 
-
 def warm_copy(moved: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Callable:
     """A call that moves ``moved`` bytes (reads ``moved / 2``, writes ``moved / 2``) between preallocated buffers."""
     elements = max(1, moved // 2 // torch.empty((), dtype=dtype).element_size())

@@ -14,9 +14,9 @@ stepping and cache sizes; the active ISA, thread count, torch version), per buil
 the compiled kernels (a hash of ``_C``: a rebuilt kernel is measured again, and the
 old build's decisions are dropped from the file) and per shape class: in memory,
 and in ``autotune.json`` under ``HCR_CACHE_DIR`` (default ``~/.cache/hcr``) so the
-next process does not measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every machine-dependent
-choice then takes the reference path. ``python -m hcr_kernels.info`` lists the
-cached decisions.
+next process does not measure again. ``HCR_AUTOTUNE=0`` turns measuring off: every
+machine-dependent choice then takes the reference path. ``python -m hcr_kernels.info``
+lists the cached decisions.
 """
 
 from __future__ import annotations
