@@ -123,13 +123,6 @@ at::Tensor rotate(const at::Tensor& states, const at::Tensor& cos, const at::Ten
   return out;
 }
 
-// hcr_kernels.decode_linear's takes_native: bit row_bucket(rows) of the mask `buckets`, where the bucket of
-// `rows` is the bit length of rows - 1 (1 row: 0, 2: 1, 3-4: 2, 5-8: 3, ...; a mask of -1 has every bit).
-bool takes_native(int64_t rows, int64_t buckets) {
-  const int bucket = rows <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
-  return (static_cast<uint64_t>(buckets) >> bucket) & 1;
-}
-
 // hcr_kernels.decode_linear's apply_decode_linear: the kernel for the row counts of `buckets`, the weight's dtype.
 at::Tensor project(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    int64_t buckets) {

@@ -80,6 +80,18 @@ def weight_choice(weight: torch.Tensor) -> int | None:
     return _C.weight_choice(weight)
 
 
+def decode_linear_chosen(input, weight, bias, buckets: int | None) -> torch.Tensor | None:
+    """``input @ weight.T + bias`` in one call into ``_C`` where the path is known: the native kernel where
+    ``buckets`` (None: the choice remembered for this weight, ``weight_choice``) takes it at this row count,
+    ``F.linear`` where it does not; None where nothing is known or anything is unusual (not plain CPU tensors,
+    shapes or dtypes that do not fit, weight rows not contiguous, a gradient asked of the native kernel), and the
+    caller's Python path decides. None without ``_C`` or while torch.compile traces (the op and its fake instead).
+    """
+    if _C is None or torch.compiler.is_compiling():
+        return None
+    return _C.decode_linear_chosen(input, weight, bias, buckets)
+
+
 def remember_weight_choice(weight: torch.Tensor, choice: int) -> None:
     """Keep ``choice`` for weights like ``weight`` in this process's state (see ``weight_choice``)."""
     if _C is not None and not torch.compiler.is_compiling():

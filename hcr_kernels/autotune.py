@@ -60,8 +60,9 @@ def enabled() -> bool:
 _BUILD_FIELD = " | hcr_kernels._C "
 # How decisions are measured; part of the key, so decisions measured another way are measured again
 # (2: each timed call starts with the cores' caches written over, see ``measure``; 3: decode_linear times a
-# round over copies of the weight, see ``decode_linear.op.weight_rotation``).
-MEASURE_METHOD = 3
+# round over copies of the weight, see ``decode_linear.op.weight_rotation``; 4: its kernel side is timed as a
+# direct call runs it, one call into _C, not the op through torch's dispatcher).
+MEASURE_METHOD = 4
 
 
 def machine_key() -> str:

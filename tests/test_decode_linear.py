@@ -322,8 +322,7 @@ def test_weight_rotation_fills_the_cores_caches_with_copies(shape, dtype):
 def test_each_timed_round_calls_every_copy_once_per_path(monkeypatch):
     """Both paths of a measured rung see the same input and every matrix of the rotation, in turn."""
     calls = []
-    monkeypatch.setattr(native_module, "decode_linear",
-                        lambda x, w, b: calls.append(("native", x.shape[0], w.data_ptr())))
+    monkeypatch.setattr(op_module, "_kernel", lambda x, w, b: calls.append(("native", x.shape[0], w.data_ptr())))
     monkeypatch.setattr(op_module, "decode_linear_ref",
                         lambda x, w, b: calls.append(("reference", x.shape[0], w.data_ptr())))
 
@@ -448,6 +447,157 @@ def test_property_native_matches_oracle(rows, out_features, in_features, dtype, 
     x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias, seed=seed)
     out = decode_linear(x, weight, bias, backend="native")
     assert_linear_matches_oracle(out, x, weight, bias, dtype)
+
+
+ONE_CALL = pytest.mark.skipif(not _extension.extension_loaded(), reason="the one-call path lives in _C")
+
+
+@ONE_CALL
+@pytest.mark.usefixtures("cpu_isa")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    leading=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    out_features=st.integers(1, 70),
+    in_features=st.one_of(st.integers(1, 140), st.sampled_from([32, 64, 96, 128])),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_one_call_path_gives_the_paths_bits(leading, out_features, in_features, dtype, with_bias, seed):
+    """A direct call whose choice is known runs in one call into _C (``_extension.decode_linear_chosen``): the
+    native kernel gives the op's bits (through torch's dispatcher) and the F.linear side F.linear's, for any
+    leading dims (a 1-D input too), with and without bias."""
+    rows = 1
+    for size in leading:
+        rows *= size
+    x, weight, bias = operands(rows, out_features, in_features, dtype, bias=with_bias, seed=seed)
+    x = x.reshape(*leading, in_features)
+    native = _extension.decode_linear_chosen(x, weight, bias, EVERY_ROW_COUNT)
+    assert native is not None and native.shape == (*leading, out_features)
+    assert torch.equal(native, torch.ops.hcr.decode_linear(x, weight, bias))
+    linear = _extension.decode_linear_chosen(x, weight, bias, 0)
+    assert linear is not None and torch.equal(linear, F.linear(x, weight, bias))
+
+
+class TensorSubclass(torch.Tensor):
+    pass
+
+
+class PassingFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class PassingDispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def declined_calls():
+    """(what, call) pairs: each call's arguments are something the one-call path must leave to Python."""
+    x, weight, bias = operands(3, 5, 8, torch.float32)
+    strided_rows = torch.randn(8, 5).t()
+    return [
+        ("input not a tensor", lambda: ([1.0] * 8, weight, None)),
+        ("bias not a tensor", lambda: (x, weight, [0.0] * 5)),
+        ("a tensor subclass", lambda: (x.as_subclass(TensorSubclass), weight, None)),
+        ("a negative view", lambda: (torch._neg_view(x), weight, None)),
+        ("a meta tensor", lambda: (x.to("meta"), weight.to("meta"), None)),
+        ("fp64", lambda: (x.double(), weight.double(), None)),
+        ("dtypes differ", lambda: (x, weight.bfloat16(), None)),
+        ("bias dtype differs", lambda: (x, weight, bias.double())),
+        ("bias shape", lambda: (x, weight, torch.randn(4))),
+        ("K differs", lambda: (torch.randn(3, 7), weight, None)),
+        ("3-D weight", lambda: (x, weight[None], None)),
+        ("0-d input", lambda: (torch.tensor(1.0), weight, None)),
+        ("no input rows", lambda: (torch.randn(0, 8), weight, None)),
+        ("K = 0", lambda: (torch.randn(3, 0), torch.randn(5, 0), None)),
+        ("weight rows not contiguous", lambda: (x, strided_rows, None)),
+        ("a gradient of the kernel", lambda: (x.clone().requires_grad_(), weight, None)),
+    ]
+
+
+@ONE_CALL
+@pytest.mark.parametrize("what", [what for what, _ in declined_calls()])
+def test_one_call_path_leaves_anything_unusual_to_python(what):
+    """None (the Python path decides, with its checks and errors) for anything but plain CPU tensors that fit
+    together in a native dtype, with rows to compute and no gradient asked of the kernel; and the public call
+    still answers as F.linear does or says what is wrong."""
+    arguments = dict(declined_calls())[what]()
+    assert _extension.decode_linear_chosen(*arguments, EVERY_ROW_COUNT) is None
+    x, weight, bias = arguments
+    try:
+        expected = F.linear(x, weight, bias)
+    except (TypeError, RuntimeError):
+        with pytest.raises((TypeError, ValueError, RuntimeError)):
+            decode_linear(x, weight, bias, backend="reference")
+        return
+    got = decode_linear(x, weight, bias, backend="reference")
+    assert got.shape == expected.shape and (x.device.type == "meta" or torch.equal(got, expected))
+
+
+@ONE_CALL
+def test_one_call_path_leaves_calls_under_a_mode_or_transform_to_python():
+    """A mode in force sees every op, and torch.func's batched tensors are of type Tensor: all go through the
+    dispatcher (where the op itself answers them), never the one call."""
+    x, weight, _ = operands(3, 5, 8, torch.float32)
+    with PassingFunctionMode():
+        assert _extension.decode_linear_chosen(x, weight, None, EVERY_ROW_COUNT) is None
+    with PassingDispatchMode():
+        assert _extension.decode_linear_chosen(x, weight, None, EVERY_ROW_COUNT) is None
+    declined = torch.func.vmap(
+        lambda row: torch.tensor(_extension.decode_linear_chosen(row, weight, None, EVERY_ROW_COUNT) is None))(x)
+    assert declined.all()
+    assert _extension.decode_linear_chosen(x, weight, None, EVERY_ROW_COUNT) is not None  # plain: answered
+
+
+@ONE_CALL
+def test_direct_calls_skip_the_python_path_once_the_choice_is_known(monkeypatch, native_wins_up_to_4_rows):
+    """Named "native", or automatic once this weight's choice is remembered, a direct call is answered by the one
+    call: its Python checks and the dispatcher's op are not reached; a call that needs them still does. So is a
+    routed layer's call of the kernel without autograd."""
+    reached = []
+    check = op_module._check_args
+    monkeypatch.setattr(op_module, "_check_args", lambda *a: reached.append("checks") or check(*a))
+    weight, few, many = torch.randn(24, 16), torch.randn(3, 16), torch.randn(9, 16)
+    decode_linear(few, weight)  # measured and remembered: the Python path
+    assert reached == ["checks"]
+    reached.clear()
+    for x, backend in ((few, None), (many, None), (few, "native"), (many, "native")):
+        out = decode_linear(x, weight, backend=backend)
+        native = backend == "native" or x is few
+        assert torch.equal(out, torch.ops.hcr.decode_linear(x, weight, None) if native else F.linear(x, weight))
+    assert reached == []
+    decode_linear(few.clone().requires_grad_(), weight)  # the autograd Function's
+    decode_linear(few, weight, backend="reference")
+    assert reached == ["checks", "checks"]
+    monkeypatch.setattr(native_module, "decode_linear", lambda *args: pytest.fail("the op's path was taken"))
+    layer = torch.nn.Linear(16, 24)
+    with decode_linears(layer), torch.no_grad():  # a routed layer: its kernel calls too
+        out = layer(few)
+    assert torch.equal(out, torch.ops.hcr.decode_linear(few, layer.weight, layer.bias))
+
+
+@ONE_CALL
+def test_one_call_path_shows_in_a_profile_and_compiles_through_the_op():
+    """The kernel run by the one call is recorded under the op's name, as the dispatcher's path is; under
+    torch.compile the Python path traces the op (fullgraph: no break at the call into _C)."""
+    x, weight, bias = operands(2, 5, 8, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        decode_linear(x, weight, bias, backend="native")
+    assert "hcr::decode_linear" in [event.name for event in profile.events()]
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: decode_linear(x, weight, bias, backend="native"), fullgraph=True,
+                             backend=recording_backend)
+    assert torch.equal(compiled(x), decode_linear(x, weight, bias, backend="native"))
+    assert any("hcr.decode_linear" in str(node.target) for graph in graphs for node in graph.graph.nodes)
+    torch._dynamo.reset()
 
 
 class Scaled(torch.nn.Linear):
@@ -605,7 +755,7 @@ def test_a_stack_is_timed_over_its_layers_in_order_and_only_the_measured_ones_ta
     """Each timed call of a plan runs every measured layer in the model's order, on the path the plan gives it; a
     layer the automatic choice does not measure (rows not contiguous) keeps its mask 0 whatever the stack says."""
     calls = []
-    monkeypatch.setattr(native_module, "decode_linear", lambda x, w, b: calls.append(("native", w.shape)))
+    monkeypatch.setattr(op_module, "_kernel", lambda x, w, b: calls.append(("native", w.shape)))
     monkeypatch.setattr(op_module, "decode_linear_ref", lambda x, w, b: calls.append(("reference", w.shape)))
     plans = {}
 
