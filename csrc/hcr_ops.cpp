@@ -91,6 +91,14 @@ std::optional<std::string> weight_choice_key(const at::Tensor& weight) {
   return key;
 }
 
+// The choice kept for weights like `weight` in this process's state, else nullopt.
+std::optional<int64_t> remembered_choice(const at::Tensor& weight) {
+  const std::optional<std::string> key = weight_choice_key(weight);
+  if (!key) return std::nullopt;
+  const auto found = weight_choices().find(*key);
+  return found == weight_choices().end() ? std::nullopt : std::optional<int64_t>(found->second);
+}
+
 // The tensor behind `object` when it is a plain dense CPU tensor (or a Parameter), else nullptr. Anything else goes
 // through torch's own dispatch, where it can mean something else: a subclass (__torch_function__,
 // __torch_dispatch__: FakeTensor), a tensor that torch.func wraps (vmap's batched tensors are of type Tensor), a
@@ -131,16 +139,9 @@ pybind11::object decode_linear_chosen(pybind11::handle input, pybind11::handle w
   if (b != nullptr && (b->dim() != 1 || b->size(0) != w->size(0) || b->scalar_type() != dtype)) {
     return pybind11::none();
   }
-  int64_t mask;
-  if (buckets) {
-    mask = *buckets;
-  } else {
-    const std::optional<std::string> key = weight_choice_key(*w);
-    const auto found = key ? weight_choices().find(*key) : weight_choices().end();
-    if (found == weight_choices().end()) return pybind11::none();
-    mask = found->second;
-  }
-  const bool native = hcr::takes_native(x->numel() / w->size(1), mask);
+  const std::optional<int64_t> mask = buckets ? buckets : remembered_choice(*w);
+  if (!mask) return pybind11::none();
+  const bool native = hcr::takes_native(x->numel() / w->size(1), *mask);
   const bool grad = at::GradMode::is_enabled() && (x->requires_grad() || w->requires_grad() ||
                                                    (b != nullptr && b->requires_grad()));
   if (native && grad) return pybind11::none();  // the autograd Function's
@@ -177,13 +178,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         weight_choices().clear();
       }, "The environment variables a weight's remembered choice depends on (clears the table)",
       pybind11::arg("names"));
-  m.def("weight_choice", [](const at::Tensor& weight) -> std::optional<int64_t> {
-        const std::optional<std::string> key = weight_choice_key(weight);
-        if (!key) return std::nullopt;
-        const auto found = weight_choices().find(*key);
-        return found == weight_choices().end() ? std::nullopt : std::optional<int64_t>(found->second);
-      }, "The choice remembered for a weight like this one in this process's state, else None",
-      pybind11::arg("weight"));
+  m.def("weight_choice", &remembered_choice,
+        "The choice remembered for a weight like this one in this process's state, else None", pybind11::arg("weight"));
   m.def("remember_weight_choice", [](const at::Tensor& weight, int64_t choice) {
         if (const std::optional<std::string> key = weight_choice_key(weight)) weight_choices()[*key] = choice;
       }, "Remember a choice for weights like this one in this process's state", pybind11::arg("weight"),
