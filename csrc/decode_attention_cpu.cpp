@@ -82,8 +82,7 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // read its values at about half a plain read's speed. Measured side by side the same way on an Intel Xeon
 // with AVX-512 (2 MiB L2, 2 threads; time with / without, 12 rounds): 1.5B bf16 B 8 0.88, 0.87, AVX2 path
 // 0.90; B 1 0.98, 1.01, AVX2 path 0.98 (not measured on the AMD EPYCs; asking for a whole block of values
-// ahead at once, measured on the AVX2 EPYC, had gained nothing there). 16-bit caches only, as the L1 ask;
-// fp32 caches were not measured with it.
+// ahead at once, measured on the AVX2 EPYC, had gained nothing there).
 // Where the rows lie one after another (a cache's layout), the L2 asks go in address order: each asking sweep
 // takes the next stretch of the byte range `far` rows ahead (weighted_sum_vectors), where they had asked for
 // line k of every row of the block, then line k + 1 on the next asking sweep: pass 1's key asks, a row's lines
@@ -92,6 +91,15 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // / as before, median of the rounds' ratios): 1.5B bf16 B 8 0.907, 0.829, 0.908, B 1 0.898, 0.897, 0.905; fp16
 // B 8 0.899; bf16 B 8 at 1,000 slots 0.913; the re-encode step (T = 6, B 4) 1.005; one task in the L2 or L3
 // (512 / 2,048 slots, bf16 and fp16) 0.998-1.006. Not measured on an Intel CPU or an AVX-512 EPYC.
+// Since the asking slots run a loop of their own (a slot at a time, the tests of whether to ask had cost more than
+// the asks where the caches sit in the L3), fp32 value rows ask into the L2 too, where a sweep covers part of a row
+// (AVX2 and the baseline at D = 64; AVX-512's sweeps over the tiny model's rows cover whole rows, in address order),
+// and of a step's queries only the first step's sweep asks (the later steps' sweeps find the block in the L1 or L2).
+// Measured on the AVX2 EPYC (the build before built beside it, alternating in one process, 16-80 rounds, time
+// new / before, median of the rounds' ratios): the tiny model's fp32 caches (B 8, 4 layers) at 1,700 slots 0.90,
+// 0.91, 512 slots 0.92, 256 slots 1.01, 1.03, 128 slots 1.03, T = 6 0.94; baseline 1,700 slots 0.81, 256 slots 1.04;
+// bf16 at 1,700 slots 0.92, 256 slots 0.91, T = 6 0.96; the 1.5B bf16 steps from memory B 1 1.00, B 8 1.01,
+// T = 6 1.00; one task in the L2 or L3 0.99-1.00.
 constexpr int64_t kValuePrefetchRows = 8;
 
 // out[r * out_stride] = <q + r * n, k> for R query rows sharing one key row: R independent
@@ -353,44 +361,67 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
                                      int64_t s1, float* acc, int64_t n, int64_t d0, int64_t ask_end) {
   constexpr int Split = R <= 2 ? 2 : 1;
   vfloat<Lanes> sum[Split][R][DV] = {};
-  // 16-bit value rows: the sweep that starts a 64-byte line of the rows asks for that line (and the rest of the
-  // lines it covers) kValuePrefetchRows rows ahead into the L1, and for rows `far` rows ahead into the L2 (rows
-  // below ask_end only; why, and what each measured: kValuePrefetchRows). Rows stored one after another (v_stride
-  // == n: a cache's layout) make the block's rows `far` ahead one byte range, which the block's asking sweeps
-  // take in address order: the sweep at byte o of the rows asks, a line a slot, for the lines from line
-  // o / 64 * (s1 - s0) of that range on. Other strides ask for line o / 64 of each row `far` ahead.
-  const bool ask = sizeof(T) == 2 && (d0 * int64_t(sizeof(T))) % 64 == 0;
+  // Asks (why, and what each measured: kValuePrefetchRows). The sweep that starts a 64-byte line of the rows asks
+  // for that line (and the rest of the lines it covers) for rows `far` rows ahead into the L2, and for 16-bit rows
+  // also kValuePrefetchRows rows ahead into the L1 (rows below ask_end only). fp32 rows ask only where a sweep
+  // covers part of a row: a sweep over whole rows reads the block in address order already. Rows stored one after
+  // another (v_stride == n: a cache's layout) make the block's rows `far` ahead one byte range, which the block's
+  // asking sweeps take in address order: the sweep at byte o of the rows asks, a line a slot, for the lines from
+  // line o / 64 * (s1 - s0) of that range on. Other strides ask for line o / 64 of each row `far` ahead.
+  // The asking slots are a prefix of the sweep, run by a loop of their own: tested a slot at a time, the asks had
+  // cost the tiny model's fp32 caches at 256 slots 1.09-1.13x the time even with no line asked for.
+  constexpr bool kAskL1 = sizeof(T) == 2;
+  const bool ask = (d0 * int64_t(sizeof(T))) % 64 == 0 && (sizeof(T) == 2 || DV * Lanes < n);
   constexpr int lines = std::max<int>(1, DV * Lanes * int(sizeof(T)) / 64);
   const int64_t far = kKeyPrefetchBytes / (n * int64_t(sizeof(T)));  // rows as far ahead as pass 1's keys
   const bool in_order = ask && v_stride == n;
-  uintptr_t far_at = 0, far_end = 0;  // addresses (the range may end past the cache: only those below are asked for)
-  if (in_order) {
-    const uintptr_t rows = reinterpret_cast<uintptr_t>(v), row_bytes = uintptr_t(n) * sizeof(T);
-    far_at = rows + uintptr_t(s0 + far) * row_bytes + uintptr_t(d0 * int64_t(sizeof(T)) / 64 * (s1 - s0)) * 64;
-    far_end = rows + uintptr_t(std::max(s0 + far, std::min(ask_end, s1 + far))) * row_bytes;
-  }
-  int64_t slot = s0;
-  for (; slot + Split <= s1; slot += Split) {
-    for (int h = 0; h < Split; ++h) {
-      if (ask) {
-        const int64_t row = slot + h;
-        if (row + kValuePrefetchRows < ask_end) prefetch_lines<lines, 3>(v + (row + kValuePrefetchRows) * v_stride + d0);
-        if (in_order) {
-          for (int line = 0; line < lines; ++line, far_at += 64) {
-            if (far_at < far_end) __builtin_prefetch(reinterpret_cast<const void*>(far_at), 0, 1);
-          }
-        } else if (row + far < ask_end) {
-          prefetch_lines<lines, 1>(v + (row + far) * v_stride + d0);
-        }
-      }
-      vfloat<Lanes> value[DV];
-      for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + (slot + h) * v_stride + d0, e);
-      for (int j = 0; j < R; ++j) {
-        const float weight = p[j * p_stride + slot + h];
-        for (int e = 0; e < DV; ++e) sum[h][j][e] += weight * value[e];
-      }
+  uintptr_t far_at = 0;           // in order: the next address asked for
+  int64_t l1_end = s0, l2_end = s0;  // the slots [s0, l1_end) ask into the L1, [s0, l2_end) into the L2
+  if (ask) {
+    if (kAskL1) l1_end = std::clamp(ask_end - kValuePrefetchRows, s0, s1);
+    if (in_order) {  // whole slots' lines below the range's end (it may end past the cache)
+      const uintptr_t rows = reinterpret_cast<uintptr_t>(v), row_bytes = uintptr_t(n) * sizeof(T);
+      far_at = rows + uintptr_t(s0 + far) * row_bytes + uintptr_t(d0 * int64_t(sizeof(T)) / 64 * (s1 - s0)) * 64;
+      const uintptr_t far_end = rows + uintptr_t(std::max(s0 + far, std::min(ask_end, s1 + far))) * row_bytes;
+      if (far_end > far_at) l2_end = std::min<int64_t>(s1, s0 + int64_t((far_end - far_at) / (64 * lines)));
+    } else {
+      l2_end = std::clamp(ask_end - far, s0, s1);
     }
   }
+  int64_t slot = s0;
+  auto sweep = [&](int64_t end, auto ask_l1, auto ask_l2) HCR_LAMBDA_INLINE {
+    for (; slot + Split <= end; slot += Split) {
+      for (int h = 0; h < Split; ++h) {
+        const int64_t row = slot + h;
+        if constexpr (decltype(ask_l1)::value) prefetch_lines<lines, 3>(v + (row + kValuePrefetchRows) * v_stride + d0);
+        if constexpr (decltype(ask_l2)::value) {
+          if (in_order) {
+            for (int line = 0; line < lines; ++line, far_at += 64) {
+              __builtin_prefetch(reinterpret_cast<const void*>(far_at), 0, 1);
+            }
+          } else {
+            prefetch_lines<lines, 1>(v + (row + far) * v_stride + d0);
+          }
+        }
+        vfloat<Lanes> value[DV];
+        for (int e = 0; e < DV; ++e) value[e] = load_value_vector<T, Lanes, Paired>(v + row * v_stride + d0, e);
+        for (int j = 0; j < R; ++j) {
+          const float weight = p[j * p_stride + row];
+          for (int e = 0; e < DV; ++e) sum[h][j][e] += weight * value[e];
+        }
+      }
+    }
+  };
+  // Phases on the Split grid from s0 (each slot keeps its accumulator): both asks, the longer one alone, none.
+  const auto on_grid = [&](int64_t end) { return s0 + (end - s0) / Split * Split; };
+  const int64_t both = on_grid(std::min(l1_end, l2_end)), either = on_grid(std::max(l1_end, l2_end));
+  sweep(both, std::bool_constant<kAskL1>{}, std::true_type{});
+  if (l1_end > l2_end) {
+    sweep(either, std::bool_constant<kAskL1>{}, std::false_type{});
+  } else {
+    sweep(either, std::false_type{}, std::true_type{});
+  }
+  sweep(s1, std::false_type{}, std::false_type{});
   for (; slot < s1; ++slot) {
     for (int e = 0; e < DV; ++e) {
       const vfloat<Lanes> value = load_value_vector<T, Lanes, Paired>(v + slot * v_stride + d0, e);
@@ -735,7 +766,7 @@ struct AttendGroup {
   // process, alternating; time / the previous kernel's, two runs: 1.5B B1 1.13, 1.07 with vs 1.01, 1.04
   // without; B8 1.23, 1.03 vs 1.06, 0.96; 256 slots 0.96, 0.90 vs 0.87, 0.86), nor did asking for pass
   // 2's next block of values there (B1 0.94, 0.99 vs 0.90, 1.01; B8 1.03, 0.95 vs 1.07, 0.96). So pass 1
-  // asks for keys only; pass 2 asks for its 16-bit value rows itself, as it sweeps them (kValuePrefetchRows).
+  // asks for keys only; pass 2 asks for its value rows itself, as it sweeps them (kValuePrefetchRows).
   // (On an AVX-512 EPYC with a 1 MiB L2 the value prefetch had gained 1.04-1.39x at
   // 1.7k-2k slots, with keys converted into an L1 block first; not measured there since.)
   // The block's 8 or 16 rows ahead are asked for as the block's own rows are read (block_dots), not all before
@@ -813,7 +844,7 @@ struct AttendGroup {
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores
       // become exponentials against each row's running maximum (folding the chunk into the row's running
       // sum, and rescaling the sum and accumulators of earlier chunks where the maximum grows), and pass 2
-      // sums the chunk's values into the accumulators (asking for 16-bit value rows ahead as it goes).
+      // sums the chunk's values into the accumulators (the first step's sweep asking for value rows ahead).
       std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
       std::fill(top.begin(), top.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + R, 0.0f);
@@ -841,8 +872,9 @@ struct AttendGroup {
           for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
             const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
             if (s0 < s1) {
+              const int64_t ask_end = r == 0 ? hi + 1 : 0;  // only the first step's sweep asks (kValuePrefetchRows)
               group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * width, width, G, s0, s1, acc.data() + r * D, D,
-                                            hi + 1);
+                                            ask_end);
             }
           }
         }
