@@ -95,11 +95,11 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // the asks where the caches sit in the L3), fp32 value rows ask into the L2 too, where a sweep covers part of a row
 // (AVX2 and the baseline at D = 64; AVX-512's sweeps over the tiny model's rows cover whole rows, in address order),
 // and of a step's queries only the first step's sweep asks (the later steps' sweeps find the block in the L1 or L2).
-// Measured on the AVX2 EPYC (the build before built beside it, alternating in one process, 16-80 rounds, time
-// new / before, median of the rounds' ratios): the tiny model's fp32 caches (B 8, 4 layers) at 1,700 slots 0.90,
-// 0.91, 512 slots 0.92, 256 slots 1.01, 1.03, 128 slots 1.03, T = 6 0.94; baseline 1,700 slots 0.81, 256 slots 1.04;
-// bf16 at 1,700 slots 0.92, 256 slots 0.91, T = 6 0.96; the 1.5B bf16 steps from memory B 1 1.00, B 8 1.01,
-// T = 6 1.00; one task in the L2 or L3 0.99-1.00.
+// Measured on the AVX2 EPYC (the function before beside the new one in one build, alternating in one process, time
+// new / before, 16-80 rounds, median of the ratios): the tiny model's fp32 caches (B 8, 4 layers) at 1,700 slots 0.90,
+// 0.91, 512 slots 0.92, 256 slots 1.01-1.04, 128 slots 1.03, T = 6 0.87, 0.94; baseline 1,700 slots 0.78, 0.81,
+// 256 slots 1.04-1.06; bf16 at 1,700 slots 0.91, 0.92, 256 slots 0.91, T = 6 0.96-0.99; the 1.5B bf16 steps from
+// memory B 1 0.99-1.00, B 8 1.01, T = 6 0.99-1.00; one task in the L2 or L3 0.98-1.00 (benchmarks/HISTORY.md).
 constexpr int64_t kValuePrefetchRows = 8;
 
 // out[r * out_stride] = <q + r * n, k> for R query rows sharing one key row: R independent
