@@ -23,3 +23,34 @@ def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as exit_info:
         main(["bogus"])
     assert exit_info.value.code == 2
+
+
+TRAIN_REQUIRED = ["train-compressor", "--base", "b", "--dataset", "d.jsonl", "--output-dir", "out"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-steps", "0"], "argument --max-steps: expected -1 (run --epochs) or a positive integer, got 0"),
+        (["--max-steps", "-2"], "argument --max-steps: expected -1 (run --epochs) or a positive integer, got -2"),
+        (["--lora-dropout", "1.5"], "argument --lora-dropout: expected a number in [0, 1], got 1.5"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+        (["--lr=-1e-4"], "argument --lr: expected a positive number, got -0.0001"),
+    ],
+)
+def test_train_compressor_rejects_bad_flags_before_loading_anything(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(TRAIN_REQUIRED + flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_compressor_help_gives_the_settings_defaults(capsys):
+    from hcr.compression.settings import LoraSettings, TrainSettings
+
+    with pytest.raises(SystemExit):
+        main(["train-compressor", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"-1: as many as --epochs take (default {TrainSettings.max_steps})" in help_text
+    assert f"LoRA rank (0: train the pooler fully; default {LoraSettings.r})" in help_text
+    assert f"AdamW learning rate (default {TrainSettings.learning_rate})" in help_text

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int
+from hcr.argtypes import argument_type, field_defaults, non_negative_int, positive_float, positive_int, unit_float
 
 __all__ = ["add_arguments", "main"]
+
+# Trainer's max_steps: -1 lets --epochs decide; 0 and other negatives are not a length.
+steps_or_epochs = argument_type(int, lambda v: v == -1 or v >= 1, "-1 (run --epochs) or a positive integer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer path or name (default: the base's)")
     parser.add_argument("--dataset", required=True,
                         help="traces: a .jsonl/.json/.arrow file, a saved dataset folder, or a hub name")
-    parser.add_argument("--question-column", default="question")
-    parser.add_argument("--answer-column", default="answer", help="answers with <think>...</think>")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--question-column", default="question", help="column of the questions (default %(default)s)")
+    parser.add_argument("--answer-column", default="answer",
+                        help="column of the answers with <think>...</think> (default %(default)s)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints, then the trained pooler and adapter")
     parser.add_argument("--window", type=positive_int, default=10, help="tokens per compressed vector (default 10)")
     parser.add_argument("--every-nth", type=positive_int, default=examples.every_nth,
-                        help="keep stages 1, 1+n, 1+2n, ... of each trace")
+                        help="keep stages 1, 1+n, 1+2n, ... of each trace (default %(default)s)")
     parser.add_argument("--compress-answer", action="store_true", help="continue compressing into the answer")
     parser.add_argument("--pooler-layers", type=positive_int, default=pooler.num_hidden_layers,
                         help="pooler depth (default: the base's)")
@@ -38,22 +42,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projection", action="store_true",
                         help="extra hidden x hidden projection after the pooler's layers")
     parser.add_argument("--random-init", action="store_true", help="do not copy the base's weights into the pooler")
-    parser.add_argument("--lora-r", type=non_negative_int, default=lora.r, help="LoRA rank (0: train the pooler fully)")
-    parser.add_argument("--lora-alpha", type=positive_int, default=lora.alpha)
-    parser.add_argument("--lora-dropout", type=float, default=lora.dropout)
-    parser.add_argument("--max-steps", type=int, default=train.max_steps)
-    parser.add_argument("--epochs", type=positive_float, default=train.num_train_epochs)
-    parser.add_argument("--batch-size", type=positive_int, default=train.per_device_train_batch_size)
-    parser.add_argument("--grad-accum", type=positive_int, default=train.gradient_accumulation_steps)
-    parser.add_argument("--lr", type=positive_float, default=train.learning_rate)
-    parser.add_argument("--save-steps", type=positive_int, default=train.save_steps)
-    parser.add_argument("--logging-steps", type=positive_int, default=train.logging_steps)
-    parser.add_argument("--report-to", default=train.report_to, help="wandb (offline without an API key) or none")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora-r", type=non_negative_int, default=lora.r,
+                        help="LoRA rank (0: train the pooler fully; default %(default)s)")
+    parser.add_argument("--lora-alpha", type=positive_int, default=lora.alpha, help="LoRA alpha (default %(default)s)")
+    parser.add_argument("--lora-dropout", type=unit_float, default=lora.dropout,
+                        help="LoRA dropout (default %(default)s)")
+    parser.add_argument("--max-steps", type=steps_or_epochs, default=train.max_steps,
+                        help="optimizer steps; -1: as many as --epochs take (default %(default)s)")
+    parser.add_argument("--epochs", type=positive_float, default=train.num_train_epochs,
+                        help="passes over the examples, when --max-steps is -1 (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=train.per_device_train_batch_size,
+                        help="examples per device and forward pass (default %(default)s)")
+    parser.add_argument("--grad-accum", type=positive_int, default=train.gradient_accumulation_steps,
+                        help="forward passes per optimizer step (default %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=train.learning_rate,
+                        help="AdamW learning rate (default %(default)s)")
+    parser.add_argument("--save-steps", type=positive_int, default=train.save_steps,
+                        help="optimizer steps between checkpoints (default %(default)s)")
+    parser.add_argument("--logging-steps", type=positive_int, default=train.logging_steps,
+                        help="optimizer steps between logged losses (default %(default)s)")
+    parser.add_argument("--report-to", default=train.report_to,
+                        help="wandb (offline without an API key) or none (default %(default)s)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, more time")
     parser.add_argument("--resume", nargs="?", const=True, default=train.resume_from_checkpoint,
                         help="resume from the last checkpoint in --output-dir, or from the given one")
     parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenizing the traces")
-    parser.add_argument("--seed", type=int, default=train.seed)
+    parser.add_argument("--seed", type=int, default=train.seed,
+                        help="seed of the data order and the pooler's random parts (default %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
