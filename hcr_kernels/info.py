@@ -16,8 +16,8 @@ import time
 import torch
 
 from hcr_kernels import _dispatch, _extension, autotune, cpu_isa
-from hcr_kernels.cpu_identity import cpu_identity
 from hcr_kernels.causal_conv1d import BACKEND_CHECKS as CAUSAL_CONV1D_BACKENDS
+from hcr_kernels.cpu_identity import cpu_identity
 from hcr_kernels.cross_entropy import BACKEND_CHECKS as CROSS_ENTROPY_BACKENDS
 from hcr_kernels.decode_attention import BACKEND_CHECKS as DECODE_ATTENTION_BACKENDS
 from hcr_kernels.decode_linear import BACKEND_CHECKS as DECODE_LINEAR_BACKENDS
