@@ -94,7 +94,7 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // Since the asking slots run a loop of their own (a slot at a time, the tests of whether to ask had cost more than
 // the asks where the caches sit in the L3), fp32 value rows ask into the L2 too, where a sweep covers part of a row
 // (AVX2 and the baseline at D = 64; AVX-512's sweeps over the tiny model's rows cover whole rows, in address order),
-// and of a step's queries only the first step's sweep asks (the later steps' sweeps find the block in the L1 or L2).
+// and of the sweeps over a block of a step's queries only the first asks (the later sweeps find the block in the L1 or L2).
 // Measured on the AVX2 EPYC (the function before beside the new one in one build, alternating in one process, time
 // new / before, 16-80 rounds, median of the ratios): the tiny model's fp32 caches (B 8, 4 layers) at 1,700 slots 0.90,
 // 0.91, 512 slots 0.92, 256 slots 1.01-1.04, 128 slots 1.03, T = 6 0.87, 0.94; baseline 1,700 slots 0.78, 0.81,
@@ -483,6 +483,15 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
 // decode step's six heads of a group (R1-Distill-Qwen-1.5B's). On AVX2 the 6 x 2 accumulators, 2 value vectors and
 // a weight take 15 of its 16 registers; fours, then a pair, widened each value vector twice (figures with
 // kSweepQueryRows'; fp32 caches, G = 6: 0.95-0.97x the time in the L2).
+// A re-encode step's T queries see the same slots but for the last few of their span; where a step's G heads do not
+// fill whole sweeps (the tiny model's G = 2: sweeps of two rows, even and odd slots apart), the slots every step sees
+// go through sweeps of six of the T x G rows, so each value vector is loaded a third as often and twelve FMA chains
+// run where eight did; each step's own slots after (run). Both ways in one build, alternating in one process (AVX2
+// EPYC, Zen 3, 2 threads, 20-40 rounds, median of the rounds' ratios; time joint / per step): the tiny model's fp32
+// caches, B 8, T = 6, at 1,700 slots 0.75, 0.83, 0.92, 0.85 (one thread 0.90), 512 slots 0.95, 256 slots 0.85, 0.93
+// (one thread 0.93); bf16 at 1,700 slots 0.87, 0.90, 0.90 (one thread 0.91); the baseline ISA 0.95, 256 slots 0.93.
+// Generation (B 8, a 1,700-token prompt, 100 new tokens): decode and re-encode 0.95x [quartiles 0.90-1.19], the same
+// tokens. G = 6 (the 1.5B model's) fills whole sweeps and takes each step on its own, as before.
 constexpr int kSweepValueRows = 6;
 
 // The G query heads of one step against the value rows [s0, s1), kSweepValueRows at a time and the rest in one sweep.
@@ -493,6 +502,7 @@ HCR_INLINE void group_weighted_sums(const T* v, int64_t v_stride, const float* p
   int64_t g = 0;
   for (; g + R <= G; g += R) {
     weighted_sums<T, R, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
+    ask_end = 0;  // the first sweep over the rows asks for them
   }
   with_count_below<R>(G - g, [&](auto rows) HCR_LAMBDA_INLINE {
     weighted_sums<T, decltype(rows)::value, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
@@ -844,7 +854,8 @@ struct AttendGroup {
       // pass 1 scores a chunk's keys for every query row (asking for the keys ahead), the chunk's scores
       // become exponentials against each row's running maximum (folding the chunk into the row's running
       // sum, and rescaling the sum and accumulators of earlier chunks where the maximum grows), and pass 2
-      // sums the chunk's values into the accumulators (the first step's sweep asking for value rows ahead).
+      // sums the chunk's values into the accumulators (the first sweep over a block asking for value rows ahead; the
+      // steps' rows together over the slots they all see where a step's heads do not fill whole sweeps).
       std::fill(acc.begin(), acc.begin() + R * D, 0.0f);
       std::fill(top.begin(), top.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.begin() + R, 0.0f);
@@ -869,12 +880,25 @@ struct AttendGroup {
         const float* weights = scores.data() - c0;  // weights[r * width + slot]
         for (int64_t b0 = c0; b0 <= c1; b0 += kSlotBlock) {  // blocks of value rows that stay in L1
           const int64_t b1 = std::min(c1 + 1, b0 + kSlotBlock);
+          int64_t shared0 = b0, shared1 = b1;  // the block's slots every step sees
+          for (int64_t r = 0; r < R; r += G) shared0 = std::max(shared0, first[r]), shared1 = std::min(shared1, last[r] + 1);
+          const bool joint = R > G && G % kSweepValueRows != 0 && shared0 < shared1;
+          if (joint) {  // the steps' rows together (kSweepValueRows says why), each step's own slots after
+            group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights, width, R, shared0, shared1, acc.data(), D, hi + 1);
+          }
           for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
             const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
-            if (s0 < s1) {
-              const int64_t ask_end = r == 0 ? hi + 1 : 0;  // only the first step's sweep asks (kValuePrefetchRows)
-              group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * width, width, G, s0, s1, acc.data() + r * D, D,
-                                            ask_end);
+            const int64_t ask_end = r == 0 && !joint ? hi + 1 : 0;  // only the first sweep over the block asks
+            const auto sum = [&](int64_t from, int64_t to) HCR_LAMBDA_INLINE {
+              if (from < to) {
+                group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * width, width, G, from, to,
+                                              acc.data() + r * D, D, ask_end);
+              }
+            };
+            if (joint) {
+              sum(s0, shared0), sum(shared1, s1);
+            } else {
+              sum(s0, s1);
             }
           }
         }
