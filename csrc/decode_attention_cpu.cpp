@@ -94,7 +94,8 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // Since the asking slots run a loop of their own (a slot at a time, the tests of whether to ask had cost more than
 // the asks where the caches sit in the L3), fp32 value rows ask into the L2 too, where a sweep covers part of a row
 // (AVX2 and the baseline at D = 64; AVX-512's sweeps over the tiny model's rows cover whole rows, in address order),
-// and of the sweeps over a block of a step's queries only the first asks (the later sweeps find the block in the L1 or L2).
+// and of the sweeps over a block of a step's queries only the first asks (the later sweeps find the block in the
+// L1 or L2).
 // Measured on the AVX2 EPYC (the function before beside the new one in one build, alternating in one process, time
 // new / before, 16-80 rounds, median of the ratios): the tiny model's fp32 caches (B 8, 4 layers) at 1,700 slots 0.90,
 // 0.91, 512 slots 0.92, 256 slots 1.01-1.04, 128 slots 1.03, T = 6 0.87, 0.94; baseline 1,700 slots 0.78, 0.81,
@@ -359,7 +360,9 @@ HCR_INLINE vfloat<Lanes> load_value_vector(const T* p, int e) {
 template <typename T, int R, int DV, bool Paired, int Lanes, int Step = 0>
 HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* p, int64_t p_stride, int64_t s0,
                                      int64_t s1, float* acc, int64_t n, int64_t d0, int64_t ask_end) {
-  const auto weight_of = [&](int j, int64_t row) HCR_LAMBDA_INLINE { return Step > 0 ? p[(row - s0) * Step + j] : p[j * p_stride + row]; };
+  const auto weight_of = [&](int j, int64_t row) HCR_LAMBDA_INLINE {
+    return Step > 0 ? p[(row - s0) * Step + j] : p[j * p_stride + row];
+  };
   constexpr int Split = R <= 2 ? 2 : 1;
   vfloat<Lanes> sum[Split][R][DV] = {};
   // Asks (why, and what each measured: kValuePrefetchRows). The sweep that starts a 64-byte line of the rows asks
@@ -465,10 +468,11 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
   int64_t d = 0;
   // 16-bit value rows, three or more query rows: the block's weights copied slot by slot first (each slot's R weights
   // side by side), so the sweeps read them at fixed offsets from one pointer, where GCC had kept each query row's
-  // pointer on the stack and loaded it again for every weight. Every sum the same. AVX2 EPYC (Zen 3, 2 threads), both
-  // ways in one build alternating in one process, 20-40 rounds, time copied / as before: 1.5B bf16 from memory B 1
-  // 0.951, 0.955, 0.955, B 8 0.955; the tiny model's bf16 caches at T = 6 0.942, 0.963; one task in the L2 or L3
-  // 1.00-1.01. fp32 rows keep the scores' rows: the tiny model's fp32 T = 6 step 0.99, 1.015, 1.025, 1.012.
+  // pointer on the stack and loaded it again for every weight. Every sum the same. AVX2 EPYC (Zen 3), a switch between
+  // both ways inside one build, 30-40 rounds, time copied / as before: 1.5B bf16 from memory B 1 0.951, 0.955, 0.955,
+  // B 8 0.955; the tiny model's bf16 caches at T = 6 0.942, 0.963; one task in the L2 or L3 1.00-1.01; against the
+  // build before it and the joint sweeps above (two builds alternating, 8 times): 1.5B B 1 0.88 (one thread), 0.86 (2
+  // threads), B 8 0.93 (2 threads). fp32 rows keep the scores' rows: the tiny fp32 T = 6 step took 0.99-1.025x with it.
   if constexpr (R >= 3 && sizeof(T) == 2) {
     if (DV * Lanes <= pairs && s1 - s0 <= kSlotBlock) {
       alignas(32) float slot_major[kSlotBlock * R];
@@ -503,13 +507,13 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
 // kSweepQueryRows'; fp32 caches, G = 6: 0.95-0.97x the time in the L2).
 // A re-encode step's T queries see the same slots but for the last few of their span; where a step's G heads do not
 // fill whole sweeps (the tiny model's G = 2: sweeps of two rows, even and odd slots apart), the slots every step sees
-// go through sweeps of six of the T x G rows, so each value vector is loaded a third as often and twelve FMA chains
-// run where eight did; each step's own slots after (run). Both ways in one build, alternating in one process (AVX2
-// EPYC, Zen 3, 2 threads, 20-40 rounds, median of the rounds' ratios; time joint / per step): the tiny model's fp32
-// caches, B 8, T = 6, at 1,700 slots 0.75, 0.83, 0.92, 0.85 (one thread 0.90), 512 slots 0.95, 256 slots 0.85, 0.93
-// (one thread 0.93); bf16 at 1,700 slots 0.87, 0.90, 0.90 (one thread 0.91); the baseline ISA 0.95, 256 slots 0.93.
-// Generation (B 8, a 1,700-token prompt, 100 new tokens): decode and re-encode 0.95x [quartiles 0.90-1.19], the same
-// tokens. G = 6 (the 1.5B model's) fills whole sweeps and takes each step on its own, as before.
+// go through sweeps of six of the T x G rows, so each value vector is loaded a third as often and twelve FMA chains run
+// where eight did; each step's own slots after (run). Against the build before it (two builds, one process each,
+// alternating 8 times, the same step 30-40 times a process, median of the pairs' ratios; AVX2 EPYC, Zen 3): the tiny
+// model's fp32 caches, B 8, T = 6, 1,700 slots 0.84 (one thread), 0.86 (2 threads); bf16 (with weighted_sums' copied
+// weights) 0.91, 0.91. Written first with the step's sums at three call sites, it had tripled the kernel's code (each
+// site inlines every sweep) and gained about 0.98 at fp32 (one thread); a switch between both ways inside that one
+// build had shown 0.75-0.92. G = 6 (the 1.5B model's) fills whole sweeps and takes each step on its own, as before.
 constexpr int kSweepValueRows = 6;
 
 // The G query heads of one step against the value rows [s0, s1), kSweepValueRows at a time and the rest in one sweep.
@@ -901,22 +905,30 @@ struct AttendGroup {
           int64_t shared0 = b0, shared1 = b1;  // the block's slots every step sees
           for (int64_t r = 0; r < R; r += G) shared0 = std::max(shared0, first[r]), shared1 = std::min(shared1, last[r] + 1);
           const bool joint = R > G && G % kSweepValueRows != 0 && shared0 < shared1;
-          if (joint) {  // the steps' rows together (kSweepValueRows says why), each step's own slots after
-            group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights, width, R, shared0, shared1, acc.data(), D, hi + 1);
-          }
+          // The block's sweeps as a list, summed at one call site (each call site inlines every sweep's code): the
+          // steps' rows together over the shared slots (kSweepValueRows says why) and each step's own slots, or each
+          // step's G heads over its slots; only the first sweep over the block asks for rows ahead.
+          struct Sweep {
+            int64_t row, rows, from, to;
+          };
+          Sweep sweeps[1 + 2 * kBlockQueries];
+          int count = 0;
+          if (joint) sweeps[count++] = {0, R, shared0, shared1};
           for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
             const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
-            const int64_t ask_end = r == 0 && !joint ? hi + 1 : 0;  // only the first sweep over the block asks
-            const auto sum = [&](int64_t from, int64_t to) HCR_LAMBDA_INLINE {
-              if (from < to) {
-                group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + r * width, width, G, from, to,
-                                              acc.data() + r * D, D, ask_end);
-              }
-            };
             if (joint) {
-              sum(s0, shared0), sum(shared1, s1);
+              sweeps[count++] = {r, G, s0, shared0}, sweeps[count++] = {r, G, shared1, s1};
             } else {
-              sum(s0, s1);
+              sweeps[count++] = {r, G, s0, s1};
+            }
+          }
+          int64_t ask_end = hi + 1;
+          for (int i = 0; i < count; ++i) {
+            const Sweep& sweep = sweeps[i];
+            if (sweep.from < sweep.to) {
+              group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + sweep.row * width, width, sweep.rows, sweep.from,
+                                            sweep.to, acc.data() + sweep.row * D, D, ask_end);
+              ask_end = 0;
             }
           }
         }
