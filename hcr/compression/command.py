@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-column", default="answer",
                         help="column of the answers with <think>...</think> (default %(default)s)")
     parser.add_argument("--output-dir", required=True, help="checkpoints, then the trained pooler and adapter")
-    parser.add_argument("--window", type=positive_int, default=10, help="tokens per compressed vector (default 10)")
+    parser.add_argument("--window", type=positive_int, default=10,
+                        help="tokens per compressed vector (default %(default)s)")
     parser.add_argument("--every-nth", type=positive_int, default=examples.every_nth,
                         help="keep stages 1, 1+n, 1+2n, ... of each trace (default %(default)s)")
     parser.add_argument("--compress-answer", action="store_true", help="continue compressing into the answer")
