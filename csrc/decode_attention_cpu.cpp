@@ -905,29 +905,25 @@ struct AttendGroup {
           int64_t shared0 = b0, shared1 = b1;  // the block's slots every step sees
           for (int64_t r = 0; r < R; r += G) shared0 = std::max(shared0, first[r]), shared1 = std::min(shared1, last[r] + 1);
           const bool joint = R > G && G % kSweepValueRows != 0 && shared0 < shared1;
-          // The block's sweeps as a list, summed at one call site (each call site inlines every sweep's code): the
-          // steps' rows together over the shared slots (kSweepValueRows says why) and each step's own slots, or each
-          // step's G heads over its slots; only the first sweep over the block asks for rows ahead.
-          struct Sweep {
-            int64_t row, rows, from, to;
-          };
-          Sweep sweeps[1 + 2 * kBlockQueries];
-          int count = 0;
-          if (joint) sweeps[count++] = {0, R, shared0, shared1};
-          for (int64_t r = 0; r < R; r += G) {  // the G heads of a step see the same slots
-            const int64_t s0 = std::max(b0, first[r]), s1 = std::min(b1, last[r] + 1);
-            if (joint) {
-              sweeps[count++] = {r, G, s0, shared0}, sweeps[count++] = {r, G, shared1, s1};
-            } else {
-              sweeps[count++] = {r, G, s0, s1};
-            }
-          }
+          // The block's sweeps, summed at one call site (each call site inlines every sweep's code): with `joint`, sweep
+          // 0 takes the steps' rows together over the shared slots (kSweepValueRows says why) and sweeps 1, 2, ... each
+          // step's slots below and above them; else sweep i takes step i's G heads over its slots. Only the first sweep
+          // over the block asks for rows ahead.
+          const int64_t steps = R / G, count = joint ? 1 + 2 * steps : steps;
           int64_t ask_end = hi + 1;
-          for (int i = 0; i < count; ++i) {
-            const Sweep& sweep = sweeps[i];
-            if (sweep.from < sweep.to) {
-              group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + sweep.row * width, width, sweep.rows, sweep.from,
-                                            sweep.to, acc.data() + sweep.row * D, D, ask_end);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t step = joint ? (i - 1) / 2 : i, r = step * G;
+            int64_t from = std::max(b0, first[r]), to = std::min(b1, last[r] + 1), row = r, rows = G;
+            if (joint && i == 0) {
+              from = shared0, to = shared1, row = 0, rows = R;
+            } else if (joint && i % 2 == 1) {
+              to = shared0;  // the step's slots below the shared ones
+            } else if (joint) {
+              from = shared1;  // and above them
+            }
+            if (from < to) {
+              group_weighted_sums<T, Lanes>(v_base, s.v_stride[2], weights + row * width, width, rows, from, to,
+                                            acc.data() + row * D, D, ask_end);
               ask_end = 0;
             }
           }
