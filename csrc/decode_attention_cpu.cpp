@@ -472,7 +472,8 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
   // both ways inside one build, 30-40 rounds, time copied / as before: 1.5B bf16 from memory B 1 0.951, 0.955, 0.955,
   // B 8 0.955; the tiny model's bf16 caches at T = 6 0.942, 0.963; one task in the L2 or L3 1.00-1.01; against the
   // build before it and the joint sweeps above (two builds alternating, 8 times): 1.5B B 1 0.88 (one thread), 0.86 (2
-  // threads), B 8 0.93 (2 threads). fp32 rows keep the scores' rows: the tiny fp32 T = 6 step took 0.99-1.025x with it.
+  // threads), B 8 0.93 (2 threads); the final code (one loop of sweeps, run) against that build, one thread, 12 times:
+  // B 1 0.93. fp32 rows keep the scores' rows: the tiny fp32 T = 6 step took 0.99-1.025x with it.
   if constexpr (R >= 3 && sizeof(T) == 2) {
     if (DV * Lanes <= pairs && s1 - s0 <= kSlotBlock) {
       alignas(32) float slot_major[kSlotBlock * R];
@@ -511,7 +512,9 @@ HCR_INLINE void weighted_sums(const T* v, int64_t v_stride, const float* p, int6
 // where eight did; each step's own slots after (run). Against the build before it (two builds, one process each,
 // alternating 8 times, the same step 30-40 times a process, median of the pairs' ratios; AVX2 EPYC, Zen 3): the tiny
 // model's fp32 caches, B 8, T = 6, 1,700 slots 0.84 (one thread), 0.86 (2 threads); bf16 (with weighted_sums' copied
-// weights) 0.91, 0.91. Written first with the step's sums at three call sites, it had tripled the kernel's code (each
+// weights) 0.91, 0.91. Those figures are of a version that kept a block's sweeps in an array on the stack, which cost
+// the T = 1 steps 1.03-1.10x; the final loop (run) against the same build, one thread pinned, 12 times: T = 6 0.92,
+// T = 1 0.98-1.02. Written first with the step's sums at three call sites, it had tripled the kernel's code (each
 // site inlines every sweep) and gained about 0.98 at fp32 (one thread); a switch between both ways inside that one
 // build had shown 0.75-0.92. G = 6 (the 1.5B model's) fills whole sweeps and takes each step on its own, as before.
 constexpr int kSweepValueRows = 6;
