@@ -101,6 +101,8 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // 0.91, 512 slots 0.92, 256 slots 1.01-1.04, 128 slots 1.03, T = 6 0.87, 0.94; baseline 1,700 slots 0.78, 0.81,
 // 256 slots 1.04-1.06; bf16 at 1,700 slots 0.91, 0.92, 256 slots 0.91, T = 6 0.96-0.99; the 1.5B bf16 steps from
 // memory B 1 0.99-1.00, B 8 1.01, T = 6 0.99-1.00; one task in the L2 or L3 0.98-1.00 (benchmarks/HISTORY.md).
+// Build against build (benchmarks/compare_builds.py, 12 pairs of processes, one thread): fp32 1,700 slots 0.84,
+// 256 slots 0.87; bf16 1,700 slots 0.99, so the in-build bf16 gain did not hold.
 constexpr int64_t kValuePrefetchRows = 8;
 
 // out[r * out_stride] = <q + r * n, k> for R query rows sharing one key row: R independent
