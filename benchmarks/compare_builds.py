@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcr.argtypes import positive_int
+
 CASE_FORMS = "attention:MODEL:SLOTS:STEPS[:DTYPE] or linear:WEIGHTS:DTYPE:ROWS"
 LINEAR_WEIGHTS = {"tiny": "tiny Qwen2", "1.5B": "1.5B MLP"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -128,7 +130,6 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=str(root), HCR_COMPARE_ROOT=str(root))
         self.process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True)
-        self.root = root
         if self.process.stdout.readline().strip() != "ready":
             self.process.kill()
             raise RuntimeError(f"the worker for {root} did not start (its error is above)")
@@ -200,10 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("builds_and_cases", nargs="+", metavar="OLD NEW CASE",
                         help=f"two build roots, then cases: {CASE_FORMS}")
-    parser.add_argument("--pairs", type=int, default=12, help="fresh pairs of worker processes (default %(default)s)")
-    parser.add_argument("--turns", type=int, default=30, help="turns each of a pair takes (default %(default)s)")
-    parser.add_argument("--calls", type=int, default=5, help="calls of each case a turn (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each worker (default %(default)s)")
+    parser.add_argument("--pairs", type=positive_int, default=12,
+                        help="fresh pairs of worker processes (default %(default)s)")
+    parser.add_argument("--turns", type=positive_int, default=30,
+                        help="turns each of a pair takes (default %(default)s)")
+    parser.add_argument("--calls", type=positive_int, default=5,
+                        help="calls of each case a turn (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch threads in each worker (default %(default)s)")
     parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], default=None,
                         help="CPUs both workers are pinned to, e.g. 1 or 0,1 (default: not pinned)")
     args = parser.parse_args(argv)

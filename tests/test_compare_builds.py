@@ -45,6 +45,12 @@ def test_counts_must_be_positive(name):
         compare(ROOT, ROOT, ["linear:tiny:float32:1"], **{name: 0})
 
 
+def test_the_command_line_refuses_a_count_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main([str(ROOT), str(ROOT), "linear:tiny:float32:1", "--pairs", "0"])
+    assert "--pairs" in capsys.readouterr().err
+
+
 def test_the_command_line_refuses_a_root_without_a_build(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(ROOT), "linear:tiny:float32:1"])
