@@ -10,7 +10,8 @@ of the same bytes) or a ``read`` entry (a sum of them), the fraction of its band
 it achieves. Ratios
 taken within one run are what to report: this machine is shared and noisy; an
 ``interleaved`` entry (``interleaved.py``) holds paths timed in alternation, each
-printed with its ratios to the entry's baselines.
+printed with its ratios to the entry's baselines. An entry whose median is far above
+its fastest round is flagged as disturbed (``disturbed_rounds.py``).
 
 Every benchmark records the CPU and the ISA the native kernels ran with
 (``extra_info["cpu"]``, ``["cpu_isa"]``), and the summary names them: figures from
@@ -29,6 +30,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from disturbed_rounds import disturbed_rounds_note
 from hcr_kernels import cpu_isa
 from hcr_kernels.cpu_identity import cpu_identity
 from page_faults import keep_freed_memory
@@ -71,10 +73,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if session is None or not session.benchmarks:
         return
     groups: dict[str, dict[str, tuple[float, dict]]] = defaultdict(dict)
+    disturbed: dict[tuple[str, str], str] = {}
     for bench in session.benchmarks:
         backend = bench.extra_info.get("backend")
         if backend and bench.stats:
             groups[bench.group][backend] = (bench.stats.median, bench.extra_info)
+            note = disturbed_rounds_note(bench.stats.median, bench.stats.min, bench.stats.rounds)
+            if note:
+                disturbed[bench.group, backend] = note
     if not groups:
         return
     write = terminalreporter.write_line
@@ -106,6 +112,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 parts.append(f"{info['faults_per_call']:,} page faults/call")
             if copy and backend != yardstick:
                 parts.append(f"{copy / median:5.0%} of {yardstick} bandwidth")
+            if (group, backend) in disturbed:
+                parts.append(disturbed[group, backend])
             write(", ".join(parts))
 
 
