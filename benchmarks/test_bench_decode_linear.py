@@ -16,8 +16,9 @@ kernel up to the row count it was measured faster for on this machine, see
 ``hcr_kernels.autotune``; measured before timing): it must never be slower than
 ``reference``. ``HCR_CPU_ISA=avx2`` (or ``baseline``) times another ISA's kernels.
 
-``test_decode_linear_interleaved`` times ``reference``, ``native`` and ``auto`` alternating
-in a few of these cases (``interleaved.py``): the ratios to trust on a shared machine.
+``test_decode_linear_interleaved`` times ``reference``, ``native``, ``auto`` and ``copy`` alternating
+in a few of these cases (``interleaved.py``): the ratios to trust on a shared machine, and the share of
+a copy's bandwidth (the target where ``F.linear`` is itself near the memory bound) taken in the same rounds.
 
 The ``1.5B MLP`` (79-158 MiB) fits in a large L3 (300-480 MiB on this project's Intel
 Xeons), where a real step's other 27 layers would have pushed it out between two calls:
@@ -103,6 +104,8 @@ def test_decode_linear_interleaved(benchmark, weights, dtype, rows):
     benchmark.extra_info.update(bytes=moved)
     with torch.inference_mode():
         paths = {backend: stack_pass(matrices, inputs, backend) for backend in ("reference", "native", "auto")}
-        record_interleaved(benchmark, paths, rounds=40 if weights == "tiny Qwen2" else 10, baselines=["reference"],
+        paths["copy"] = warm_copy(moved, dtype)
+        record_interleaved(benchmark, paths, rounds=40 if weights == "tiny Qwen2" else 10,
+                           baselines=["reference", "copy"],
                            warmup_rounds=2,
                            between=last_level_cache_eviction() if weights in WEIGHTS_FROM_MEMORY else None)
