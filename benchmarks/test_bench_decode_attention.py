@@ -118,7 +118,7 @@ def one_step(inputs, path: str):
 def case_inputs(model: str, slots: int, steps: int):
     """The case's ``step_inputs``, one set for all its paths, so that they read the same caches from the same
     place (see ``test_bench_decode_linear.case_stack``: where an L3-sized working set landed moved its reads by
-    up to 40 % on the AVX2 EPYC)."""
+    up to 44 % on the AVX2 EPYC)."""
     return step_inputs(model, slots, steps)
 
 
