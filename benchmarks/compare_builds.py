@@ -68,12 +68,13 @@ def step_of(case: str):
     import torch
     kind, name, *rest = check_case(case).split(":")
     if kind == "attention":
-        from test_bench_decode_attention import MODELS, one_step, step_inputs
+        from test_bench_decode_attention import CACHES_FROM_MEMORY, MODELS, one_step, step_inputs
         slots, steps, *dtype = rest
+        from_memory = name in CACHES_FROM_MEMORY  # as the benchmark times that model
         if dtype:  # the model's shapes and cache layout with another dtype, under a name of its own
             MODELS[f"{name}:{dtype[0]}"] = (*MODELS[name][:-1], getattr(torch, dtype[0]))
             name = f"{name}:{dtype[0]}"
-        return one_step(step_inputs(name, int(slots), int(steps)), "native"), name.startswith("1.5B")
+        return one_step(step_inputs(name, int(slots), int(steps)), "native"), from_memory
     from test_bench_decode_linear import WEIGHT_SETS, WEIGHTS_FROM_MEMORY, layer_stack, stack_pass
     dtype, rows = rest
     weights = LINEAR_WEIGHTS[name]
