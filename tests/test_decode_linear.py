@@ -740,12 +740,34 @@ def test_decode_linears_decides_a_mixed_stack_as_a_whole(measured_by, stack_verd
     assert not asked
 
 
+@pytest.mark.parametrize("stack_verdict,expected", [("faster", [63, 63, 63]), ("tie", [0, 0, 0])])
+def test_decode_linears_times_a_stack_whose_layers_tied_against_f_linear(measured_by, stack_verdict, expected):
+    """A rung at which no layer won but one tied (a difference one layer's measurement cannot tell from noise)
+    is timed for the stack: the kernel everywhere against F.linear everywhere, the only other plan."""
+    asked = []
+
+    def rule(shape_class):
+        asked.append(shape_class)
+        if "linears" not in shape_class:  # a layer's own measurement: a tie on the 32 -> 24 layer, losses elsewhere
+            return autotune.TIE if "N=24 K=32" in shape_class else autotune.SLOWER
+        return stack_verdict if ": kernel vs F.linear," in shape_class else pytest.fail(f"timed {shape_class}")
+
+    measured_by(rule)
+    model = three_linears()
+    with decode_linears(model):
+        assert [decode_linear_buckets(m) for m in model] == expected
+    stack_classes = [c for c in asked if "linears" in c]
+    assert sorted(rows_of(c) for c in stack_classes) == list(ROW_LADDER)
+    assert all("own choices 000" in c for c in stack_classes)
+
+
 def test_decode_linears_times_a_uniform_or_named_stack_not_at_all(measured_by):
     asked = []
-    measured_by(lambda shape_class: asked.append(shape_class) or autotune.FASTER)
     model = three_linears()
-    with decode_linears(model):  # the kernel wins on every layer: nothing mixed
-        assert [decode_linear_buckets(m) for m in model] == [63, 63, 63]
+    for verdict, expected in ((autotune.FASTER, 63), (autotune.SLOWER, 0)):  # every layer wins / loses: no mix
+        measured_by(lambda shape_class: asked.append(shape_class) or verdict)
+        with decode_linears(model):
+            assert [decode_linear_buckets(m) for m in model] == [expected] * 3
     with decode_linears(model, backend="native"):
         assert [decode_linear_buckets(m) for m in model] == [EVERY_ROW_COUNT] * 3
     assert asked and not any("linears" in c for c in asked)

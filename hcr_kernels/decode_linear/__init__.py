@@ -16,7 +16,7 @@ kernel: there cuBLAS already streams the weights at bandwidth, so CUDA tensors t
 the reference. ``decode_linears(model)`` routes a model's ``nn.Linear`` layers
 through this op for the duration of a ``with`` block (``hcr_kernels.patches``), each
 layer's choice measured on its own and, where the layers mix the two paths at a row
-count, the stack as a whole (``stack_buckets``).
+count or some tied, the stack as a whole (``stack_buckets``).
 """
 
 from hcr_kernels.decode_linear.op import (
@@ -32,11 +32,12 @@ from hcr_kernels.decode_linear.op import (
     row_bucket,
     stack_buckets,
     takes_native,
+    tied_buckets,
     weight_rotation,
 )
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 from hcr_kernels.patches import decode_linear_buckets, decode_linears  # after .op, which patches imports
 
 __all__ = ["decode_linear", "decode_linear_ref", "decode_linears", "decode_linear_buckets", "apply_decode_linear",
-           "native_buckets", "measured_buckets", "stack_buckets", "row_bucket", "takes_native", "BACKEND_CHECKS",
-           "NATIVE_DTYPES", "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]
+           "native_buckets", "measured_buckets", "tied_buckets", "stack_buckets", "row_bucket", "takes_native",
+           "BACKEND_CHECKS", "NATIVE_DTYPES", "weight_rotation", "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]

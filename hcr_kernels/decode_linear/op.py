@@ -12,9 +12,9 @@ from hcr_kernels._validate import check_same_device, check_same_dtype, check_ten
 from hcr_kernels.decode_linear import native
 from hcr_kernels.decode_linear.reference import decode_linear_ref
 
-__all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "stack_buckets", "row_bucket",
-           "takes_native", "weight_rotation", "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES", "ROW_LADDER",
-           "EVERY_ROW_COUNT", "ROTATION_LIMIT"]
+__all__ = ["decode_linear", "apply_decode_linear", "native_buckets", "measured_buckets", "tied_buckets", "stack_buckets",
+           "row_bucket", "takes_native", "weight_rotation", "DecodeLinearFunction", "BACKEND_CHECKS", "NATIVE_DTYPES",
+           "ROW_LADDER", "EVERY_ROW_COUNT", "ROTATION_LIMIT"]
 
 BACKEND_CHECKS = {
     "reference": _dispatch.require_nothing,
@@ -147,23 +147,36 @@ def measured_buckets(weight: torch.Tensor) -> int:
     that stopped at the first loss (2 rows) kept F.linear at 8 rows, 1.8x slower. A tie
     (within ``autotune.MARGIN`` either way) keeps F.linear, as a loss does. 0 when autotuning is off.
     """
+    return _measured_verdicts(weight)[0]
+
+
+def tied_buckets(weight: torch.Tensor) -> int:
+    """The bucket mask of the rungs at which the native kernel and F.linear tied on this weight's shape (within
+    ``autotune.MARGIN``: F.linear kept): where ``stack_buckets`` times the stack of layers again."""
+    return _measured_verdicts(weight)[1]
+
+
+def _measured_verdicts(weight: torch.Tensor) -> tuple[int, int]:
+    """(``measured_buckets``, ``tied_buckets``): one measurement, remembered."""
     return autotune.remembered(("decode_linear", weight.dtype, *weight.shape), lambda: _measure_buckets(weight))
 
 
-def _measure_buckets(weight: torch.Tensor) -> int:
+def _measure_buckets(weight: torch.Tensor) -> tuple[int, int]:
     out_features, in_features = weight.shape
     rotation = weight_rotation(weight)
-    buckets = 0
+    won = tied = 0
     for rows in ROW_LADDER:
         x = _measurement_input(rows, in_features, weight.dtype)
         shape_class = f"{str(weight.dtype).removeprefix('torch.')} N={out_features} K={in_features} rows={rows}"
         verdict = autotune.compare("decode_linear", shape_class, _each_in_turn(_kernel, x, rotation),
                                    _each_in_turn(decode_linear_ref, x, rotation))
         if verdict is None:  # autotuning off
-            return 0
+            return 0, 0
         if verdict == autotune.FASTER:
-            buckets |= 1 << row_bucket(rows)
-    return buckets
+            won |= 1 << row_bucket(rows)
+        elif verdict == autotune.TIE:
+            tied |= 1 << row_bucket(rows)
+    return won, tied
 
 
 def _measurement_input(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -207,15 +220,21 @@ def stack_buckets(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
     the time of F.linear everywhere (``benchmarks/HISTORY.md``). So where the layers' masks differ at a rung,
     the stack's linears are timed in order three ways, each measured choice against F.linear everywhere: the
     layers' own mix, the kernel everywhere, and (where both win) the mix against the kernel everywhere; a tie
-    keeps the simpler plan (F.linear, then the kernel everywhere). Only layers whose masks were measured take
-    part (the others keep theirs); remembered per stack, and cached per machine as every measured choice.
+    keeps the simpler plan (F.linear, then the kernel everywhere). A rung at which no layer won but some tied
+    (``tied_buckets``) is timed too, the kernel everywhere against F.linear: a tie is a difference of less than
+    the noise of one layer's measurement, which the whole stack's adds up (AMD EPYC, Zen 3: one run's layers
+    all kept F.linear at 32 rows where the kernel ran the tiny Qwen2's stack 1.66x faster). Only layers whose
+    masks were measured take part (the others keep theirs); remembered per stack, and cached per machine as
+    every measured choice.
     """
     chosen = [i for i, weight in enumerate(weights) if _measured_layer(weight)]
     if len(chosen) < 2:
         return list(masks)
-    plan = tuple((weights[i].dtype, tuple(weights[i].shape), masks[i]) for i in chosen)
+    ties = [tied_buckets(weights[i]) for i in chosen]
+    plan = tuple((weights[i].dtype, tuple(weights[i].shape), masks[i], tie) for i, tie in zip(chosen, ties))
     stacked = autotune.remembered(("decode_linear stack", plan),
-                                  lambda: _measure_stack([weights[i] for i in chosen], [masks[i] for i in chosen]))
+                                  lambda: _measure_stack([weights[i] for i in chosen], [masks[i] for i in chosen],
+                                                         ties))
     out = list(masks)
     for i, mask in zip(chosen, stacked):
         out[i] = mask
@@ -228,7 +247,7 @@ def _measured_layer(weight: torch.Tensor) -> bool:
             _rows_contiguous(weight) and weight.dtype in NATIVE_DTYPES and autotune.enabled())
 
 
-def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
+def _measure_stack(weights: list[torch.Tensor], masks: list[int], ties: list[int]) -> list[int]:
     masks = list(masks)
     layers = hashlib.sha1(repr([(str(w.dtype), tuple(w.shape)) for w in weights]).encode()).hexdigest()[:12]
     everywhere, nowhere = [True] * len(weights), [False] * len(weights)
@@ -236,7 +255,7 @@ def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
     for rows in ROW_LADDER:
         bit = 1 << row_bucket(rows)
         own = [mask & bit != 0 for mask in masks]
-        if all(own) or not any(own):
+        if all(own) or not (any(own) or any(tie & bit for tie in ties)):
             continue
         inputs = {(dtype, k): _measurement_input(rows, k, dtype) for dtype, k in kinds}
 
@@ -248,8 +267,9 @@ def _measure_stack(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
             return run
 
         shape_class = f"{len(weights)} linears {layers}, own choices {''.join('1' if t else '0' for t in own)}"
-        mix = autotune.compare("decode_linear stack", f"{shape_class}: mix vs F.linear, rows={rows}", stack(own),
-                               stack(nowhere))
+        mix = autotune.TIE if not any(own) else (  # no layer won, some tied: the mix is F.linear everywhere
+            autotune.compare("decode_linear stack", f"{shape_class}: mix vs F.linear, rows={rows}", stack(own),
+                             stack(nowhere)))
         kernel = autotune.compare("decode_linear stack", f"{shape_class}: kernel vs F.linear, rows={rows}",
                                   stack(everywhere), stack(nowhere))
         if mix is None or kernel is None:  # autotuning off
