@@ -1,14 +1,16 @@
 """``hcr train-compressor`` killed with SIGKILL mid-run, then ``--resume``d, ends bit-identical to a run never killed.
 
 One CPU process on a tiny Qwen2 base. The run saves checkpoint-4 and checkpoint-8 of 8 steps;
-the test kills it once checkpoint-4 is complete (its ``trainer_state.json``, written last,
-exists) and before checkpoint-8 or the final save began, resumes with the same command, and
-compares the final pooler and adapter, the last checkpoint's optimizer and scheduler state,
-and the trainer state with an uninterrupted run's: equal tensors, not close ones.
+the test kills it once checkpoint-4 is complete (its ``trainer_state.json``, written last, is whole)
+and before checkpoint-8 or the final save began, resumes with the same command, and compares the
+final pooler and adapter, the last checkpoint's optimizer and scheduler state, and the trainer
+state with an uninterrupted run's: equal tensors, not close ones. Since a run that started over
+would end the same on CPU, the resumed run must also have left checkpoint-4 as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -60,13 +62,27 @@ def run(root, output_dir, *extra):
     return result
 
 
+def complete(state_file) -> bool:
+    """Whether the Trainer has finished writing ``state_file`` (in place: it exists a moment before it is whole)."""
+    try:
+        return json.loads(state_file.read_text())["global_step"] > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def files_as_written(folder):
+    """Every file below ``folder`` with its modification time and a hash of its bytes: what any rewrite changes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def kill_after_first_checkpoint(root, output_dir):
     """Start the run, SIGKILL it once checkpoint-4 is complete; returns what existed at the kill."""
     process = subprocess.Popen(command(root, output_dir), cwd=root, env=environment(root),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while not (output_dir / "checkpoint-4" / STATE).exists():
+        while not complete(output_dir / "checkpoint-4" / STATE):
             assert process.poll() is None, f"the run ended before checkpoint-4: {process.stderr.read()[-4000:]}"
             assert time.monotonic() < deadline, "no checkpoint-4 in 90 s"
             time.sleep(0.005)
@@ -113,9 +129,12 @@ def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     # killed after checkpoint-4 was complete and before the run's end: no checkpoint-8, no final save
     assert "checkpoint-4" in at_kill and "checkpoint-8" not in at_kill and "config.json" not in at_kill, at_kill
     assert not (interrupted / "config.json").exists()
+    first_checkpoint = files_as_written(interrupted / "checkpoint-4")
 
     resumed = run(root, interrupted, "--resume")
     assert f"resuming from {interrupted / 'checkpoint-4'}" in resumed.stdout
+    # trained on from step 4: a run that started over (bit-identical on CPU) would have written checkpoint-4 again
+    assert files_as_written(interrupted / "checkpoint-4") == first_checkpoint, "checkpoint-4 written again"
 
     for name in SAVED_WEIGHTS:
         final = load_file(interrupted / name)
@@ -142,5 +161,10 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     # checkpoint-12 is what a kill mid-save leaves: the Trainer's own choice, but not loadable
     assert resume_checkpoint(tmp_path, True) == str(tmp_path / "checkpoint-8")
     assert resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-4")) == str(tmp_path / "checkpoint-4")
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-12: it has no trainer_state.json"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-12: it has no complete trainer_state.json"):
         resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))
+    for cut_short in ("", '{"global_step": 12, "log_hist'):  # killed while the Trainer wrote the file in place
+        (tmp_path / "checkpoint-12" / STATE).write_text(cut_short)
+        assert resume_checkpoint(tmp_path, True) == str(tmp_path / "checkpoint-8")
+        with pytest.raises(FileNotFoundError, match=r"checkpoint-12: it has no complete trainer_state.json"):
+            resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-12"))

@@ -9,6 +9,7 @@ prompts. Under a launcher only the first process prints and writes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -91,27 +92,35 @@ def resume_checkpoint(output_dir, resume: str | bool | None) -> str | None:
     """The checkpoint to resume from: ``resume`` itself when it is a path, the newest complete one in
     ``output_dir`` when it is True, None when it is None or False.
 
-    Complete means its ``trainer_state.json`` exists: the Trainer writes that file last, so a run
-    killed while saving leaves a newer, partial folder, which the Trainer's own choice (the highest
-    number) would take and fail to load.
+    Complete means its ``trainer_state.json`` exists and holds a whole JSON object: the Trainer writes
+    that file last (and in place, not atomically), so a run killed while saving leaves a newer, partial
+    folder, which the Trainer's own choice (the highest number) would take and fail to load.
     """
     if not resume:
         return None
     if resume is not True:
-        if not os.path.isfile(os.path.join(str(resume), TRAINER_STATE_NAME)):
-            raise FileNotFoundError(f"cannot resume from {resume}: it has no {TRAINER_STATE_NAME} (not a checkpoint, "
-                                    f"or one whose saving was interrupted)")
+        if not _complete_checkpoint(str(resume)):
+            raise FileNotFoundError(f"cannot resume from {resume}: it has no complete {TRAINER_STATE_NAME} (not a "
+                                    f"checkpoint, or one whose saving was interrupted)")
         return str(resume)
     steps = []
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
             match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-            if match and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE_NAME)):
+            if match and _complete_checkpoint(os.path.join(output_dir, name)):
                 steps.append(int(match.group(1)))
     if not steps:
         raise FileNotFoundError(f"cannot resume: {output_dir} holds no complete checkpoint "
                                 f"({PREFIX_CHECKPOINT_DIR}-N with a {TRAINER_STATE_NAME})")
     return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}")
+
+
+def _complete_checkpoint(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as state:
+            return isinstance(json.load(state), dict)
+    except (OSError, ValueError):  # missing, unreadable, or cut short by a kill (empty, half an object)
+        return False
 
 
 def _quiet_wandb() -> None:
