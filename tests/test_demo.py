@@ -161,6 +161,21 @@ def test_second_run_reuses_the_trained_stages(quick_run, capsys):
     assert "| W | keep_last | accuracy" in capsys.readouterr().out
 
 
+def test_a_stage_made_again_loses_its_record_before_its_files_are_written(tmp_path, capsys):
+    """Else a run stopped halfway through writing the stage anew would find the old record and load a mix."""
+    from hcr.demo.experiment import STAGE_FILE, _load_stage, _save_stage
+
+    _save_stage(tmp_path, {"seed": 1}, loss_curve=[[1, 2.0]])
+    assert _load_stage(tmp_path, {"seed": 1}, fresh=False)["loss_curve"] == [[1, 2.0]]
+    assert (tmp_path / STAGE_FILE).exists()
+    assert _load_stage(tmp_path, {"seed": 1}, fresh=True) is None and not (tmp_path / STAGE_FILE).exists()
+    _save_stage(tmp_path, {"seed": 1})
+    assert _load_stage(tmp_path, {"seed": 2}, fresh=False) is None and not (tmp_path / STAGE_FILE).exists()
+    assert "made with other settings; training it again" in capsys.readouterr().out
+    assert _load_stage(tmp_path, {"seed": 2}, fresh=False) is None  # nothing there: nothing to say
+    assert capsys.readouterr().out == ""
+
+
 def test_measured_peak_cache_follows_the_rule_and_control_is_constant(quick_run):
     from transformers import AutoModelForCausalLM
 

@@ -99,5 +99,6 @@ def test_tiny_transformer_learns_lengths_one_and_two(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the atomic save left nothing beside
     accuracies = evaluate_lengths(model, build_tokenizer(), "doublethink", 2, 50, TaskGenerator(seed=987))
     assert np.all(accuracies >= 0.8), accuracies

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hcr.compression.examples import window_tokens
 from hcr.compression.pooler import EmbedPooler, quiet_peft_wrapping
 from hcr.compression.tokens import CompressionTokens
+from hcr.files import umask
 from hcr_kernels import IGNORE_INDEX, fused_linear_cross_entropy, pool_scatter, window_mean_pool
 
 POOLER_DIR, ADAPTER_DIR = "pooler", "pooler_adapter"
@@ -264,7 +265,7 @@ def _install(staging: Path, target: Path) -> None:
     against power loss (nothing is fsynced).
     """
     if not target.exists():
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a save folder is not
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; a save folder is not
         try:
             os.replace(staging, target)
             return
@@ -283,9 +284,3 @@ def _install(staging: Path, target: Path) -> None:
         if (staging / name).exists():
             os.replace(staging / name, target / name)
     os.replace(staging / CONFIG_FILE, target / CONFIG_FILE)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

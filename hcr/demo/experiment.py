@@ -26,6 +26,7 @@ import torch
 
 from hcr.demo.corpus import split_corpus
 from hcr.demo.reasoner import ReasonerSettings
+from hcr.files import write_atomic
 from hcr.timing import StageClock
 
 STAGE_FILE = "hcr-stage.json"
@@ -86,22 +87,24 @@ def machine() -> dict:
 
 
 def _load_stage(folder: Path, key: dict, fresh: bool) -> dict | None:
-    """The saved record of a stage made with exactly ``key``, or None (missing, other settings, or fresh)."""
+    """The saved record of a stage made with exactly ``key``, or None (missing, other settings, or fresh).
+
+    A stage to be made again loses its record here, before its files are written over: a run stopped
+    halfway through them then finds no record and makes the stage again, never loads a mix of two.
+    """
     path = folder / STAGE_FILE
-    if fresh or not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("key") != key:
+    record = None if fresh or not path.exists() else json.loads(path.read_text())
+    if record is not None and record.get("key") == key:
+        return record
+    if record is not None:
         print(f"hcr demo: {folder} was made with other settings; training it again")
-        return None
-    return record
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _save_stage(folder: Path, key: dict, **extra) -> None:
     """Written last, after the stage's files: a stage without it is redone, never half-loaded."""
-    tmp = folder / (STAGE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"key": key, **extra}, indent=1))
-    tmp.replace(folder / STAGE_FILE)
+    write_atomic(folder / STAGE_FILE, json.dumps({"key": key, **extra}, indent=1))
 
 
 def corpus_stage(settings: DemoSettings, out: Path):
@@ -111,9 +114,7 @@ def corpus_stage(settings: DemoSettings, out: Path):
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     for name, tasks in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-        tmp = data / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(task.row()) + "\n" for task in tasks))
-        tmp.replace(data / name)
+        write_atomic(data / name, "".join(json.dumps(task.row()) + "\n" for task in tasks))
     return train, heldout
 
 

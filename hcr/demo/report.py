@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hcr.files import atomic_path, write_atomic
+
 PLOTS = {
     "accuracy": "accuracy_vs_window.png",
     "cache": "cache_vs_tokens.png",
@@ -192,12 +194,8 @@ Python {machine['python']}, torch {machine['torch']}{', GPU ' + machine['gpu'] i
 
 def write_outputs(out: Path, results: dict) -> None:
     """``results.json``, the plots and ``report.md`` in ``out``; each file replaced whole."""
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "results.json")
-    plot_accuracy(results, out / PLOTS["accuracy"])
-    plot_cache(results, out / PLOTS["cache"])
-    plot_losses(results, out / PLOTS["loss"])
-    tmp = out / "report.md.tmp"
-    tmp.write_text(markdown(results))
-    tmp.replace(out / "report.md")
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
+    for kind, plot in (("accuracy", plot_accuracy), ("cache", plot_cache), ("loss", plot_losses)):
+        with atomic_path(out / PLOTS[kind]) as temporary:
+            plot(results, temporary)
+    write_atomic(out / "report.md", markdown(results))

@@ -27,6 +27,7 @@ from hcr.doublethink.report import RoundRecord, RunReport, WandbLogger
 from hcr.doublethink.tasks import TaskGenerator
 from hcr.doublethink.tokenizer import answer_marker_id, load_tokenizer
 from hcr.doublethink.trainer import ReasoningTrainer, make_training_arguments
+from hcr.files import atomic_directory
 
 __all__ = ["DEFAULT_ANSWER_WEIGHT", "DoublethinkConfig", "run_experiment"]
 
@@ -99,6 +100,7 @@ def run_experiment(config: DoublethinkConfig, *, progress: bool = True) -> RunRe
         report.write(out)
         logger.finish()
     if config.save_model:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        with atomic_directory(out / "model") as folder:  # a kill mid-save never leaves a half model that loads
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     return report
