@@ -361,6 +361,14 @@ def test_bad_jsonl_traces_name_the_file_line_and_column(tokenizer, tmp_path):
         load_traces(write("null.jsonl", '{"question": "q", "answer": null}'))
     with pytest.raises(ValueError, match=r"number.jsonl, line 1: 'question' holds a int, not text"):
         load_traces(write("number.jsonl", '{"question": 3, "answer": "a"}'))
+    with pytest.raises(ValueError, match=r"broken.json: not JSON rows that datasets can read"):
+        load_traces(write("broken.json", good, '{"question": "x", "answer": '))
+    # the sources not read line by line (.json, Arrow, saved or hub datasets): checked row by row when tokenized
+    gap = load_traces(write("gap.json", good, '{"question": "q"}'))
+    with pytest.raises(ValueError, match=r"dataset row 1: 'answer' is null \(missing from that row\?\), not text"):
+        tokenize_dataset(gap, tokenizer)
+    with pytest.raises(ValueError, match=r"dataset row 0: 'question' holds a int, not text"):
+        tokenize_dataset(datasets.Dataset.from_dict({"question": [7, 8], "answer": ["a", "b"]}), tokenizer)
     renamed = write("renamed.jsonl", good, '{"prompt": "q", "answer": "<think>\\nr</think>a"}')
     assert len(load_traces(write("blank.jsonl", good, "", good))) == 2
     assert load_traces(write("prompt.jsonl", renamed.read_text().splitlines()[1]), question_column="prompt")[0] == {

@@ -160,7 +160,9 @@ def tokenize_dataset(dataset, tokenizer, *, question_column="question", answer_c
     tokens = CompressionTokens.from_tokenizer(tokenizer)
     empty = np.zeros(0, dtype=np.int64)
 
-    def tokenize(batch):
+    def tokenize(batch, rows):
+        for column in (question_column, answer_column):
+            _check_texts(batch[column], rows, column)
         traces, reasons = _tokenize_batch(tokenizer, tokens, batch[question_column], batch[answer_column])
         return {
             "input_ids": [empty if t is None else t.ids for t in traces],
@@ -172,9 +174,8 @@ def tokenize_dataset(dataset, tokenizer, *, question_column="question", answer_c
             "skipped": [reason or "" for reason in reasons],
         }
 
-    tokenized = dataset.map(
-        tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc="tokenizing traces"
-    )
+    tokenized = dataset.map(tokenize, batched=True, with_indices=True, num_proc=num_proc,
+                            remove_columns=dataset.column_names, desc="tokenizing traces")
     reasons = tokenized["skipped"][:]  # a list at once (iterating a datasets Column goes row by row)
     skipped = {reason: 0 for reason in SKIP_REASONS}
     for reason in reasons:
@@ -182,6 +183,15 @@ def tokenize_dataset(dataset, tokenizer, *, question_column="question", answer_c
             skipped[reason] += 1
     tokenized = tokenized.select([i for i, reason in enumerate(reasons) if not reason]).remove_columns("skipped")
     return tokenized, skipped
+
+
+def _check_texts(values: list, rows: list[int], column: str) -> None:
+    """A ValueError naming the row and column of a value that is not text: a null is what ``datasets``
+    puts where a JSON row lacks the column."""
+    for row, value in zip(rows, values):
+        if not isinstance(value, str):
+            what = "is null (missing from that row?)" if value is None else f"holds a {type(value).__name__}"
+            raise ValueError(f"dataset row {row}: {column!r} {what}, not text")
 
 
 def format_skips(skipped: dict[str, int]) -> str:

@@ -68,7 +68,9 @@ def check_jsonl_traces(path, columns) -> None:
 def load_traces(source, *, question_column: str = "question", answer_column: str = "answer"):
     """A ``datasets.Dataset`` from a local jsonl/json/Arrow path, a saved dataset folder, or a hub name.
 
-    A ``.jsonl`` file is checked line by line first (``check_jsonl_traces``).
+    A ``.jsonl`` file is checked line by line first (``check_jsonl_traces``); a ``.json`` file that
+    ``datasets`` cannot read is a ValueError naming it (rows of any source are checked for text, by
+    row and column, when they are tokenized).
     """
     import datasets
 
@@ -80,7 +82,12 @@ def load_traces(source, *, question_column: str = "question", answer_column: str
     if path.suffix in (".jsonl", ".json"):
         if path.suffix == ".jsonl" and path.is_file():
             check_jsonl_traces(path, (question_column, answer_column))
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as error:  # pyarrow's message names neither file nor line
+            cause = error.__cause__ or error
+            raise ValueError(f"{path}: not JSON rows that datasets can read (one object per line, or a list of "
+                             f"objects): {type(cause).__name__}: {cause}") from error
     if path.suffix == ".arrow":
         return datasets.Dataset.from_file(str(path))
     if path.exists():
