@@ -12,7 +12,9 @@ generator routed through it writes the oracle's tokens.
 from __future__ import annotations
 
 import contextlib
+import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -211,6 +213,18 @@ def test_bad_input_names_the_argument(backend):
         call(q=query[0])
     with pytest.raises(RuntimeError, match="inference only"):
         call(q=query.clone().requires_grad_())
+    for window in (0, -2, 2.5, True):  # -2 had the native kernel attend over everything, the reference give NaN
+        with pytest.raises(ValueError, match=rf"sliding_window must be None \(no window\) or an int >= 1, got "
+                                             rf"{re.escape(repr(window))}"):
+            call(sliding_window=window)
+    for scale in ("x", float("nan"), None):
+        with pytest.raises(ValueError, match=rf"scale must be a finite real number .*, got {re.escape(repr(scale))}"):
+            decode_attention(query, keys, values, positions, scale=scale, backend=backend)
+    # a numpy scale and window are what they say: the kernel gets them as a float and an int
+    expected = call(sliding_window=2)
+    torch.testing.assert_close(decode_attention(query, keys, values, positions, scale=np.float32(1.0),
+                                                sliding_window=np.int64(2), backend=backend), expected,
+                               rtol=0, atol=0)
 
 
 def test_the_checks_shortcut_passes_nothing_the_checks_reject():
@@ -223,9 +237,11 @@ def test_the_checks_shortcut_passes_nothing_the_checks_reject():
            dict(k=torch.randn(3, 2, 5, 8), v=torch.randn(3, 2, 5, 8)), dict(v=torch.randn(2, 2, 6, 8)),
            dict(v=values.double()), dict(q=query[0]), dict(q=query.int(), k=keys.int(), v=values.int()),
            dict(q=query.clone().requires_grad_()), dict(v=values.clone().requires_grad_()),
-           dict(p=positions.to("meta")), dict(q=query.tolist())]
+           dict(p=positions.to("meta")), dict(q=query.tolist()), dict(scale="x"), dict(scale=float("inf")),
+           dict(window=0), dict(window=-2), dict(window=True), dict(window=2.0)]
     for change in bad:
-        args = [change.get(name, default) for name, default in zip("qkvp", (query, keys, values, positions))]
+        args = [change.get(name, default) for name, default in
+                zip(("q", "k", "v", "p", "scale", "window"), (query, keys, values, positions, 1.0, None))]
         with pytest.raises((TypeError, ValueError, RuntimeError)):
             op_module._check_args(*args)
         assert not op_module._common_case(*args), change

@@ -31,7 +31,7 @@ NATIVE_OPS = StepOps(
     linear=apply_decode_linear,
     write=lambda *args: ragged_cache_write_(*args, backend="native"),
     attend=lambda query, keys, values, positions, scale, window: decode_attention(
-        query, keys, values, positions, scale=scale, sliding_window=window, backend="native"),
+        query, keys, values, positions, scale=scale, sliding_window=window or None, backend="native"),
 )
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import torch
 
@@ -63,8 +65,9 @@ def decode_attention(
     the slots up to it, the last ``sliding_window`` of them with a window. Positions outside
     ``[0, S)`` raise a ``ValueError`` naming the entry. fp32 softmax and sums. Not differentiable.
     """
-    if not _common_case(query, keys, values, positions):
-        _check_args(query, keys, values, positions)  # raises, naming what is wrong (or passes an uncommon case)
+    if not _common_case(query, keys, values, positions, scale, sliding_window):
+        # raises, naming what is wrong, or passes an uncommon case (a numpy scale, say) in the kernel's types
+        scale, sliding_window = _check_args(query, keys, values, positions, scale, sliding_window)
     elif backend == "native" and query.dtype in NATIVE_DTYPES and _extension.extension_loaded():
         # what choose_backend decides for CPU tensors: the generator's call per layer per step takes this line
         return native.decode_attention(query, keys, values, positions, scale, sliding_window)
@@ -79,7 +82,7 @@ def decode_attention(
     return decode_attention_ref(query, keys, values, positions, scale=scale, sliding_window=sliding_window)
 
 
-def _common_case(query, keys, values, positions) -> bool:
+def _common_case(query, keys, values, positions, scale=1.0, sliding_window=None) -> bool:
     """Whether the arguments are CPU tensors that pass every check of ``_check_args``, in one expression:
     the generator calls this op per layer per step, after the kernel streamed the cache through the CPU's
     caches, where the full checks cost ~10 us a call (the tiny model at 256 slots: 20 % of a step's attention)."""
@@ -91,10 +94,21 @@ def _common_case(query, keys, values, positions) -> bool:
             and q[1] % k[1] == 0 and positions.shape == (q[0], q[2]) and positions.dtype == torch.int64
             and query.dtype == keys.dtype == values.dtype and query.is_floating_point()
             and query.is_cpu and keys.is_cpu and values.is_cpu and positions.is_cpu
-            and not (query.requires_grad or keys.requires_grad or values.requires_grad))
+            and not (query.requires_grad or keys.requires_grad or values.requires_grad)
+            and type(scale) is float and math.isfinite(scale)
+            and (sliding_window is None or type(sliding_window) is int and sliding_window > 0))
 
 
-def _check_args(query, keys, values, positions) -> None:
+def _check_args(query, keys, values, positions, scale=1.0, sliding_window=None) -> tuple[float, int | None]:
+    """Raises, naming the argument, unless the arguments are good; returns ``scale`` and ``sliding_window`` as
+    the kernel takes them (a float; None or an int)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"decode_attention: scale must be a finite real number (the softmax scale, usually "
+                         f"head_dim ** -0.5), got {scale!r}")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or
+                                       not isinstance(sliding_window, numbers.Integral) or sliding_window < 1):
+        raise ValueError(f"decode_attention: sliding_window must be None (no window) or an int >= 1, "
+                         f"got {sliding_window!r}")
     for name, value in (("query", query), ("keys", keys), ("values", values)):
         check_tensor(name, value, dim=4, floating=True)
     check_tensor("positions", positions, dim=2, dtype=torch.int64)
@@ -112,6 +126,7 @@ def _check_args(query, keys, values, positions) -> None:
         raise ValueError(f"positions must be [B, T] = [{batch}, {steps}], got {tuple(positions.shape)}")
     check_same_device(query=query, keys=keys, values=values, positions=positions)
     check_same_dtype(query=query, keys=keys, values=values)
+    return float(scale), None if sliding_window is None else int(sliding_window)
 
 
 def _check_positions(positions: torch.Tensor, slots: int) -> None:
