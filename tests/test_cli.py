@@ -54,3 +54,15 @@ def test_train_compressor_help_gives_the_settings_defaults(capsys):
     assert f"-1: as many as --epochs take (default {TrainSettings.max_steps})" in help_text
     assert f"LoRA rank (0: train the pooler fully; default {LoraSettings.r})" in help_text
     assert f"AdamW learning rate (default {TrainSettings.learning_rate})" in help_text
+
+
+def test_a_base_folder_without_a_tokenizer_asks_for_tokenizer(tmp_path):
+    """transformers builds an empty tokenizer from a model folder's config; every token would be missing."""
+    from hcr.compression.tokens import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(FileNotFoundError, match=r"--base .*: no tokenizer in this folder \(none of tokenizer.json, "
+                                                r".*\); pass --tokenizer with the folder or name of its tokenizer"):
+        main(["train-compressor", "--base", str(tmp_path), "--dataset", "d.jsonl", "--output-dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"--tokenizer .*: no tokenizer in this folder \(none of .*\)$"):
+        load_tokenizer("any-base", str(tmp_path))

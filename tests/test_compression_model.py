@@ -187,6 +187,20 @@ def test_pooler_from_base_copies_its_layers(base):
     assert torch.equal(pooler.get_input_embeddings().weight, base.get_input_embeddings().weight)
 
 
+def test_a_pooler_deeper_than_its_base_is_random_or_refused(base):
+    """Copying the base's weights needs a base layer per pooler layer; a random pooler may be deeper, its layer
+    kinds going on as the base's last one (transformers refuses a config whose layer_types are too few)."""
+    layers = base.config.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"num_hidden_layers \(--pooler-layers\) = {layers + 2}, but the base has "
+                                         rf"{layers} layers to copy: choose at most {layers}, or a random"):
+        EmbedPooler.from_base(base, num_hidden_layers=layers + 2)
+    deeper = EmbedPooler.from_base(base, num_hidden_layers=layers + 2, copy_weights=False)
+    assert len(deeper.model.layers) == layers + 2
+    kinds = getattr(base.config, "layer_types", None)
+    if kinds:
+        assert deeper.config.layer_types == kinds + kinds[-1:] * 2
+
+
 def test_bad_input_is_named(tokenizer, traces, base):
     model = build_compression_model(base, tokenizer, WINDOW, lora=None)
     batch = batch_of(tokenizer, traces)

@@ -18,6 +18,7 @@ steps_or_epochs = argument_type(int, lambda v: v == -1 or v >= 1, "-1 (run --epo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hcr.compression.examples import ExampleConfig
+    from hcr.compression.tokens import load_tokenizer
     from hcr.compression.settings import LoraSettings, PoolerSettings, TrainSettings
 
     examples, pooler = field_defaults(ExampleConfig), field_defaults(PoolerSettings)
@@ -74,12 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     from hcr.compression.examples import ExampleConfig
+    from hcr.compression.tokens import load_tokenizer
     from hcr.compression.train import LoraSettings, PoolerSettings, TrainSettings, build_compression_model, train_compressor
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    tokenizer = load_tokenizer(args.base, args.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(args.base)
     set_seed(args.seed)  # the pooler's random parts (LoRA, --random-init) come from --seed too
     model = build_compression_model(

@@ -56,10 +56,16 @@ class EmbedPooler(Qwen2PreTrainedModel):
         base_config = base_model.config.to_dict()
         for key in ("architectures", "model_type", "transformers_version"):
             base_config.pop(key, None)
+        base_layers = base_config["num_hidden_layers"]
         if num_hidden_layers is not None:
+            if copy_weights and num_hidden_layers > base_layers:
+                raise ValueError(f"the pooler's num_hidden_layers (--pooler-layers) = {num_hidden_layers}, but the base "
+                                 f"has {base_layers} layers to copy: choose at most {base_layers}, or a random "
+                                 f"initialisation (copy_weights=False, --random-init)")
             base_config["num_hidden_layers"] = num_hidden_layers
-            if base_config.get("layer_types"):
-                base_config["layer_types"] = base_config["layer_types"][:num_hidden_layers]
+            if base_config.get("layer_types"):  # a deeper random pooler repeats the base's last kind of layer
+                kinds = base_config["layer_types"]
+                base_config["layer_types"] = (kinds + kinds[-1:] * num_hidden_layers)[:num_hidden_layers]
         config = EmbedPoolerConfig(own_embeddings=own_embeddings, projection=projection, **base_config)
         pooler = cls(config).to(base_model.dtype)
         if not copy_weights:

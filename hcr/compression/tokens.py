@@ -8,6 +8,7 @@ tokenizer gets its own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 PLACEHOLDER = "<|fim_pad|>"
@@ -23,6 +24,27 @@ ASSISTANT = "<｜Assistant｜>"
 # Every special token the R1-Distill-Qwen chat template and the compression layout use.
 TEMPLATE_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END)
 COMPRESSION_TOKENS = (PLACEHOLDER, BLOCK_START, BLOCK_END)
+
+
+# Any of these marks a folder a tokenizer can be loaded from (fast, slow BPE, sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(base: str, tokenizer: str | None = None):
+    """``AutoTokenizer`` of ``tokenizer``, by default ``base``'s (the commands' ``--tokenizer`` / ``--base``).
+
+    A local folder without tokenizer files is an error naming the option: transformers would build an
+    empty tokenizer from the folder's model config, and the first token looked up would be reported
+    missing (a saved model, ``hcr demo``'s reasoner, keeps its tokenizer elsewhere).
+    """
+    from transformers import AutoTokenizer
+
+    source, option = (tokenizer, "--tokenizer") if tokenizer else (base, "--base")
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        hint = "" if tokenizer else "; pass --tokenizer with the folder or name of its tokenizer"
+        raise FileNotFoundError(f"{option} {source}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})"
+                                + hint)
+    return AutoTokenizer.from_pretrained(source)
 
 
 class MissingTokenError(ValueError):

@@ -155,12 +155,12 @@ class _Answerer:
     """Generates a batch of answers and turns them into records."""
 
     def __init__(self, settings: EvalSettings, device: torch.device):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from hcr.compression.tokens import CompressionTokens
+        from hcr.compression.tokens import CompressionTokens, load_tokenizer
 
         self.settings, self.device = settings, device
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.base)
+        self.tokenizer = load_tokenizer(settings.base, settings.tokenizer)
         self.tokens = CompressionTokens.from_tokenizer(self.tokenizer)
         base = AutoModelForCausalLM.from_pretrained(settings.base)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokens.eos
