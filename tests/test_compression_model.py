@@ -401,3 +401,18 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transfor
             args = settings.training_arguments()
         assert args.gradient_checkpointing is wanted
         assert getattr(args, "activation_checkpointing", wanted) is wanted
+
+
+def test_the_package_names_everything_to_train_a_pooler():
+    """``hcr.compression`` (as the README says) and the top level give the same objects as their modules."""
+    import hcr
+    import hcr.compression as package
+    from hcr.compression import model, pooler, settings, train
+
+    for module in (model, pooler, settings, train):
+        for name in set(package.__all__) & set(vars(module)):
+            assert getattr(package, name) is getattr(module, name), name
+    assert {"CompressionModel", "EmbedPooler", "train_compressor", "TrainSettings", "load_traces"} <= set(package.__all__)
+    assert hcr.CompressionModel is package.CompressionModel
+    with pytest.raises(AttributeError, match="has no attribute 'CompressionMode'"):
+        package.CompressionMode

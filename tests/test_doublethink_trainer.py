@@ -100,5 +100,6 @@ def test_tiny_transformer_learns_lengths_one_and_two(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the atomic save left nothing beside
+    assert not (tmp_path / "trainer").exists()  # the Trainer's working folder, empty, is not left behind
     accuracies = evaluate_lengths(model, build_tokenizer(), "doublethink", 2, 50, TaskGenerator(seed=987))
     assert np.all(accuracies >= 0.8), accuracies

@@ -1,4 +1,7 @@
-"""Compressing a reasoning model's chain of thought: tokens, traces, training examples."""
+"""Compressing a reasoning model's chain of thought: tokens, traces, training examples; the model, the
+pooler and their training (imported on first use: they load transformers and peft)."""
+
+import importlib
 
 from hcr.compression.collator import CompressionCollator
 from hcr.compression.examples import (
@@ -42,3 +45,23 @@ __all__ = [
     "tokenize_dataset",
     "tokenize_trace",
 ]
+
+# Names imported on first use: they load transformers and peft, which the names above do not need.
+_LAZY = {
+    "EmbedPooler": "hcr.compression.pooler",
+    "CompressionConfig": "hcr.compression.model",
+    "CompressionModel": "hcr.compression.model",
+    "build_compression_model": "hcr.compression.train",
+    "load_traces": "hcr.compression.train",
+    "train_compressor": "hcr.compression.train",
+    "LoraSettings": "hcr.compression.settings",
+    "PoolerSettings": "hcr.compression.settings",
+    "TrainSettings": "hcr.compression.settings",
+}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hcr.compression' has no attribute {name!r}")

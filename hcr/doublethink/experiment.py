@@ -10,6 +10,7 @@ config (saved in ``report.json``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -99,6 +100,8 @@ def run_experiment(config: DoublethinkConfig, *, progress: bool = True) -> RunRe
         }
         report.write(out)
         logger.finish()
+        with contextlib.suppress(OSError):  # the Trainer's working folder, made at its start: gone if left empty
+            (out / "trainer").rmdir()
     if config.save_model:
         with atomic_directory(out / "model") as folder:  # a kill mid-save never leaves a half model that loads
             model.save_pretrained(folder)
