@@ -222,10 +222,10 @@ def stack_buckets(weights: list[torch.Tensor], masks: list[int]) -> list[int]:
     layers' own mix, the kernel everywhere, and (where both win) the mix against the kernel everywhere; a tie
     keeps the simpler plan (F.linear, then the kernel everywhere). A rung at which no layer won but some tied
     (``tied_buckets``) is timed too, the kernel everywhere against F.linear: a tie is a difference of less than
-    the noise of one layer's measurement, which the whole stack's adds up (AMD EPYC, Zen 3: one run's layers
-    all kept F.linear at 32 rows where the kernel ran the tiny Qwen2's stack 1.66x faster). Only layers whose
-    masks were measured take part (the others keep theirs); remembered per stack, and cached per machine as
-    every measured choice.
+    the noise of one layer's measurement, which the whole stack's adds up (AMD EPYC, Zen 3, at a0542ba: the
+    layers' own choices ran the tiny Qwen2's stack at 32 rows 1.00x as fast as F.linear, the kernel everywhere
+    1.66x, in the same benchmark run). Only layers whose masks were measured take part (the others keep
+    theirs); remembered per stack, and cached per machine as every measured choice.
     """
     chosen = [i for i, weight in enumerate(weights) if _measured_layer(weight)]
     if len(chosen) < 2:
