@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+import hcr_kernels
 
 from hcr.compression.command import add_arguments as add_train_compressor_arguments
 from hcr.demo.command import add_arguments as add_demo_arguments
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command (``argv``: the arguments after ``hcr``; default the process's)."""
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return info_main(["--bench"] if args.bench else [])
@@ -54,5 +59,32 @@ def main(argv: list[str] | None = None) -> int:
     return demo_main(args, argv)
 
 
+def command_line(argv: list[str] | None = None) -> int:
+    """The ``hcr`` console script: ``main``, with an error hcr raised itself about its input (a bad file, option
+    or folder: a ValueError, TypeError or missing file whose message names what is wrong) printed as one line,
+    exit status 1. Anything raised elsewhere (torch, transformers, a bug) keeps its traceback."""
+    try:
+        return main(argv)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+        if not _raised_by_hcr(error):
+            raise
+        print(f"hcr: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _raised_by_hcr(error: BaseException) -> bool:
+    """Whether ``error`` was raised in the code of ``hcr`` or ``hcr_kernels`` (its innermost frame)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    where = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return any(where.is_relative_to(root) for root in _PACKAGE_ROOTS)
+
+
+_PACKAGE_ROOTS = (Path(__file__).resolve().parent, Path(hcr_kernels.__file__).resolve().parent)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command_line())

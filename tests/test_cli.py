@@ -1,8 +1,10 @@
 """The ``hcr`` command line: the environment report (with its quick benchmark) and usage errors."""
 
+import re
+
 import pytest
 
-from hcr.cli import main
+from hcr.cli import command_line, main
 
 
 def test_info_command(capsys):
@@ -66,3 +68,18 @@ def test_a_base_folder_without_a_tokenizer_asks_for_tokenizer(tmp_path):
         main(["train-compressor", "--base", str(tmp_path), "--dataset", "d.jsonl", "--output-dir", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"--tokenizer .*: no tokenizer in this folder \(none of .*\)$"):
         load_tokenizer("any-base", str(tmp_path))
+
+
+def test_the_console_script_prints_hcrs_input_errors_as_one_line(tmp_path, capsys, monkeypatch):
+    """hcr's own checks name what is wrong: their message is all ``hcr`` prints (exit status 1). A failure inside
+    another library, or a bug, is no verdict of hcr's on the input: its traceback is what a bug report needs."""
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    flags = ["train-compressor", "--base", str(tmp_path), "--dataset", "d.jsonl", "--output-dir", str(tmp_path)]
+    assert command_line(flags) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"hcr: error: --base .*: no tokenizer in this folder \(none of tokenizer.json, .*\); "
+                        r"pass --tokenizer with the folder or name of its tokenizer\n", err), err
+    monkeypatch.setattr("hcr.compression.tokens.load_tokenizer", lambda base, tokenizer: int("not a number"))
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        command_line(flags)
+    assert command_line(["info"]) == 0
