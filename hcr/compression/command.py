@@ -18,7 +18,6 @@ steps_or_epochs = argument_type(int, lambda v: v == -1 or v >= 1, "-1 (run --epo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hcr.compression.examples import ExampleConfig
-    from hcr.compression.tokens import load_tokenizer
     from hcr.compression.settings import LoraSettings, PoolerSettings, TrainSettings
 
     examples, pooler = field_defaults(ExampleConfig), field_defaults(PoolerSettings)
