@@ -206,6 +206,35 @@ def test_bad_input(base, tokenizer):
         generator.generate(torch.ones(2, 3, dtype=torch.long), streamer=object())
     assert generator.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=0).shape == (2, 0)
 
+    ids = torch.ones(2, 3, dtype=torch.long)
+    bad_calls = [  # (keyword arguments of generate, what the error says)
+        (dict(input_ids=ids.float()), "input_ids must hold integer token ids, got dtype torch.float32"),
+        (dict(attention_mask=[[1] * 3] * 2), r"attention_mask must be a tensor of input_ids' shape \(2, 3\), got list"),
+        (dict(attention_mask=torch.full((2, 3), -1)), "attention_mask must hold 1 .* and 0 .* only"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0, got 2.5"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an int >= 0, got True"),
+        (dict(do_sample="no"), "do_sample must be True or False, got 'no'"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number > 0 when sampling"),
+        (dict(do_sample=True, top_k=-1), r"top_k must be None or an int >= 0 \(0: every token\), got -1"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be None or a number in \(0, 1\], got 1.5"),
+        (dict(do_sample=True, top_p=0), r"top_p must be None or a number in \(0, 1\], got 0"),
+        (dict(pad_token_id=2.7), "pad_token_id must be a token id"),
+        (dict(eos_token_id=[]), "eos_token_id must be a token id or a non-empty list of them"),
+        (dict(eos_token_id=generator.tokens.placeholder), r"eos_token_id \[\d+\] is a compression token"),
+        (dict(strategy=""), "strategy must be one of"),
+    ]
+    for kwargs, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            generator.generate(**{"input_ids": ids, **kwargs})
+    for flag in ("compress_answer", "decode_kernels", "compile_decode", "direct_forward"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'no'"):
+            CompressedGenerator(model, tokenizer, **{flag: "no"})
+    with pytest.raises(ValueError, match="keep_last must be an int >= 0, got True"):
+        CompressedGenerator(model, tokenizer, keep_last=True)
+    for strategy in STRATEGIES:  # an empty batch (an evaluation's empty shard) is no error, in either strategy
+        empty = generator.generate(ids[:0], max_new_tokens=4, strategy=strategy, return_dict_in_generate=True)
+        assert empty.sequences.shape == (0, 0) and empty.stop_reasons == []
+
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -215,6 +244,21 @@ def test_bad_input(base, tokenizer):
                                    unk_token="[UNK]")
     with pytest.raises(MissingTokenError, match="fim_pad"):
         CompressedGenerator(model, bare)
+
+
+def test_any_of_several_eos_ids_ends_a_row(base, tokenizer):
+    """``eos_token_id`` as ``model.generate`` takes it: one id, or a list / tuple / tensor of ids (a list was
+    never matched, and the rows ran to max_new_tokens)."""
+    generator = CompressedGenerator(compression_model(base, tokenizer, 2), tokenizer)
+    ids, mask = prompts((5, 7), len(tokenizer))
+    free = generator.generate(ids, mask, max_new_tokens=12, eos_token_id=-1)
+    first = free[0, 3].item()  # row 0's fourth token: stop there by naming it among other ids
+    for eos in ([-1, first], (first,), torch.tensor([first, -1])):
+        out = generator.generate(ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=-7,
+                                 return_dict_in_generate=True)
+        stop = free[0].tolist().index(first)
+        assert out.sequences[0, : stop + 1].tolist() == free[0, : stop + 1].tolist()
+        assert out.stop_reasons[0] == "eos" and (out.sequences[0, stop + 1:] == -7).all()
 
 
 def greedy_with_think_end_at(step: int, think_end: int, seen: list):

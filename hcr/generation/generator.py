@@ -74,6 +74,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -261,6 +263,30 @@ class GenerationOutput:
     stop_reasons: list[str] = field(default_factory=list)
 
 
+def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, pad_token_id,
+                         return_dict_in_generate) -> None:
+    """A ValueError naming the first of ``generate``'s numbers and flags that is out of its range."""
+    def integer(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    for name, flag in (("do_sample", do_sample), ("return_dict_in_generate", return_dict_in_generate)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if not integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if pad_token_id is not None and not integer(pad_token_id):
+        raise ValueError(f"pad_token_id must be a token id (an int) or None, got {pad_token_id!r}")
+    if not do_sample:
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (not integer(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be None or an int >= 0 (0: every token), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 class CompressedGenerator:
     def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache",
                  compress_answer: bool = False, decode_kernels: bool = True, compile_decode: bool = False,
@@ -268,15 +294,19 @@ class CompressedGenerator:
         if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
             raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
         window_size = model.config.window if window_size is None else window_size
-        if not isinstance(window_size, int) or window_size < 1:
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
             raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
         if window_size != model.config.window:
             raise ValueError(f"window_size={window_size} but the model's pooler was trained on windows of "
                              f"{model.config.window}")
-        if not isinstance(keep_last, int) or keep_last < 0:
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0:
             raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, flag in (("compress_answer", compress_answer), ("decode_kernels", decode_kernels),
+                           ("compile_decode", compile_decode), ("direct_forward", direct_forward)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.model, self.tokenizer = model, tokenizer
         self.tokens = CompressionTokens.from_tokenizer(tokenizer)
         self.window, self.keep_last, self.strategy = window_size, keep_last, strategy
@@ -306,20 +336,24 @@ class CompressedGenerator:
         and the greedy argmax). A row also stops, with a warning, when its next token would sit
         past ``max_position_embeddings``: compression keeps the layout short, so that is checked
         on the layout's length, not on the tokens generated.
+
+        As in ``model.generate``: ``eos_token_id`` one id or several (a list, tuple or 1-D tensor;
+        default the tokenizer's EOS), any of which ends a row (an id the model never writes, such as
+        -1, never does); ``top_k`` 0 or None keeps every token, ``top_p`` in (0, 1], both only when
+        sampling; ``pad_token_id`` (default the tokenizer's pad, else the first EOS id) fills the
+        returned rows after their end. A batch of no rows returns no rows.
         """
-        strategy = strategy or self.strategy
+        strategy = self.strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        eos = self._eos_ids(eos_token_id)
+        _check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, pad_token_id,
+                             return_dict_in_generate)
         rows = self._rows(input_ids, attention_mask)
         if streamer is not None and len(rows) != 1:
             raise ValueError("a streamer needs batch size 1")
-        eos = self.tokens.eos if eos_token_id is None else eos_token_id
         if pad_token_id is None:  # a pad id of 0 is a real id, not a missing one
-            pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+            pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         # A written <|vision_start|> (or end marker, or placeholder) would have its embedding swapped for
         # the pooler's marker row (the training convention), silently changing what the model reads;
         # untrained or badly trained models do write them. -inf in 3 columns of a vocabulary that also
@@ -356,6 +390,8 @@ class CompressedGenerator:
 
     def _run(self, rows, strategy, max_new_tokens, eos, sample, streamer, clock) -> None:
         """The generation itself, inside the kernels' and attention's blocks."""
+        if not rows:  # nothing to generate for (a shard of an evaluation may be empty)
+            return
         kernels = decode_linears(self.model) if self.decode_kernels else contextlib.nullcontext()
         # the cached steps' attention through hcr_kernels.decode_attention where it wins (eager steps only: a
         # compiled step keeps the model's attention; the recompute oracle runs the model untouched)
@@ -409,7 +445,8 @@ class CompressedGenerator:
                 return
             logits = steps.step(crops)
 
-    def _write(self, row: RowState, token: int, eos: int, max_new_tokens: int, context: int | None) -> int | None:
+    def _write(self, row: RowState, token: int, eos: tuple[int, ...], max_new_tokens: int,
+               context: int | None) -> int | None:
         """Update a row after it wrote ``token`` (appended to ``row.generated``): ``</think>``, the stop
         rules (``context``: the model's ``max_position_embeddings``, None for none), the compress decision.
         Returns the cache slot its layout changed from if it compressed, None if the layout only grew by
@@ -421,8 +458,8 @@ class CompressedGenerator:
             row.think_at = len(row.generated) - 1
             if self.compress_answer:  # the reasoning ends with all its full windows pooled
                 crop = self._compress(row, "reasoning", (row.think_at - row.reasoning_windows * W) // W)
-        if token == eos or len(row.generated) >= max_new_tokens:
-            row.done, row.stop_reason = True, "eos" if token == eos else "max_new_tokens"
+        if token in eos or len(row.generated) >= max_new_tokens:
+            row.done, row.stop_reason = True, "eos" if token in eos else "max_new_tokens"
             return None
         if row.think_at is None:
             if len(row.generated) - row.reasoning_windows * W >= due:
@@ -483,13 +520,33 @@ class CompressedGenerator:
     def _context(self) -> int | None:
         return getattr(self.model.base.config, "max_position_embeddings", None)
 
+    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
+        """The ids that end a row: ``eos_token_id`` (an int, or several as ``model.generate`` takes them)."""
+        if eos_token_id is None:
+            return (self.tokens.eos,)
+        ids = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+        ids = [ids] if not isinstance(ids, (list, tuple, set, frozenset)) else list(ids)
+        if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+        ids = [int(i) for i in ids]
+        written_never = set(ids) & set(self._reserved)
+        if written_never:
+            raise ValueError(f"eos_token_id {sorted(written_never)} is a compression token, which the generator "
+                             f"never writes: no row would stop at it")
+        return tuple(dict.fromkeys(ids))  # in the order given: the first is the default pad
+
     def _rows(self, input_ids, attention_mask) -> list[RowState]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a [batch, length] tensor of token ids")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 1 (a prompt token) and 0 (padding) only")
         self._check_ids(input_ids, attention_mask.bool())
         limit = self._context
         rows = []
