@@ -1,12 +1,55 @@
-"""argparse helpers shared by the ``hcr`` subcommands: types that name a bad flag with what was
-expected, and flag defaults read from the settings dataclass the flags fill."""
+"""What a setting accepts, said once for the ``hcr`` subcommands' flags and the settings dataclasses they fill:
+rules (a test and its words), argparse types that name a bad flag with what was expected, ``check_fields``
+for a dataclass built from Python, and flag defaults read from the dataclass."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from types import SimpleNamespace
+
+Rule = tuple[Callable[[object], bool], str]  # (accepts the value?, what it expects, in words)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+POSITIVE_INT: Rule = (lambda v: _integer(v) and v >= 1, "a positive integer")
+NON_NEGATIVE_INT: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
+POSITIVE_NUMBER: Rule = (lambda v: _real(v) and v > 0, "a positive number")
+UNIT_NUMBER: Rule = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
+PROBABILITY: Rule = (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]")
+FLAG: Rule = (lambda v: isinstance(v, bool), "True or False")
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or None."""
+    accept, expected = rule
+    return (lambda v: v is None or accept(v), f"None or {expected}")
+
+
+def non_empty_tuple_of(rule: Rule) -> Rule:
+    """A non-empty tuple or list whose every item ``rule`` accepts."""
+    accept, expected = rule
+    return (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(accept(x) for x in v),
+            f"a non-empty tuple, each item {expected}")
+
+
+def check_fields(settings, **rules: Rule) -> None:
+    """A ValueError naming the first field of the dataclass instance ``settings`` whose value its rule refuses:
+    the flags check what the command line passes, this what a Python caller does."""
+    for name, (accept, expected) in rules.items():
+        value = getattr(settings, name)
+        if not accept(value):
+            raise ValueError(f"{type(settings).__name__}.{name} must be {expected}, got {value!r}")
 
 
 def argument_type(kind: type, accept: Callable, expected: str) -> Callable[[str], object]:
@@ -25,10 +68,11 @@ def argument_type(kind: type, accept: Callable, expected: str) -> Callable[[str]
     return parse
 
 
-positive_int = argument_type(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = argument_type(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = argument_type(float, lambda v: v > 0, "a positive number")
-unit_float = argument_type(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+positive_int = argument_type(int, *POSITIVE_INT)
+non_negative_int = argument_type(int, *NON_NEGATIVE_INT)
+positive_float = argument_type(float, *POSITIVE_NUMBER)
+unit_float = argument_type(float, *UNIT_NUMBER)
+probability = argument_type(float, *PROBABILITY)
 
 
 def field_defaults(settings: type) -> SimpleNamespace:

@@ -188,7 +188,7 @@ def test_every_nth_keeps_stages_one_plus_multiples():
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="window must be an int >= 1"):
+    with pytest.raises(ValueError, match="ExampleConfig.window must be a positive integer, got 0"):
         ExampleConfig(window=0)
     with pytest.raises(ValueError, match="every_nth"):
         ExampleConfig(window=2, every_nth=0)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 
 from hcr.argtypes import argument_type, field_defaults, non_negative_int, positive_float, positive_int, unit_float
+from hcr.compression.settings import STEPS_OR_EPOCHS
 
 __all__ = ["add_arguments", "main"]
 
 # Trainer's max_steps: -1 lets --epochs decide; 0 and other negatives are not a length.
-steps_or_epochs = argument_type(int, lambda v: v == -1 or v >= 1, "-1 (run --epochs) or a positive integer")
+steps_or_epochs = argument_type(int, *STEPS_OR_EPOCHS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

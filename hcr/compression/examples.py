@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hcr.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, check_fields, optional
 from hcr.compression.layout import CompressedLayout, compressed_layout, filled
 from hcr.compression.tokens import CompressionTokens
 from hcr.compression.traces import TokenizedTrace
@@ -51,10 +52,7 @@ class ExampleConfig:
     pad_id: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
-        if not isinstance(self.every_nth, int) or self.every_nth < 1:
-            raise ValueError(f"every_nth must be an int >= 1, got {self.every_nth!r}")
+        check_fields(self, window=POSITIVE_INT, every_nth=POSITIVE_INT, pad_id=optional(NON_NEGATIVE_INT))
         if self.pad_last_window and self.pad_id is None:
             raise ValueError("pad_last_window needs pad_id (e.g. tokenizer.pad_token_id)")
 

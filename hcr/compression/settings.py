@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hcr.argtypes import (FLAG, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, UNIT_NUMBER, Rule, check_fields,
+                         non_empty_tuple_of, optional)
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STEPS_OR_EPOCHS: Rule = (lambda v: v == -1 or POSITIVE_INT[0](v), "-1 (run --epochs) or a positive integer")
 
 
 @dataclass
@@ -26,6 +30,10 @@ class LoraSettings:
     target_modules: tuple[str, ...] = LORA_TARGETS
     embeddings: bool = True
 
+    def __post_init__(self):
+        check_fields(self, r=POSITIVE_INT, alpha=POSITIVE_NUMBER, dropout=UNIT_NUMBER, embeddings=FLAG,
+                     target_modules=non_empty_tuple_of((lambda v: isinstance(v, str), "a module name")))
+
 
 @dataclass
 class PoolerSettings:
@@ -35,6 +43,10 @@ class PoolerSettings:
     own_embeddings: bool = True
     projection: bool = False
     from_base_weights: bool = True
+
+    def __post_init__(self):
+        check_fields(self, num_hidden_layers=optional(POSITIVE_INT), own_embeddings=FLAG, projection=FLAG,
+                     from_base_weights=FLAG)
 
 
 @dataclass
@@ -56,6 +68,12 @@ class TrainSettings:
     seed: int = 0
     resume_from_checkpoint: str | bool | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_fields(self, max_steps=STEPS_OR_EPOCHS, num_train_epochs=POSITIVE_NUMBER,
+                     per_device_train_batch_size=POSITIVE_INT, gradient_accumulation_steps=POSITIVE_INT,
+                     learning_rate=POSITIVE_NUMBER, warmup_steps=NON_NEGATIVE_INT, logging_steps=POSITIVE_INT,
+                     save_steps=POSITIVE_INT, save_total_limit=optional(POSITIVE_INT), gradient_checkpointing=FLAG)
 
     def training_arguments(self):
         """The ``TrainingArguments``; creating them sets up the process group under a launcher."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from hcr.argtypes import FLAG, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, check_fields, non_empty_tuple_of, optional
 from hcr.demo.corpus import split_corpus
 from hcr.demo.reasoner import ReasonerSettings
 from hcr.files import write_atomic
@@ -55,6 +56,16 @@ class DemoSettings:
     threads: int | None = None
     seed: int = 0
     fresh: bool = False
+
+    def __post_init__(self):
+        check_fields(self, windows=non_empty_tuple_of(POSITIVE_INT), keep_last=non_empty_tuple_of(NON_NEGATIVE_INT),
+                     train_items=POSITIVE_INT, eval_items=POSITIVE_INT, min_steps=POSITIVE_INT,
+                     max_steps=POSITIVE_INT, pooler_steps=POSITIVE_INT, pooler_layers=POSITIVE_INT,
+                     pooler_batch_size=POSITIVE_INT, pooler_lr=POSITIVE_NUMBER, lora_r=NON_NEGATIVE_INT,
+                     batch_size=POSITIVE_INT, recompute_items=NON_NEGATIVE_INT, threads=optional(POSITIVE_INT),
+                     fresh=FLAG)
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"DemoSettings.min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
 
     @classmethod
     def quick(cls, **overrides) -> "DemoSettings":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from hcr.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, UNIT_NUMBER, check_fields
 from hcr.compression.traces import TokenizedTrace
 from hcr_kernels import IGNORE_INDEX
 
@@ -40,6 +41,12 @@ class ReasonerSettings:
     warmup_steps: int = 60
     weight_decay: float = 0.01
     marker_fraction: float = 0.5
+
+    def __post_init__(self):
+        check_fields(self, hidden_size=POSITIVE_INT, layers=POSITIVE_INT, heads=POSITIVE_INT, kv_heads=POSITIVE_INT,
+                     intermediate_size=POSITIVE_INT, steps=POSITIVE_INT, batch_size=POSITIVE_INT,
+                     learning_rate=POSITIVE_NUMBER, warmup_steps=NON_NEGATIVE_INT,
+                     weight_decay=UNIT_NUMBER, marker_fraction=UNIT_NUMBER)
 
 
 def build_reasoner(vocab_size: int, settings: ReasonerSettings, max_positions: int, pad_id: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hcr.argtypes import FLAG, POSITIVE_INT, POSITIVE_NUMBER, UNIT_NUMBER, check_fields
 from hcr.doublethink.tasks import TASK_KINDS
 
 __all__ = ["ARCHITECTURES", "DEFAULT_ANSWER_WEIGHT", "REPORT_TARGETS", "DoublethinkConfig"]
@@ -57,11 +58,11 @@ class DoublethinkConfig:
             self.answer_weight = DEFAULT_ANSWER_WEIGHT
         if self.answer_weight is not None and not 0.0 <= self.answer_weight <= 1.0:
             raise ValueError(f"answer_weight (--answer-weight) must be in [0, 1], got {self.answer_weight}")
-        for name in ("layers", "max_examples", "max_length", "batch_size", "steps_per_round", "hidden", "eval_per_length", "history"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
+        check_fields(self, layers=POSITIVE_INT, max_examples=POSITIVE_INT, max_length=POSITIVE_INT,
+                     batch_size=POSITIVE_INT, steps_per_round=POSITIVE_INT, learning_rate=POSITIVE_NUMBER,
+                     hidden=POSITIVE_INT, eval_per_length=POSITIVE_INT, solved_threshold=UNIT_NUMBER,
+                     flatten_factor=UNIT_NUMBER, history=POSITIVE_INT, hcr_kernels=FLAG, save_model=FLAG,
+                     save_every_s=(lambda v: POSITIVE_NUMBER[0](v) or v == 0, "a number >= 0"))
         if self.report_to not in REPORT_TARGETS:
             raise ValueError(f"report_to (--report-to) must be 'none' or 'wandb', got {self.report_to!r}")
         if self.out is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int, unit_float
+from hcr.argtypes import field_defaults, non_negative_int, positive_float, positive_int, probability
 
 __all__ = ["add_arguments", "main"]
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=positive_float, default=d.temperature,
                         help=f"with --do-sample (default {d.temperature})")
     parser.add_argument("--top-k", type=positive_int, default=d.top_k, help="with --do-sample")
-    parser.add_argument("--top-p", type=unit_float, default=d.top_p, help="with --do-sample")
+    parser.add_argument("--top-p", type=probability, default=d.top_p, help="with --do-sample")
     parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per batch: seed + its first index)")
     parser.add_argument("--limit", type=positive_int, default=d.limit, help="evaluate the first N items only")
     parser.add_argument("--out", required=True,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hcr.argtypes import (FLAG, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, PROBABILITY, check_fields,
+                          optional)
 from hcr.evaluation.answers import answers_match, extract_answer_with_rule
 from hcr.evaluation.data import EvalItem, load_items
 from hcr.evaluation.records import RecordWriter, format_summary, read_records, summarize, write_atomic
@@ -61,6 +63,11 @@ class EvalSettings:
     top_p: float | None = None
     seed: int = 0
     limit: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, merge_adapter=FLAG, window=optional(POSITIVE_INT), keep_last=NON_NEGATIVE_INT,
+                     max_new_tokens=POSITIVE_INT, batch_size=POSITIVE_INT, do_sample=FLAG, temperature=POSITIVE_NUMBER,
+                     top_k=optional(NON_NEGATIVE_INT), top_p=optional(PROBABILITY), limit=optional(POSITIVE_INT))
 
 
 # ------------------------------------------------------------------ distributed
