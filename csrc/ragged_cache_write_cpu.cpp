@@ -49,8 +49,11 @@ void ragged_cache_write_cpu(const at::Tensor& key_cache, const at::Tensor& value
     TORCH_CHECK_VALUE(starts[b] >= 0, "start[", b, "] = ", starts[b], " must be >= 0");
     TORCH_CHECK_VALUE(counts[b] >= 0 && counts[b] <= steps, "count[", b, "] = ", counts[b], " must be in [0, T] = [0, ",
                       steps, "] (T = key_states.shape[2])");
-    TORCH_CHECK_VALUE(starts[b] + counts[b] <= slots, "start[", b, "] + count[", b, "] = ", starts[b], " + ", counts[b],
-                      " = ", starts[b] + counts[b], " exceeds the cache length S = ", slots, " (key_cache.shape[2])");
+    // start <= S - count, not start + count <= S: a start near 2^63 made the sum wrap and the write land far
+    // outside the cache. The sum is printed as an unsigned one: both parts are >= 0 here, so it is exact.
+    TORCH_CHECK_VALUE(starts[b] <= slots - counts[b], "start[", b, "] + count[", b, "] = ", starts[b], " + ", counts[b],
+                      " = ", static_cast<uint64_t>(starts[b]) + static_cast<uint64_t>(counts[b]),
+                      " exceeds the cache length S = ", slots, " (key_cache.shape[2])");
   }
   if (row_bytes == 0) return;
   const CopySide sides[2] = {copy_side(key_cache, key_states), copy_side(value_cache, value_states)};

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from hcr_kernels import _dispatch
 from hcr_kernels.causal_conv1d import causal_conv1d
 from hcr_kernels.decode_linear.op import apply_decode_linear, native_buckets, stack_buckets
 from hcr_kernels.selective_scan import selective_scan
@@ -89,6 +90,11 @@ def apply_hcr_kernels_to_mamba(model: torch.nn.Module, *, backend: str | None = 
     ``backend`` is passed to the ops (None: ``HCR_BACKEND`` or the fastest here).
     Patching twice is harmless; ``remove_hcr_kernels_from_mamba`` undoes it.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"apply_hcr_kernels_to_mamba: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None and backend not in _dispatch.BACKENDS:  # else refused only at the first forward
+        raise ValueError(f"apply_hcr_kernels_to_mamba: backend must be None or one of {_dispatch.BACKENDS}, "
+                         f"got {backend!r}")
     mixers = [m for m in model.modules() if type(m).__name__ == MIXER_CLASS]
     if not mixers:
         raise ValueError(f"model has no {MIXER_CLASS} modules: is it a transformers Mamba model?")

@@ -164,6 +164,11 @@ BAD = [
     pytest.param(dict(input_ids=torch.ones(2, 4)), TypeError, "input_ids must be an integer", id="ids-float"),
     pytest.param(dict(input_ids=torch.ones(2, 1, dtype=torch.long)), ValueError, "at least 2 positions", id="L1"),
     pytest.param(dict(answer_weight=1.5), ValueError, r"answer_weight must be in \[0, 1\]", id="c-too-big"),
+    pytest.param(dict(answer_weight="0.3"), TypeError, "answer_weight must be a number in", id="c-text"),
+    pytest.param(dict(answer_token_id="5"), TypeError, "answer_token_id must be a token id", id="marker-text"),
+    pytest.param(dict(input_ids=torch.ones(2, 4, dtype=torch.bool)), TypeError, "input_ids must be an integer",
+                 id="ids-bool"),
+    pytest.param(dict(dtype=torch.int64), TypeError, "dtype must be a floating-point", id="integer-weights"),
     pytest.param(dict(attention_mask=torch.ones(1, 3, device="meta")), ValueError, "attention_mask on meta",
                  id="mask-meta"),
 ]

@@ -53,6 +53,22 @@ def test_bad_input(args, error, message):
         causal_conv1d(*args, backend="native")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 0), (2, 0, 5)], ids=["no-steps", "no-channels"])
+def test_empty_input_in_both_backends(shape):
+    """The reference returns what the kernel returns (F.conv1d refuses both shapes), gradients included."""
+    grads = {}
+    for backend in ("reference", "native"):
+        x, weight, bias = torch.randn(*shape), torch.randn(shape[1], 4), torch.randn(shape[1])
+        for t in (x, weight, bias):
+            t.requires_grad_()
+        out = causal_conv1d(x, weight, bias, activation="silu", backend=backend)
+        out.sum().backward()
+        assert out.shape == shape
+        grads[backend] = [t.grad for t in (x, weight, bias)]
+    for ours, theirs in zip(grads["reference"], grads["native"]):
+        assert torch.equal(ours, theirs)
+
+
 def test_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 2), activation="relu")

@@ -213,6 +213,8 @@ def test_bad_input_names_the_argument(backend):
         call(q=query[0])
     with pytest.raises(RuntimeError, match="inference only"):
         call(q=query.clone().requires_grad_())
+    with pytest.raises(ValueError, match=r"keys must be contiguous along D \(stride 1 in its last dimension"):
+        call(k=torch.randn(2, 2, 5, 16)[..., ::2])
     for window in (0, -2, 2.5, True):  # -2 had the native kernel attend over everything, the reference give NaN
         with pytest.raises(ValueError, match=rf"sliding_window must be None \(no window\) or an int >= 1, got "
                                              rf"{re.escape(repr(window))}"):
@@ -227,6 +229,26 @@ def test_bad_input_names_the_argument(backend):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("window", [None, 2])
+def test_slots_no_query_sees_are_not_read(window):
+    """A cache's unwritten slots may hold anything (torch.empty): NaN there reaches no output, in either backend
+    (the reference had made every output of such a row NaN)."""
+    query = torch.randn(2, 4, 1, 8)
+    keys, values = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    positions = torch.tensor([[5], [3]])
+    poisoned = [t.clone() for t in (keys, values)]
+    for t in poisoned:
+        t[0, :, 6:] = float("nan")  # past row 0's position
+        t[1, :, 4:] = float("inf")
+        if window:
+            t[0, :, :4] = float("nan")  # before row 0's window of 2 (slots 4, 5)
+    for backend in ("reference", "native"):
+        clean = decode_attention(query, keys, values, positions, scale=0.3, sliding_window=window, backend=backend)
+        out = decode_attention(query, *poisoned, positions, scale=0.3, sliding_window=window, backend=backend)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out, clean, rtol=0, atol=0)
+
+
 def test_the_checks_shortcut_passes_nothing_the_checks_reject():
     """The op skips its full argument checks for arguments ``_common_case`` accepts (a call per layer per
     step pays for them): it must accept the usual call and nothing that ``_check_args`` rejects."""
@@ -238,7 +260,8 @@ def test_the_checks_shortcut_passes_nothing_the_checks_reject():
            dict(v=values.double()), dict(q=query[0]), dict(q=query.int(), k=keys.int(), v=values.int()),
            dict(q=query.clone().requires_grad_()), dict(v=values.clone().requires_grad_()),
            dict(p=positions.to("meta")), dict(q=query.tolist()), dict(scale="x"), dict(scale=float("inf")),
-           dict(window=0), dict(window=-2), dict(window=True), dict(window=2.0)]
+           dict(window=0), dict(window=-2), dict(window=True), dict(window=2.0),
+           dict(k=torch.randn(2, 2, 5, 16)[..., ::2]), dict(v=values.transpose(2, 3).contiguous().transpose(2, 3))]
     for change in bad:
         args = [change.get(name, default) for name, default in
                 zip(("q", "k", "v", "p", "scale", "window"), (query, keys, values, positions, 1.0, None))]

@@ -184,8 +184,16 @@ def test_bad_arguments_name_what_is_wrong():
         built.step(embeds, cos, sin, keys[:1], values, start, count, span, positions)
     with pytest.raises(ValueError, match=r"span must be an int in \[0, S\] = \[0, 16\], got 17"):
         built.step(embeds, cos, sin, keys, values, start, count, 17, positions)
-    with pytest.raises(ValueError, match="positions"):  # the attention kernel names the entry out of the span
-        built.step(embeds, cos, sin, keys, values, start, count, span, positions + 20, backend="native")
+    for backend in ("native", "reference"):  # the reference step's write and attention check as the ops do
+        with pytest.raises(ValueError, match=r"positions\[0, 0\] = 27 must be a slot of the cache"):
+            built.step(embeds, cos, sin, keys, values, start, count, span, positions + 20, backend=backend)
+        with pytest.raises(ValueError, match=r"start must be \[3\] \(B = 3, T = 1 from embeds\), got \(1,\)"):
+            built.step(embeds, cos, sin, keys, values, start[:1], count, span, positions, backend=backend)
+        with pytest.raises(ValueError, match=rf"start\[0\] \+ count\[0\] = {2**63 - 1} \+ 1 = {2**63} exceeds"):
+            built.step(embeds, cos, sin, keys, values, start + 2**63 - 8, count, span, positions, backend=backend)
+    for field, value in (("scale", float("nan")), ("input_eps", -1e-6), ("post_eps", "1e-6")):
+        with pytest.raises(ValueError, match=rf"layers\[0\]\.{field} must be a finite number > 0"):
+            Qwen2DecoderStack([Qwen2LayerWeights(**{**vars(layer), field: value})], head_dim=8)
     with pytest.raises(RuntimeError, match="inference only"):
         built.step(embeds.requires_grad_(), cos, sin, keys, values, start, count, span, positions)
     embeds = embeds.detach()

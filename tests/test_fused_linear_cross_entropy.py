@@ -150,6 +150,8 @@ BAD_INPUTS = [
     pytest.param(lambda h, w, y: ((h, w, y), {"bias": torch.ones(9)}), ValueError, r"bias must be \[V\] with V=10", id="bias-shape"),
     pytest.param(lambda h, w, y: ((h, w, y), {"chunk_size": 0}), ValueError, "chunk_size must be a positive int", id="chunk-0"),
     pytest.param(lambda h, w, y: ((h[0], w, y), {}), ValueError, "hidden must be a 2-D", id="hidden-1d"),
+    pytest.param(lambda h, w, y: ((h, w[:0], torch.full_like(y, -100)), {}), ValueError,
+                 r"the vocabulary is empty \(V = 0\) for N = 4 tokens", id="V0-all-ignored"),
 ]
 
 

@@ -95,3 +95,7 @@ def test_generation_with_cache_matches():
 def test_model_without_mixers_is_rejected():
     with pytest.raises(ValueError, match="has no MambaMixer modules"):
         apply_hcr_kernels_to_mamba(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        apply_hcr_kernels_to_mamba("model")
+    with pytest.raises(ValueError, match=r"backend must be None or one of \('reference', "):  # not at the first forward
+        apply_hcr_kernels_to_mamba(torch.nn.Linear(2, 2), backend="bogus")

@@ -248,6 +248,7 @@ def test_cpu_kernel_checks_bounds_itself():
     (1, -1, 1, "start[1] = -1 must be >= 0"),
     (2, 5, 4, "count[2] = 4 must be in [0, T] = [0, 3]"),
     (2, 7, 2, "start[2] + count[2] = 7 + 2 = 9 exceeds the cache length S = 8"),
+    (2, 2**63 - 1, 1, f"start[2] + count[2] = {2**63 - 1} + 1 = {2**63} exceeds"),  # start + count wraps in int64
 ])
 def test_write_bounds_name_the_first_bad_row(batch, row, first, number, message):
     """The host check names the first bad row with the same message, whether it checks Python ints (a few
@@ -292,6 +293,9 @@ def replaced(**changes):
 BAD_INPUTS = [
     pytest.param(replaced(start=lambda s: torch.tensor([0, 7])), ValueError,
                  "start[1] + count[1] = 7 + 2 = 9 exceeds the cache length S = 8", id="past-the-cache"),
+    pytest.param(replaced(start=lambda s: torch.tensor([0, 2**63 - 1])), ValueError,
+                 f"start[1] + count[1] = {2**63 - 1} + 2 = {2**63 + 1} exceeds the cache length S = 8",
+                 id="past-the-cache-by-wrapping"),  # the native check had summed in int64, and written far outside
     pytest.param(replaced(start=lambda s: torch.tensor([-1, 5])), ValueError, "start[0] = -1 must be >= 0",
                  id="negative-start"),
     pytest.param(replaced(count=lambda c: torch.tensor([3, 4])), ValueError, "count[1] = 4 must be in [0, T] = [0, 3]",

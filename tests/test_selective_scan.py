@@ -125,6 +125,10 @@ BAD = [
     pytest.param(lambda i: {**i, "z": torch.randn(2, 60, 62)}, ValueError, "z must have", id="z-shape"),
     pytest.param(lambda i: {**i, "u": i["u"].long()}, TypeError, "u must be a floating-point", id="u-int"),
     pytest.param(lambda i: {**i, "D": i["D"].to("meta")}, ValueError, "one device", id="device-mismatch"),
+    pytest.param(lambda i: {**i, "delta_softplus": "no"}, TypeError, "delta_softplus must be True or False",
+                 id="flag-text"),  # a truthy "no" had applied the softplus in the reference
+    pytest.param(lambda i: {**i, "return_last_state": 1}, TypeError, "return_last_state must be True or False",
+                 id="flag-int"),
 ]
 
 

@@ -125,6 +125,23 @@ def test_backward_twice_with_retained_graph(backend):
     assert_close_by_rule(first, ref, 50)
 
 
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_an_ignored_tokens_logits_are_not_read(backend):
+    """A NaN in an ignored token's row (a position the loss skips) reaches neither the loss nor any gradient,
+    in every backend: the reference had given that row a NaN gradient where the kernels give 0."""
+    logits, labels, weights = make_inputs(6, 40, "random", torch.float32, "cpu")
+    labels[2] = -100
+    logits[2, 5] = float("nan")
+    logits.requires_grad_()
+    loss = weighted_cross_entropy(logits, labels, weights, backend=backend)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.equal(grad[2], torch.zeros(40))
+    clean = logits.detach().clone()
+    clean[2] = 0.0  # what the row holds does not matter
+    torch.testing.assert_close(loss, weighted_cross_entropy_ref(clean, labels, weights))
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_no_gradient_wanted(backend):
     logits, labels, weights = make_inputs(7, 50, "random", torch.float32, "cpu")
@@ -167,6 +184,8 @@ BAD_INPUTS = [
     pytest.param(lambda x, y, w: (x, y, w.long()), TypeError, "weights must be a floating-point", id="weights-int"),
     pytest.param(lambda x, y, w: (x, y[None], w), ValueError, "labels must be a 1-D", id="labels-2d"),
     pytest.param(lambda x, y, w: (x, y, 1.0), TypeError, "weights must be a torch.Tensor", id="weights-float"),
+    pytest.param(lambda x, y, w: (x[:, :0], torch.full_like(y, -100), w), ValueError,
+                 r"the vocabulary is empty \(V = 0\) for N = 4 tokens", id="V0-all-ignored"),
 ]
 
 

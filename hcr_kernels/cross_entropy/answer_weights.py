@@ -10,6 +10,8 @@ the last position of a shorter row is a pad).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from hcr_kernels._validate import check_same_device, check_tensor
@@ -45,8 +47,14 @@ def answer_loss_weights(
     ``ValueError`` that names them.
     """
     check_tensor("input_ids", input_ids, dim=2)
-    if input_ids.is_floating_point():
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor (token ids), got dtype {input_ids.dtype}")
+    if isinstance(answer_token_id, bool) or not isinstance(answer_token_id, numbers.Integral):
+        raise TypeError(f"answer_token_id must be a token id (an int), got {answer_token_id!r}")
+    if isinstance(answer_weight, bool) or not isinstance(answer_weight, numbers.Real):
+        raise TypeError(f"answer_weight must be a number in [0, 1], got {answer_weight!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (of the weights), got {dtype!r}")
     batch, length = input_ids.shape
     if length < 2:
         raise ValueError(f"input_ids must have at least 2 positions (a token and its successor), got {length}")

@@ -78,6 +78,9 @@ def check_labels(labels: torch.Tensor, tokens: int, vocab: int, ignore_index: in
         raise TypeError(f"labels must be an integer tensor (token ids), got dtype {labels.dtype}")
     if labels.shape[0] != tokens:
         raise ValueError(f"labels has {labels.shape[0]} tokens but there are N={tokens} rows of logits/hidden")
+    if vocab == 0 and tokens > 0:  # no class to score: the native kernels refused it, the reference returned 0
+        raise ValueError(f"the vocabulary is empty (V = 0) for N = {tokens} tokens: logits / lm_head_weight need a row "
+                         "per token id")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if torch.compiler.is_compiling():
         # Reading `bad` out would break the graph: an in-graph assert keeps the check (RuntimeError on CPU, a

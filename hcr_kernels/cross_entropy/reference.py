@@ -19,11 +19,17 @@ IGNORE_INDEX = -100
 def weighted_cross_entropy_ref(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """``sum_i weights[i] * CE(logits[i], labels[i])`` over tokens whose label is not ``ignore_index``."""
+    """``sum_i weights[i] * CE(logits[i], labels[i])`` over tokens whose label is not ``ignore_index``.
+
+    An ignored token's logits are not read (as the kernels do not read them): a NaN there had made its
+    gradient row NaN (0 * NaN in the softmax's backward) where the kernels' is 0.
+    """
     wide = torch.promote_types(logits.dtype, torch.float32)
-    per_token = F.cross_entropy(logits.to(wide), labels.long(), ignore_index=ignore_index, reduction="none")
     kept = labels != ignore_index
-    return torch.where(kept, weights.to(wide) * per_token, torch.zeros((), dtype=wide, device=logits.device)).sum()
+    zero = torch.zeros((), dtype=wide, device=logits.device)
+    read = torch.where(kept[:, None], logits.to(wide), zero)
+    per_token = F.cross_entropy(read, labels.long(), ignore_index=ignore_index, reduction="none")
+    return torch.where(kept, weights.to(wide) * per_token, zero).sum()
 
 
 def fused_linear_cross_entropy_ref(

@@ -93,6 +93,7 @@ def _common_case(query, keys, values, positions, scale=1.0, sliding_window=None)
     return (len(q) == 4 and len(k) == 4 and values.shape == k and k[0] == q[0] and k[3] == q[3] and k[1] > 0
             and q[1] % k[1] == 0 and positions.shape == (q[0], q[2]) and positions.dtype == torch.int64
             and query.dtype == keys.dtype == values.dtype and query.is_floating_point()
+            and (q[3] <= 1 or query.stride(3) == keys.stride(3) == values.stride(3) == 1)
             and query.is_cpu and keys.is_cpu and values.is_cpu and positions.is_cpu
             and not (query.requires_grad or keys.requires_grad or values.requires_grad)
             and type(scale) is float and math.isfinite(scale)
@@ -126,6 +127,10 @@ def _check_args(query, keys, values, positions, scale=1.0, sliding_window=None) 
         raise ValueError(f"positions must be [B, T] = [{batch}, {steps}], got {tuple(positions.shape)}")
     check_same_device(query=query, keys=keys, values=values, positions=positions)
     check_same_dtype(query=query, keys=keys, values=values)
+    for name, tensor in (("query", query), ("keys", keys), ("values", values)):
+        if head_dim > 1 and tensor.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous along D (stride 1 in its last dimension; views of a larger "
+                             f"cache are fine), got strides {tuple(tensor.stride())}")
     return float(scale), None if sliding_window is None else int(sliding_window)
 
 

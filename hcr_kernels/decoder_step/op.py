@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,7 +87,7 @@ class Qwen2DecoderStack:
         self._native_runs = (self.device.type == "cpu" and self.dtype in NATIVE_DTYPES
                              and _extension.extension_loaded())
 
-    def _common_case(self, embeds, cos, sin, key_caches, value_caches, span) -> bool:
+    def _common_case(self, embeds, cos, sin, key_caches, value_caches, span, start, count, positions) -> bool:
         """Whether the arguments pass every check of ``_check_step``, in one expression: the generator calls
         ``step`` once per decode step, where the full checks and the backend choice cost ~30 us (a tenth of
         the tiny model's step outside the kernel)."""
@@ -94,6 +96,7 @@ class Qwen2DecoderStack:
                 and embeds.device == self.device and cos.shape == sin.shape == (*embeds.shape[:2], self.head_dim)
                 and cos.dtype == sin.dtype == self.dtype and len(key_caches) == len(value_caches) == len(self.layers)
                 and isinstance(span, int) and 0 <= span <= key_caches[0].shape[2]
+                and _row_indices(start, count, positions, *embeds.shape[:2])
                 and not (torch.is_grad_enabled() and _requires_grad(self, embeds)))
 
     def step(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_caches: Sequence[torch.Tensor],
@@ -108,9 +111,9 @@ class Qwen2DecoderStack:
         ``ragged_cache_write_``); attention over slots ``[0, span)``, query t of row b at slot
         ``positions[b, t]`` (``decode_attention``'s convention). Inference only.
         """
-        common = self._common_case(embeds, cos, sin, key_caches, value_caches, span)
-        if not common:
-            _check_step(self, embeds, cos, sin, key_caches, value_caches, span)  # raises, naming what is wrong
+        common = self._common_case(embeds, cos, sin, key_caches, value_caches, span, start, count, positions)
+        if not common:  # raises, naming what is wrong
+            _check_step(self, embeds, cos, sin, key_caches, value_caches, span, start, count, positions)
         if common and backend == "native" and self._native_runs:
             chosen = "native"  # what choose_backend decides here, without asking it: the generator's call
         else:
@@ -156,13 +159,25 @@ def _check_layer(index: int, layer: Qwen2LayerWeights, head_dim: int, first: tor
                          f"decode_linear's native_buckets), got {layer.native_buckets!r}")
     if not isinstance(layer.sliding_window, int) or layer.sliding_window < 0:
         raise ValueError(f"{name}.sliding_window must be an int >= 0 (0: none), got {layer.sliding_window!r}")
+    for field in ("input_eps", "post_eps", "scale"):
+        value = getattr(layer, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ValueError(f"{name}.{field} must be a finite number > 0, got {value!r}")
 
 
 def _requires_grad(stack: Qwen2DecoderStack, embeds: torch.Tensor) -> bool:
     return embeds.requires_grad or any(tensor.requires_grad for tensor in stack._packed[0])
 
 
-def _check_step(stack: Qwen2DecoderStack, embeds, cos, sin, key_caches, value_caches, span) -> None:
+def _row_indices(start, count, positions, batch: int, steps: int) -> bool:
+    """Whether ``start``/``count`` are int64 ``[B]`` and ``positions`` int64 ``[B, T]`` tensors."""
+    return (isinstance(start, torch.Tensor) and isinstance(count, torch.Tensor) and isinstance(positions, torch.Tensor)
+            and start.shape == count.shape == (batch,) and positions.shape == (batch, steps)
+            and start.dtype == count.dtype == positions.dtype == torch.int64)
+
+
+def _check_step(stack: Qwen2DecoderStack, embeds, cos, sin, key_caches, value_caches, span, start, count,
+                positions) -> None:
     check_tensor("embeds", embeds, dim=3)
     if torch.is_grad_enabled() and _requires_grad(stack, embeds):
         raise RuntimeError("qwen2_decoder_step is inference only (no gradients): call it under torch.no_grad() or "
@@ -182,3 +197,10 @@ def _check_step(stack: Qwen2DecoderStack, embeds, cos, sin, key_caches, value_ca
                          f"{len(key_caches)} and {len(value_caches)}")
     if not isinstance(span, int) or span < 0 or span > key_caches[0].shape[2]:
         raise ValueError(f"span must be an int in [0, S] = [0, {key_caches[0].shape[2]}], got {span!r}")
+    batch, steps = embeds.shape[:2]
+    for name, value, shape in (("start", start, (batch,)), ("count", count, (batch,)),
+                               ("positions", positions, (batch, steps))):
+        check_tensor(name, value, dtype=torch.int64)
+        if value.shape != shape:
+            raise ValueError(f"{name} must be {list(shape)} (B = {batch}, T = {steps} from embeds), got "
+                             f"{tuple(value.shape)}")

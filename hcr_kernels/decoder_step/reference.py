@@ -14,8 +14,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hcr_kernels.decode_attention.reference import decode_attention_ref
-from hcr_kernels.kv_cache.reference import ragged_cache_write_ref
+from hcr_kernels.decode_attention.op import decode_attention
+from hcr_kernels.kv_cache.op import ragged_cache_write_
 
 
 class StepOps(NamedTuple):
@@ -27,11 +27,14 @@ class StepOps(NamedTuple):
     attend: Callable
 
 
+# The cache write and the attention through the public ops' reference backends: their plain PyTorch, after the
+# argument checks the native step makes in C++ (start, count, positions, the caches' shapes; without them a
+# start of one row was broadcast to every row, and a position past the span attended to nothing without a word).
 REFERENCE_OPS = StepOps(
     linear=lambda input, weight, bias, native_buckets: F.linear(input, weight, bias),
-    write=ragged_cache_write_ref,
-    attend=lambda query, keys, values, positions, scale, window: decode_attention_ref(
-        query, keys, values, positions, scale=scale, sliding_window=window or None),
+    write=lambda *args: ragged_cache_write_(*args, backend="reference"),
+    attend=lambda query, keys, values, positions, scale, window: decode_attention(
+        query, keys, values, positions, scale=scale, sliding_window=window or None, backend="reference"),
 )
 
 

@@ -68,7 +68,7 @@ def check_write_bounds(start: torch.Tensor, count: torch.Tensor, *, steps: int, 
             return
         row = bad_rows[0]
     else:
-        bad = (start < 0) | (count < 0) | (count > steps) | (start + count > slots)
+        bad = (start < 0) | (count < 0) | (count > steps) | (start > slots - count)  # start + count may wrap
         if not bool(bad.any()):
             return
         row = int(bad.nonzero()[0, 0])

@@ -151,6 +151,9 @@ def selective_scan(
     Differentiable in every tensor input (the last state's gradient included; the ``cuda`` backend raises
     in backward when the last state gets a non-zero gradient, which mamba-ssm would drop)."""
     _check_args(u, delta, A, B, C, D, z, delta_bias)
+    for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
+        if not isinstance(flag, bool):  # a truthy "no" had meant yes
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     chosen = _dispatch.choose_backend("selective_scan", u.device, backend, BACKEND_CHECKS)
     if chosen == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
