@@ -132,3 +132,15 @@ def test_match_outside_the_main_thread():
 ])
 def test_gold_answer(answer, gold):
     assert gold_answer(answer) == gold
+
+
+def test_what_is_not_an_answer_is_refused_by_name():
+    """A number is a fine gold answer (datasets store them so); a list, a dict or a bool is no answer, where
+    str() had made ['5'] match '5'. A model output must be text."""
+    assert answers_match("5", 5) and answers_match(0.5, r"\frac{1}{2}") and not answers_match(None, "5")
+    for odd in (["5"], {"a": 1}, True):
+        with pytest.raises(TypeError, match="an answer must be text, a number or None"):
+            answers_match(odd, "5")
+    for odd in (5, 0, ["x"]):
+        with pytest.raises(TypeError, match="text must be a model's output"):
+            extract_answer(odd)

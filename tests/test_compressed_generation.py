@@ -663,7 +663,7 @@ def test_compress_decision_returns_the_slot_the_layout_changed_from(models_by_wi
         token = generator.tokens.think_end if choice == 0 else 40 + choice
         decoded = generator.layout(row) + [token]
         row.generated.append(token)
-        crop = generator._write(row, token, eos=-1, max_new_tokens=10**6, context=generator._context)
+        crop = generator._write(row, token, eos=(-1,), max_new_tokens=10**6, context=generator._context)
         layout = generator.layout(row)
         if crop is None:
             assert layout == decoded

@@ -187,6 +187,12 @@ def test_every_nth_keeps_stages_one_plus_multiples():
     assert [int((e["compressed_input_ids"] == TOKENS.placeholder).sum()) for e in examples] == [1, 8, 15, 22]
 
 
+def test_a_trace_must_be_text(tokenizer):
+    for question, answer, name in ((None, "<think>\nr</think>a", "question"), ("q", 5, "answer")):
+        with pytest.raises(TypeError, match=f"{name} must be text \\(a str\\), got"):
+            tokenize_trace(tokenizer, question, answer)
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="ExampleConfig.window must be a positive integer, got 0"):
         ExampleConfig(window=0)

@@ -201,6 +201,13 @@ def test_a_pooler_deeper_than_its_base_is_random_or_refused(base):
         assert deeper.config.layer_types == kinds + kinds[-1:] * 2
 
 
+def test_a_window_must_be_a_positive_integer_and_a_tokenizer_a_tokenizer(tokenizer, base):
+    with pytest.raises(ValueError, match="window must be a positive integer, got 2.5"):
+        build_compression_model(base, tokenizer, 2.5, lora=None)
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer .*, got NoneType"):
+        build_compression_model(base, None, 2, lora=None)
+
+
 def test_bad_input_is_named(tokenizer, traces, base):
     model = build_compression_model(base, tokenizer, WINDOW, lora=None)
     batch = batch_of(tokenizer, traces)

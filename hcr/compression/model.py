@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from hcr.argtypes import POSITIVE_INT
 from hcr.compression.examples import window_tokens
 from hcr.compression.pooler import EmbedPooler, quiet_peft_wrapping
 from hcr.compression.tokens import CompressionTokens
@@ -60,8 +61,8 @@ class CompressionModel(PreTrainedModel):
 
     def __init__(self, config: CompressionConfig, base: PreTrainedModel, pooler):
         super().__init__(config)
-        if config.window < 1:
-            raise ValueError(f"window must be >= 1, got {config.window}")
+        if not POSITIVE_INT[0](config.window):
+            raise ValueError(f"window must be a positive integer, got {config.window!r}")
         for name in ("placeholder_id", "block_start_id", "block_end_id"):
             token = getattr(config, name)
             if token is None or not 0 <= token < base.get_input_embeddings().num_embeddings:

@@ -79,6 +79,9 @@ class CompressionTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "CompressionTokens":
+        if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+            raise TypeError(f"tokenizer must be a transformers tokenizer (its ids are looked up by token), got "
+                            f"{type(tokenizer).__name__}")
         return cls(
             placeholder=token_id(tokenizer, PLACEHOLDER),
             block_start=token_id(tokenizer, BLOCK_START),

@@ -140,6 +140,9 @@ def tokenize_traces_batch(tokenizer, tokens: CompressionTokens, questions: list[
 def tokenize_trace(tokenizer, question: str, answer: str, tokens: CompressionTokens | None = None) -> TokenizedTrace:
     """Tokenize one (question, answer-with-think) pair; raises MissingThinkEndError without ``</think>``,
     a ValueError naming the reason for another trace that would be skipped."""
+    for name, text in (("question", question), ("answer", answer)):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} must be text (a str), got {type(text).__name__}")
     tokens = tokens or CompressionTokens.from_tokenizer(tokenizer)
     split_answer(answer)  # raises with the message when </think> is missing
     (trace,), (reason,) = _tokenize_batch(tokenizer, tokens, [question], [answer])

@@ -21,6 +21,7 @@ first comparison.
 
 from __future__ import annotations
 
+import numbers
 import re
 import threading
 from fractions import Fraction
@@ -122,6 +123,8 @@ def extract_answer_with_rule(text: str | None) -> tuple[str | None, str]:
     returned with an ASCII minus and no thousands separators); else ``(None, "none")``.
     A box's content is returned as written, stripped of surrounding spaces.
     """
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"text must be a model's output (a str) or None, got {type(text).__name__}")
     if not text:
         return None, "none"
     tail = text.rsplit(THINK_END, 1)[-1]
@@ -184,7 +187,7 @@ def _collapse_spaces(text: str) -> str:
     return re.sub(r"\s+", keep, text)
 
 
-def normalize_answer(answer: str | None) -> str | None:
+def normalize_answer(answer: str | float | None) -> str | None:
     """A MATH-style canonical surface form of an answer (None for nothing).
 
     Removes what does not change the value: surrounding ``$``/``\\(\\)``/a whole box,
@@ -195,6 +198,8 @@ def normalize_answer(answer: str | None) -> str | None:
     """
     if answer is None:
         return None
+    if isinstance(answer, bool) or not isinstance(answer, (str, numbers.Number)):  # a gold answer may be a number
+        raise TypeError(f"an answer must be text, a number or None, got {type(answer).__name__}: {answer!r}")
     text = str(answer).strip().replace("\u2212", "-")
     text = _strip_wrappers(text)
     text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)

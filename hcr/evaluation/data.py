@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcr.argtypes import POSITIVE_INT
 from hcr.evaluation.answers import extract_answer
 from hcr.files import read_jsonl, require_fields
 
@@ -52,6 +54,8 @@ def load_items(path, question_field: str = "question", answer_field: str = "answ
     Errors name the file and the line (or row) and, for a missing field, the fields the row has.
     """
     path = Path(path)
+    if limit is not None and not POSITIVE_INT[0](limit):
+        raise ValueError(f"limit (--limit) must be None or a positive integer, got {limit!r}")
     if not path.exists():
         raise FileNotFoundError(f"--dataset {path}: no such file or folder")
     if path.is_file() and path.suffix == ".jsonl":
@@ -59,12 +63,13 @@ def load_items(path, question_field: str = "question", answer_field: str = "answ
     else:
         rows = _dataset_rows(path, split)
     items = []
-    for index, (where, row) in enumerate(rows):
-        if limit is not None and index >= limit:
-            break
-        require_fields(row, (question_field, answer_field), f"{path}, {where}",
-                       " (choose others with --question-field / --answer-field)")
-        items.append(EvalItem(index, str(row[question_field]), gold_answer(row[answer_field])))
+    with contextlib.closing(rows):  # stopped at the limit, the reader's file is closed now, not at collection
+        for index, (where, row) in enumerate(rows):
+            if limit is not None and index >= limit:
+                break
+            require_fields(row, (question_field, answer_field), f"{path}, {where}",
+                           " (choose others with --question-field / --answer-field)")
+            items.append(EvalItem(index, str(row[question_field]), gold_answer(row[answer_field])))
     if not items:
         raise ValueError(f"--dataset {path}: no items (the file or dataset is empty)")
     return items
