@@ -28,6 +28,7 @@ POSITIVE_NUMBER: Rule = (lambda v: _real(v) and v > 0, "a positive number")
 UNIT_NUMBER: Rule = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
 PROBABILITY: Rule = (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]")
 FLAG: Rule = (lambda v: isinstance(v, bool), "True or False")
+TOKEN_ID: Rule = (_integer, "a token id (an int)")
 
 
 def optional(rule: Rule) -> Rule:
@@ -43,13 +44,18 @@ def non_empty_tuple_of(rule: Rule) -> Rule:
             f"a non-empty tuple, each item {expected}")
 
 
-def check_fields(settings, **rules: Rule) -> None:
-    """A ValueError naming the first field of the dataclass instance ``settings`` whose value its rule refuses:
-    the flags check what the command line passes, this what a Python caller does."""
-    for name, (accept, expected) in rules.items():
-        value = getattr(settings, name)
+def check_values(prefix: str = "", **checked: tuple[object, Rule]) -> None:
+    """A ValueError naming the first argument ``name=(value, rule)`` whose rule refuses its value (``prefix``
+    before the name: ``"EvalSettings."``)."""
+    for name, (value, (accept, expected)) in checked.items():
         if not accept(value):
-            raise ValueError(f"{type(settings).__name__}.{name} must be {expected}, got {value!r}")
+            raise ValueError(f"{prefix}{name} must be {expected}, got {value!r}")
+
+
+def check_fields(settings, **rules: Rule) -> None:
+    """``check_values`` of the dataclass instance ``settings``' fields: the flags check what the command line
+    passes, this what a Python caller does."""
+    check_values(f"{type(settings).__name__}.", **{name: (getattr(settings, name), rule) for name, rule in rules.items()})
 
 
 def argument_type(kind: type, accept: Callable, expected: str) -> Callable[[str], object]:

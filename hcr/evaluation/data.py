@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcr.argtypes import POSITIVE_INT
+from hcr.argtypes import POSITIVE_INT, check_values, optional
 from hcr.evaluation.answers import extract_answer
 from hcr.files import read_jsonl, require_fields
 
@@ -54,8 +54,7 @@ def load_items(path, question_field: str = "question", answer_field: str = "answ
     Errors name the file and the line (or row) and, for a missing field, the fields the row has.
     """
     path = Path(path)
-    if limit is not None and not POSITIVE_INT[0](limit):
-        raise ValueError(f"limit (--limit) must be None or a positive integer, got {limit!r}")
+    check_values(limit=(limit, optional(POSITIVE_INT)))
     if not path.exists():
         raise FileNotFoundError(f"--dataset {path}: no such file or folder")
     if path.is_file() and path.suffix == ".jsonl":

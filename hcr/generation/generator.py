@@ -74,13 +74,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from hcr.argtypes import FLAG, NON_NEGATIVE_INT, POSITIVE_NUMBER, PROBABILITY, TOKEN_ID, check_values, optional
 from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
 from hcr.generation import direct_forward as direct
@@ -263,30 +262,6 @@ class GenerationOutput:
     stop_reasons: list[str] = field(default_factory=list)
 
 
-def _check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, pad_token_id,
-                         return_dict_in_generate) -> None:
-    """A ValueError naming the first of ``generate``'s numbers and flags that is out of its range."""
-    def integer(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    for name, flag in (("do_sample", do_sample), ("return_dict_in_generate", return_dict_in_generate)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if not integer(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if pad_token_id is not None and not integer(pad_token_id):
-        raise ValueError(f"pad_token_id must be a token id (an int) or None, got {pad_token_id!r}")
-    if not do_sample:
-        return
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
-    if top_k is not None and (not integer(top_k) or top_k < 0):
-        raise ValueError(f"top_k must be None or an int >= 0 (0: every token), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
 class CompressedGenerator:
     def __init__(self, model, tokenizer, window_size: int | None = None, keep_last: int = 4, strategy: str = "cache",
                  compress_answer: bool = False, decode_kernels: bool = True, compile_decode: bool = False,
@@ -303,10 +278,8 @@ class CompressedGenerator:
             raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        for name, flag in (("compress_answer", compress_answer), ("decode_kernels", decode_kernels),
-                           ("compile_decode", compile_decode), ("direct_forward", direct_forward)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        check_values(compress_answer=(compress_answer, FLAG), decode_kernels=(decode_kernels, FLAG),
+                     compile_decode=(compile_decode, FLAG), direct_forward=(direct_forward, FLAG))
         self.model, self.tokenizer = model, tokenizer
         self.tokens = CompressionTokens.from_tokenizer(tokenizer)
         self.window, self.keep_last, self.strategy = window_size, keep_last, strategy
@@ -347,8 +320,11 @@ class CompressedGenerator:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         eos = self._eos_ids(eos_token_id)
-        _check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, pad_token_id,
-                             return_dict_in_generate)
+        check_values(do_sample=(do_sample, FLAG), return_dict_in_generate=(return_dict_in_generate, FLAG),
+                     max_new_tokens=(max_new_tokens, NON_NEGATIVE_INT), pad_token_id=(pad_token_id, optional(TOKEN_ID)))
+        if do_sample:  # as model.generate, the sampling settings are read (and checked) only when sampling
+            check_values(temperature=(temperature, POSITIVE_NUMBER), top_k=(top_k, optional(NON_NEGATIVE_INT)),
+                         top_p=(top_p, optional(PROBABILITY)))
         rows = self._rows(input_ids, attention_mask)
         if streamer is not None and len(rows) != 1:
             raise ValueError("a streamer needs batch size 1")
@@ -526,7 +502,7 @@ class CompressedGenerator:
             return (self.tokens.eos,)
         ids = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
         ids = [ids] if not isinstance(ids, (list, tuple, set, frozenset)) else list(ids)
-        if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        if not ids or not all(TOKEN_ID[0](i) for i in ids):
             raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
         ids = [int(i) for i in ids]
         written_never = set(ids) & set(self._reserved)
