@@ -191,9 +191,9 @@ def test_bad_input(base, tokenizer):
     model = compression_model(base, tokenizer, 2)
     with pytest.raises(ValueError, match="must be a CompressionModel"):
         CompressedGenerator(base, tokenizer)
-    with pytest.raises(ValueError, match="window_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="window_size must be a positive integer, got 0"):
         CompressedGenerator(model, tokenizer, window_size=0)
-    with pytest.raises(ValueError, match="keep_last must be an int >= 0"):
+    with pytest.raises(ValueError, match="keep_last must be an integer >= 0, got -1"):
         CompressedGenerator(model, tokenizer, keep_last=-1)
     with pytest.raises(ValueError, match="trained on windows of 2"):
         CompressedGenerator(model, tokenizer, window_size=3)
@@ -229,7 +229,7 @@ def test_bad_input(base, tokenizer):
     for flag in ("compress_answer", "decode_kernels", "compile_decode", "direct_forward"):
         with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'no'"):
             CompressedGenerator(model, tokenizer, **{flag: "no"})
-    with pytest.raises(ValueError, match="keep_last must be an int >= 0, got True"):
+    with pytest.raises(ValueError, match="keep_last must be an integer >= 0, got True"):
         CompressedGenerator(model, tokenizer, keep_last=True)
     for strategy in STRATEGIES:  # an empty batch (an evaluation's empty shard) is no error, in either strategy
         empty = generator.generate(ids[:0], max_new_tokens=4, strategy=strategy, return_dict_in_generate=True)

@@ -79,7 +79,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hcr.argtypes import FLAG, NON_NEGATIVE_INT, POSITIVE_NUMBER, PROBABILITY, TOKEN_ID, check_values, optional
+from hcr.argtypes import (FLAG, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, PROBABILITY, TOKEN_ID, check_values,
+                          optional)
 from hcr.compression.layout import CompressedLayout, compressed_layout, compressed_length
 from hcr.compression.tokens import CompressionTokens
 from hcr.generation import direct_forward as direct
@@ -269,13 +270,10 @@ class CompressedGenerator:
         if not hasattr(model, "compressed_embeddings") or getattr(model, "pooler", None) is None:
             raise ValueError("model must be a CompressionModel (a base model with an embed pooler)")
         window_size = model.config.window if window_size is None else window_size
-        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        check_values(window_size=(window_size, POSITIVE_INT), keep_last=(keep_last, NON_NEGATIVE_INT))
         if window_size != model.config.window:
             raise ValueError(f"window_size={window_size} but the model's pooler was trained on windows of "
                              f"{model.config.window}")
-        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0:
-            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         check_values(compress_answer=(compress_answer, FLAG), decode_kernels=(decode_kernels, FLAG),
