@@ -90,7 +90,9 @@ constexpr int64_t kKeyPrefetchBytes = 16 << 10;  // how far ahead of pass 1 its 
 // ways in one build, alternating in one process, 20-30 rounds, the L3 read over before each step; time in order
 // / as before, median of the rounds' ratios): 1.5B bf16 B 8 0.907, 0.829, 0.908, B 1 0.898, 0.897, 0.905; fp16
 // B 8 0.899; bf16 B 8 at 1,000 slots 0.913; the re-encode step (T = 6, B 4) 1.005; one task in the L2 or L3
-// (512 / 2,048 slots, bf16 and fp16) 0.998-1.006. Not measured on an Intel CPU or an AVX-512 EPYC.
+// (512 / 2,048 slots, bf16 and fp16) 0.998-1.006. On an AVX-512 EPYC (Zen 4, 1 MiB L2; the same way, 20 rounds):
+// bf16 B 1 1.024, 0.991, B 8 1.026, 0.994, fp16 B 8 0.989, AVX2 path 1.005 / 1.008: no difference there. Not measured
+// on an Intel CPU.
 // Since the asking slots run a loop of their own (a slot at a time, the tests of whether to ask had cost more than
 // the asks where the caches sit in the L3), fp32 value rows ask into the L2 too, where a sweep covers part of a row
 // (AVX2 and the baseline at D = 64; AVX-512's sweeps over the tiny model's rows cover whole rows, in address order),
@@ -376,6 +378,9 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   // line o / 64 * (s1 - s0) of that range on. Other strides ask for line o / 64 of each row `far` ahead.
   // The asking slots are a prefix of the sweep, run by a loop of their own: tested a slot at a time, the asks had
   // cost the tiny model's fp32 caches at 256 slots 1.09-1.13x the time even with no line asked for.
+  // On an AVX-512 EPYC (Zen 4) the 1.5B bf16 step from memory took 1.05-1.07x the time with this loop and the
+  // re-encode rows summed together (7ee2a94, e094fb7) than before them, build against build (benchmarks/HISTORY.md,
+  // Zen 4, 2026-12-07), where its AVX2 path gained: not yet looked into.
   constexpr bool kAskL1 = sizeof(T) == 2;
   const bool ask = (d0 * int64_t(sizeof(T))) % 64 == 0 && (sizeof(T) == 2 || DV * Lanes < n);
   constexpr int lines = std::max<int>(1, DV * Lanes * int(sizeof(T)) / 64);
