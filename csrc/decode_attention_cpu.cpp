@@ -378,9 +378,9 @@ HCR_INLINE void weighted_sum_vectors(const T* v, int64_t v_stride, const float* 
   // line o / 64 * (s1 - s0) of that range on. Other strides ask for line o / 64 of each row `far` ahead.
   // The asking slots are a prefix of the sweep, run by a loop of their own: tested a slot at a time, the asks had
   // cost the tiny model's fp32 caches at 256 slots 1.09-1.13x the time even with no line asked for.
-  // On an AVX-512 EPYC (Zen 4) the 1.5B bf16 step from memory took 1.05-1.07x the time with this loop and the
-  // re-encode rows summed together (7ee2a94, e094fb7) than before them, build against build (benchmarks/HISTORY.md,
-  // Zen 4, 2026-12-07), where its AVX2 path gained: not yet looked into.
+  // On an AVX-512 EPYC (Zen 4) the 1.5B bf16 step from memory took 1.08x the time at f209512 than at 32b551c, build
+  // against build, spread over several changes of pass 2 (this loop among them, 1.01 alone), where its AVX2 path
+  // gained 0.91x (benchmarks/HISTORY.md, Zen 4, 2026-12-07): not yet looked into.
   constexpr bool kAskL1 = sizeof(T) == 2;
   const bool ask = (d0 * int64_t(sizeof(T))) % 64 == 0 && (sizeof(T) == 2 || DV * Lanes < n);
   constexpr int lines = std::max<int>(1, DV * Lanes * int(sizeof(T)) / 64);
