@@ -47,6 +47,8 @@ BAD = [  # (make the settings, field, bad value, what the error says it expects)
     (DoublethinkConfig, "batch_size", "64", "a positive integer"),
     (DoublethinkConfig, "solved_threshold", 5, r"a number in \[0, 1\]"),
     (DoublethinkConfig, "save_every_s", -1, "a number >= 0"),
+    (DoublethinkConfig, "answer_weight", "0.5", r"None or a number in \[0, 1\]"),
+    (DoublethinkConfig, "answer_weight", float("nan"), r"None or a number in \[0, 1\]"),
     (ExampleConfig, "window", True, "a positive integer"),
     (ExampleConfig, "pad_id", 5.5, "None or an integer >= 0"),
 ]

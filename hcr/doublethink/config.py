@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hcr.argtypes import FLAG, POSITIVE_INT, POSITIVE_NUMBER, UNIT_NUMBER, check_fields
+from hcr.argtypes import FLAG, POSITIVE_INT, POSITIVE_NUMBER, UNIT_NUMBER, check_fields, optional
 from hcr.doublethink.tasks import TASK_KINDS
 
 __all__ = ["ARCHITECTURES", "DEFAULT_ANSWER_WEIGHT", "REPORT_TARGETS", "DoublethinkConfig"]
@@ -56,9 +56,7 @@ class DoublethinkConfig:
                              "weighs every hidden value equally")
         if self.task == "doublethink" and self.answer_weight is None:
             self.answer_weight = DEFAULT_ANSWER_WEIGHT
-        if self.answer_weight is not None and not 0.0 <= self.answer_weight <= 1.0:
-            raise ValueError(f"answer_weight (--answer-weight) must be in [0, 1], got {self.answer_weight}")
-        check_fields(self, layers=POSITIVE_INT, max_examples=POSITIVE_INT, max_length=POSITIVE_INT,
+        check_fields(self, answer_weight=optional(UNIT_NUMBER), layers=POSITIVE_INT, max_examples=POSITIVE_INT, max_length=POSITIVE_INT,
                      batch_size=POSITIVE_INT, steps_per_round=POSITIVE_INT, learning_rate=POSITIVE_NUMBER,
                      hidden=POSITIVE_INT, eval_per_length=POSITIVE_INT, solved_threshold=UNIT_NUMBER,
                      flatten_factor=UNIT_NUMBER, history=POSITIVE_INT, hcr_kernels=FLAG, save_model=FLAG,
