@@ -56,10 +56,11 @@ class DoublethinkConfig:
                              "weighs every hidden value equally")
         if self.task == "doublethink" and self.answer_weight is None:
             self.answer_weight = DEFAULT_ANSWER_WEIGHT
-        check_fields(self, answer_weight=optional(UNIT_NUMBER), layers=POSITIVE_INT, max_examples=POSITIVE_INT, max_length=POSITIVE_INT,
-                     batch_size=POSITIVE_INT, steps_per_round=POSITIVE_INT, learning_rate=POSITIVE_NUMBER,
-                     hidden=POSITIVE_INT, eval_per_length=POSITIVE_INT, solved_threshold=UNIT_NUMBER,
-                     flatten_factor=UNIT_NUMBER, history=POSITIVE_INT, hcr_kernels=FLAG, save_model=FLAG,
+        check_fields(self, answer_weight=optional(UNIT_NUMBER), layers=POSITIVE_INT, max_examples=POSITIVE_INT,
+                     max_length=POSITIVE_INT, batch_size=POSITIVE_INT, steps_per_round=POSITIVE_INT,
+                     learning_rate=POSITIVE_NUMBER, hidden=POSITIVE_INT, eval_per_length=POSITIVE_INT,
+                     solved_threshold=UNIT_NUMBER, flatten_factor=UNIT_NUMBER, history=POSITIVE_INT, hcr_kernels=FLAG,
+                     save_model=FLAG,
                      save_every_s=(lambda v: POSITIVE_NUMBER[0](v) or v == 0, "a number >= 0"))
         if self.report_to not in REPORT_TARGETS:
             raise ValueError(f"report_to (--report-to) must be 'none' or 'wandb', got {self.report_to!r}")
