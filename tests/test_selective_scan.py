@@ -113,6 +113,17 @@ def test_zero_length():
     assert out.shape == (2, 60, 0) and torch.equal(last, torch.zeros(2, 60, 16))
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_zero_length_gradients_are_zeros(backend):
+    """No steps: every input's gradient is a tensor of zeros in every backend (the oracle had given None for
+    delta, A, B, C and delta_bias, which the kernels give as zeros)."""
+    inputs = make_inputs(length=0)
+    _, _, grads = run(inputs, backend, True, torch.zeros(2, 60, 0), torch.randn(2, 60, 16))
+    for name, value in inputs.items():
+        assert grads[name] is not None and grads[name].shape == value.shape, name
+        assert torch.equal(grads[name], torch.zeros_like(value)), name
+
+
 BAD = [
     pytest.param(lambda i: {**i, "delta": i["delta"][..., :-1]}, ValueError, "delta must have u's shape", id="delta-shape"),
     pytest.param(lambda i: {**i, "A": torch.complex(i["A"], i["A"])}, TypeError, "complex A", id="complex-A"),

@@ -40,7 +40,10 @@ def selective_scan_ref(
     for t in range(length):
         state = decay[:, :, t] * state + drive[:, :, t]
         ys.append((state * C[:, :, :, t]).sum(-1))
-    out = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, channels, 0)
+    if ys:
+        out = torch.stack(ys, dim=-1)
+    else:  # no steps: the empty sums built from the same operands, so each input's gradient is zeros (not None)
+        out = (decay * drive * C.transpose(2, 3)).sum(-1)
     if D is not None:
         out = out + u * D.float()[:, None]
     if z is not None:
