@@ -257,6 +257,25 @@ def test_collator_rejects_mismatched_windows():
         CompressionCollator(TOKENS, window=3, pad_id=0)([])
 
 
+BAD_EXAMPLES = [
+    (lambda e: {k: v for k, v in e.items() if k != "labels"}, r"example 1: missing \['labels'\]; it has"),
+    (lambda e: {**e, "labels": e["labels"][:-1]}, r"example 1: labels \(\d+\) must be as long as compressed_input_ids"),
+    (lambda e: {**e, "compressed_input_ids": e["compressed_input_ids"].astype(float)},
+     "example 1: compressed_input_ids must be a 1-D sequence of integers"),
+    (lambda e: {**e, "labels": e["labels"][None]}, "example 1: labels must be a 1-D sequence of integers"),
+    (lambda e: list(e.values()), r"example 1: missing \['compressed_input_ids'"),
+]
+
+
+@pytest.mark.parametrize("spoil,message", BAD_EXAMPLES, ids=["no-labels", "short-labels", "float-ids", "2d-labels",
+                                                             "not-a-dict"])
+def test_collator_names_the_bad_example(spoil, message):
+    """An example the collator cannot read is named, with what is wrong (numpy raised KeyError, broadcast errors)."""
+    example = build_compression_example(synthetic_trace(3, 20, 4), 2, TOKENS, ExampleConfig(window=3))
+    with pytest.raises(ValueError, match=message):
+        CompressionCollator(TOKENS, window=3, pad_id=0)([example, spoil(example)])
+
+
 def test_public_names_resolve():
     import hcr
 

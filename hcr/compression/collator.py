@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,13 +29,13 @@ class CompressionCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        length = max(len(e["compressed_input_ids"]) for e in examples)
+        compressed_rows = [_checked_example(row, example) for row, example in enumerate(examples)]
+        length = max(len(compressed) for compressed in compressed_rows)
         input_ids = np.full((len(examples), length), self.pad_id, dtype=np.int64)
         labels = np.full((len(examples), length), IGNORE_INDEX, dtype=np.int64)
         attention = np.zeros((len(examples), length), dtype=np.int64)
         windows = []
-        for row, example in enumerate(examples):
-            compressed = np.asarray(example["compressed_input_ids"])
+        for row, (example, compressed) in enumerate(zip(examples, compressed_rows)):
             real = window_tokens(np.asarray(example["replaced_original_tokens"]), np.asarray(example["original_tokens"]),
                                  self.tokens.placeholder, self.window,
                                  slots=int((compressed == self.tokens.placeholder).sum()), context=f"example {row}: ")
@@ -50,3 +51,24 @@ class CompressionCollator:
             "slot_mask": (input_ids_t == self.tokens.placeholder) & torch.from_numpy(attention).bool(),
             "window_ids": torch.from_numpy(np.concatenate(windows)),
         }
+
+
+EXAMPLE_KEYS = ("compressed_input_ids", "labels", "replaced_original_tokens", "original_tokens")
+
+
+def _checked_example(row: int, example) -> np.ndarray:
+    """``compressed_input_ids`` of example ``row`` as a 1-D integer array, after checking what the collator reads
+    from it: a clear error naming the example instead of numpy's KeyError or broadcast error."""
+    missing = [key for key in EXAMPLE_KEYS if not (isinstance(example, Mapping) and key in example)]
+    if missing:
+        present = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+        raise ValueError(f"example {row}: missing {missing}; it has {present}")
+    compressed, labels = np.asarray(example["compressed_input_ids"]), np.asarray(example["labels"])
+    for key, values in (("compressed_input_ids", compressed), ("labels", labels)):
+        if values.ndim != 1 or not (values.size == 0 or np.issubdtype(values.dtype, np.integer)):
+            raise ValueError(f"example {row}: {key} must be a 1-D sequence of integers, got shape {values.shape} "
+                             f"of {values.dtype}")
+    if len(labels) != len(compressed):
+        raise ValueError(f"example {row}: labels ({len(labels)}) must be as long as compressed_input_ids "
+                         f"({len(compressed)})")
+    return compressed
