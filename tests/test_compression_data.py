@@ -258,12 +258,12 @@ def test_collator_rejects_mismatched_windows():
 
 
 BAD_EXAMPLES = [
-    (lambda e: {k: v for k, v in e.items() if k != "labels"}, r"example 1: missing \['labels'\]; it has"),
+    (lambda e: {k: v for k, v in e.items() if k != "labels"}, "example 1: has no field 'labels'; its fields are"),
     (lambda e: {**e, "labels": e["labels"][:-1]}, r"example 1: labels \(\d+\) must be as long as compressed_input_ids"),
     (lambda e: {**e, "compressed_input_ids": e["compressed_input_ids"].astype(float)},
      "example 1: compressed_input_ids must be a 1-D sequence of integers"),
     (lambda e: {**e, "labels": e["labels"][None]}, "example 1: labels must be a 1-D sequence of integers"),
-    (lambda e: list(e.values()), r"example 1: missing \['compressed_input_ids'"),
+    (lambda e: list(e.values()), r"example 1: must be a mapping of \['compressed_input_ids', .*\], got list"),
 ]
 
 

@@ -10,6 +10,7 @@ import torch
 
 from hcr.compression.examples import IGNORE_INDEX, window_tokens
 from hcr.compression.tokens import CompressionTokens
+from hcr.files import require_fields
 
 
 @dataclass
@@ -59,10 +60,9 @@ EXAMPLE_KEYS = ("compressed_input_ids", "labels", "replaced_original_tokens", "o
 def _checked_example(row: int, example) -> np.ndarray:
     """``compressed_input_ids`` of example ``row`` as a 1-D integer array, after checking what the collator reads
     from it: a clear error naming the example instead of numpy's KeyError or broadcast error."""
-    missing = [key for key in EXAMPLE_KEYS if not (isinstance(example, Mapping) and key in example)]
-    if missing:
-        present = sorted(example) if isinstance(example, Mapping) else type(example).__name__
-        raise ValueError(f"example {row}: missing {missing}; it has {present}")
+    if not isinstance(example, Mapping):
+        raise ValueError(f"example {row}: must be a mapping of {list(EXAMPLE_KEYS)}, got {type(example).__name__}")
+    require_fields(example, EXAMPLE_KEYS, f"example {row}")
     compressed, labels = np.asarray(example["compressed_input_ids"]), np.asarray(example["labels"])
     for key, values in (("compressed_input_ids", compressed), ("labels", labels)):
         if values.ndim != 1 or not (values.size == 0 or np.issubdtype(values.dtype, np.integer)):
