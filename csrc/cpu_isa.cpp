@@ -5,10 +5,11 @@
 
 #include <atomic>
 
+#include <unistd.h>
+
 #if HCR_HAS_ISA_VARIANTS
 #include <cpuid.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 namespace hcr {
@@ -63,6 +64,12 @@ Isa best_isa() {
   return Isa::baseline;
 }
 
+// The size sysconf reports for `name`, or `otherwise` where it reports none.
+int64_t cache_bytes(int name, int64_t otherwise) {
+  const long size = sysconf(name);
+  return size > 0 ? int64_t(size) : otherwise;
+}
+
 std::atomic<int>& active() {
   static std::atomic<int> value{static_cast<int>(best_isa())};
   return value;
@@ -92,6 +99,24 @@ std::vector<std::string> supported_isa_names() {
   for (Isa isa : kEveryIsa)
     if (cpu_has(isa)) names.emplace_back(isa_name(isa));
   return names;
+}
+
+int64_t l1d_bytes() {
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+  static const int64_t bytes = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, int64_t(32) << 10);
+  return bytes;
+#else
+  return int64_t(32) << 10;
+#endif
+}
+
+int64_t l2_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  static const int64_t bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, int64_t(256) << 10);
+  return bytes;
+#else
+  return int64_t(256) << 10;
+#endif
 }
 
 void set_active_isa(const std::string& name) {

@@ -12,6 +12,7 @@
 // from HCR_CPU_ISA; tests and benchmarks switch it to run every path the CPU has).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,6 +32,10 @@ const char* isa_name(Isa isa);
 std::vector<std::string> supported_isa_names();
 // Selects the ISA by name; an unknown name or one the CPU lacks is an error naming the supported ones.
 void set_active_isa(const std::string& name);
+// This core's L1 data cache and L2 in bytes, as the OS reports them (32 KiB and 256 KiB where it does not say):
+// the sizes kernels cut their work to (decode_linear's pieces of K, decode_attention's slot blocks).
+int64_t l1d_bytes();
+int64_t l2_bytes();
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define HCR_HAS_ISA_VARIANTS 1

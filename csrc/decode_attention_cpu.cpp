@@ -59,7 +59,6 @@
 #include <limits>
 #include <vector>
 
-#include <unistd.h>
 
 #include "amx_tiles.h"
 #include "bf16_pairs.h"
@@ -539,18 +538,6 @@ HCR_INLINE void group_weighted_sums(const T* v, int64_t v_stride, const float* p
   with_count_below<R>(G - g, [&](auto rows) HCR_LAMBDA_INLINE {
     weighted_sums<T, decltype(rows)::value, Lanes>(v, v_stride, p + g * p_stride, p_stride, s0, s1, acc + g * n, n, ask_end);
   });
-}
-
-// This core's L2 in bytes (256 KiB where the OS does not say).
-int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    long size = 0;
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    size = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return size > 0 ? int64_t(size) : int64_t(256) << 10;
-  }();
-  return bytes;
 }
 
 // A row of n values as fp32 in widen_paired's order: the row itself for fp32 (whose order is the stored

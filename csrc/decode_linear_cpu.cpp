@@ -22,13 +22,14 @@
 // whole kernel takes a few microseconds, as long as an op's dispatch). The hot loop
 // is compiled for AVX-512, AVX2 (+F16C) and the baseline, each with vectors of its
 // register width (cpu_isa.h). On the avx512_bf16 level bf16 rows multiply bf16 pairs as
-// stored (dot_tile_bf16_pairs: vdpbf16ps, nothing widened); on the amx level they run on AMX
+// stored (add_pair_blocks: vdpbf16ps, nothing widened); on the amx level they run on AMX
 // tiles (bf16_rows_on_tiles), and in pairs where K is no multiple of a tile's 32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -41,7 +42,7 @@
 namespace hcr {
 namespace {
 
-// How far ahead of the dot products each weight row is asked for, into the L2 (dot_tile, dot_tile_bf16_pairs: the
+// How far ahead of the dot products each weight row is asked for, into the L2 (add_widened_steps, add_pair_blocks: the
 // line a step starts, this many bytes further down the weights). Without it a pass's arithmetic and its wait for
 // the weights added up: at 8 input rows the loop is about as long on its arithmetic as on its reads, and the
 // hardware prefetcher alone did not keep the reads going beside it. Measured side by side (AMD EPYC, Zen 4, 2
@@ -70,27 +71,40 @@ HCR_INLINE void in_register(vfloat<Lanes>& a, vfloat<Lanes>& b) {
 #endif
 }
 
-// dots[i * R + r] = <w_i, x_r> for NR weight rows w_i = w + i * weight_stride and R input
-// rows x_r = x + r * K (fp32 in widen_paired's order), one pass over the weight rows: bf16
-// weights widen as even and odd values (load_pair_half: a shift and a mask of one load, fewer
-// instructions than widening two halves; side by side, 2 threads: 1.02-1.23x on the bf16
-// benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths). Each weight vector is loaded
-// and widened once for all R input rows, each input vector loaded once for all NR weight rows.
-// Every pair sums in the same order whatever NR and R (two chains of vectors over k, even and
-// odd, then the lanes, then the scalar tail), so a row's result does not depend on the batch
-// it is in. The lanes of the tile's NR R sums are added in one transposed_sums (halving order
-// whatever NR R): summed one lane at a time they had taken a fifth of the time at K = 1,536 and
-// more at the tiny model's K = 256. Side by side (Intel Xeon, 2 threads, 5 alternations, time
-// with / without): AVX-512 path tiny Qwen2 fp32 1 / 4 / 8 / 16 / 32 rows 0.90-1.01 / 0.79-0.91 /
-// 0.71-0.83 / 0.64-0.78 / 0.59-0.68, bf16 and fp16 0.72-1.00, 1.5B MLP bf16 1 / 8 rows 0.78-1.08 /
-// 0.81-1.07; AVX2 path 0.89-1.02 on the tiny model, 1.5B 1 row 0.68-0.91.
+// The running sums of a tile of NR weight rows by R input rows: two chains of vectors per pair of rows, over
+// alternate steps of k (even and odd). A row's values go to the same chains in the same order whatever pieces of
+// k they are taken in (rows_in_pieces), so cutting K changes no bit of a result.
+template <int NR, int R, int Lanes>
+struct TileChains {
+  vfloat<Lanes> even[NR][R], odd[NR][R];
+};
+
+// c += the products over values [k0, k1) of NR weight rows w_i = w + i * weight_stride and R input rows
+// x_r = x + r * K (fp32 in widen_paired's order): bf16 weights widen as even and odd values (load_pair_half: a
+// shift and a mask of one load, fewer instructions than widening two halves; side by side, 2 threads: 1.02-1.23x
+// on the bf16 benchmark shapes, one row 1.18-1.23x, AVX-512 and AVX2 paths). Each weight vector is loaded and
+// widened once for all R input rows, each input vector loaded once for all NR weight rows; with one input row
+// each weight vector is widened where it is used, since held for the step the 2 NR widened vectors beside 2 NR
+// sums overflowed AVX2's 16 registers and GCC kept them on the stack (AMD EPYC Zen 4 on its AVX2 path,
+// compare_builds, 2 threads, 6 pairs: the tiny model's one-row fp16 matrices 0.914 [0.898-0.930] of the time;
+// bf16 0.994, fp32 1.024, the 1.5B MLP's one bf16 / fp16 row from memory 1.020 / 0.997, on avx512_bf16
+// 0.98-1.02: within the floor). Each step asks for the weights `ahead` values further on (kWeightPrefetchBytes,
+// or the next block's rows in rows_in_pieces). k0 is a multiple of 64 (of any step), k1 one too or K, where the
+// last single vectors go to the even chains (the scalar tail is widened_dots').
 template <typename T, int NR, int R, int Lanes>
-HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int64_t K, float* dots) {
-  vfloat<Lanes> even[NR][R] = {}, odd[NR][R] = {};
-  const int64_t ahead = kWeightPrefetchBytes / int64_t(sizeof(T));
-  int64_t k = 0;
-  for (; k + 2 * Lanes <= K; k += 2 * Lanes) {
+HCR_INLINE void add_widened_steps(TileChains<NR, R, Lanes>& c, const T* w, int64_t weight_stride, const float* x,
+                                  int64_t k0, int64_t k1, int64_t K, int64_t ahead) {
+  int64_t k = k0;
+  for (; k + 2 * Lanes <= k1; k += 2 * Lanes) {
     prefetch_step_lines<T, Lanes, NR, 1>(w + ahead, weight_stride, k);
+    if constexpr (R == 1) {  // each weight vector widened where it is used (above)
+      const vfloat<Lanes> x0 = load_v<Lanes>(x + k), x1 = load_v<Lanes>(x + k + Lanes);
+      for (int i = 0; i < NR; ++i) {
+        c.even[i][0] += load_pair_half<T, Lanes>(w + i * weight_stride + k, 0) * x0;
+        c.odd[i][0] += load_pair_half<T, Lanes>(w + i * weight_stride + k, 1) * x1;
+      }
+      continue;
+    }
     vfloat<Lanes> w0[NR], w1[NR];
     for (int i = 0; i < NR; ++i) {
       w0[i] = load_pair_half<T, Lanes>(w + i * weight_stride + k, 0);
@@ -100,94 +114,126 @@ HCR_INLINE void dot_tile(const T* w, int64_t weight_stride, const float* x, int6
       vfloat<Lanes> x0 = load_v<Lanes>(x + r * K + k), x1 = load_v<Lanes>(x + r * K + k + Lanes);
       if constexpr (NR > 1) in_register<Lanes>(x0, x1);
       for (int i = 0; i < NR; ++i) {
-        even[i][r] += w0[i] * x0;
-        odd[i][r] += w1[i] * x1;
+        c.even[i][r] += w0[i] * x0;
+        c.odd[i][r] += w1[i] * x1;
       }
     }
   }
+  if (k1 < K) return;
   for (; k + Lanes <= K; k += Lanes) {
     vfloat<Lanes> w0[NR];
     for (int i = 0; i < NR; ++i) w0[i] = load_as_float<T, Lanes>(w + i * weight_stride + k);
     for (int r = 0; r < R; ++r) {
       const vfloat<Lanes> x0 = load_v<Lanes>(x + r * K + k);
-      for (int i = 0; i < NR; ++i) even[i][r] += w0[i] * x0;
+      for (int i = 0; i < NR; ++i) c.even[i][r] += w0[i] * x0;
     }
   }
-  static_assert(NR * R <= Lanes, "dot_tile: one vector holds the tile's sums");
+}
+
+// dots[i * R + r]: each pair's two chains added, then the lanes of the tile's NR R sums in one transposed_sums
+// (halving order whatever NR R: summed one lane at a time they had taken a fifth of the time at K = 1,536 and
+// more at the tiny model's K = 256), then the scalar tail (the values past K's last whole vector), in fused
+// multiply-adds written out: left to contraction, GCC fused them for some R and not others, and a row's result
+// depended on its batch.
+template <int NR, int R, int Lanes>
+HCR_INLINE void chain_dots(const TileChains<NR, R, Lanes>& c, float* dots) {
+  static_assert(NR * R <= Lanes, "chain_dots: one vector holds the tile's sums");
   vfloat<Lanes> pairs[NR * R];
   for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < R; ++r) pairs[i * R + r] = even[i][r] + odd[i][r];
+    for (int r = 0; r < R; ++r) pairs[i * R + r] = c.even[i][r] + c.odd[i][r];
   const vfloat<Lanes> sums = transposed_sums<Lanes, Lanes, NR * R>(pairs);
   for (int j = 0; j < NR * R; ++j) dots[j] = sums[j];
-  for (; k < K; ++k) {
+}
+template <typename T, int NR, int R, int Lanes>
+HCR_INLINE void widened_dots(const TileChains<NR, R, Lanes>& c, const T* w, int64_t weight_stride, const float* x,
+                             int64_t K, float* dots) {
+  chain_dots(c, dots);
+  for (int64_t k = K - K % Lanes; k < K; ++k) {
     for (int i = 0; i < NR; ++i) {
       const float wk = static_cast<float>(w[i * weight_stride + k]);
-      for (int r = 0; r < R; ++r) dots[i * R + r] += wk * x[r * K + k];
+      for (int r = 0; r < R; ++r) dots[i * R + r] = std::fma(wk, x[r * K + k], dots[i * R + r]);
     }
   }
 }
 
 #if HCR_HAS_ISA_VARIANTS
-// dot_tile for bf16 weights and bf16 input rows as they are stored, on the avx512_bf16 and amx levels
+// add_widened_steps for bf16 weights and bf16 input rows as they are stored, on the avx512_bf16 and amx levels
 // (bf16_pairs.h): each 32 values of a weight row and of an input row are one vdpbf16ps, nothing widened, the
-// last partial block zero-padded (so every product goes through the instruction: subnormals read as zero
-// wherever they sit). Two sums per pair of rows (alternate 32-value blocks) keep 2 NR R chains of the
-// instruction's latency in flight (8 at one input row). Every pair sums in the same order whatever NR and R,
-// as in dot_tile. Against the widened loop on the Intel Xeon (where vdpbf16ps does about as many products a
-// cycle as its FMAs; both levels in one process, 2 threads, alternating, 15 rounds, median time pairs /
-// widened): one row 0.81 with the weights in the L2 (512 x 1,536), 0.94-0.97 from memory (the 1.5B MLP's
-// 8,960 x 1,536 and 1,536 x 8,960, 3 copies in turn); 2 rows 0.92 / 0.97; 4 rows 1.02 / 1.00; 8 rows 1.03 /
-// 0.91-1.07 (amx takes tiles there instead). Written for CPUs whose 512-bit FMAs are half rate (AMD Zen 4),
-// where the products a cycle may double: not measured on one.
+// rows' last partial block zero-padded (so every product goes through the instruction: subnormals read as zero
+// wherever they sit). The two chains of a pair take alternate 32-value blocks: 2 NR R chains of the
+// instruction's latency in flight (8 at one input row). Against the widened loop on the Intel Xeon (where
+// vdpbf16ps does about as many products a cycle as its FMAs; both levels in one process, 2 threads, alternating,
+// 15 rounds, median time pairs / widened): one row 0.81 with the weights in the L2 (512 x 1,536), 0.94-0.97 from
+// memory (the 1.5B MLP's 8,960 x 1,536 and 1,536 x 8,960, 3 copies in turn); 2 rows 0.92 / 0.97; 4 rows 1.02 /
+// 1.00; 8 rows 1.03 / 0.91-1.07 (amx takes tiles there instead). Written for CPUs whose 512-bit FMAs are half
+// rate (AMD Zen 4), where the products a cycle may double.
 template <int NR, int R>
-HCR_INLINE void dot_tile_bf16_pairs(const uint16_t* w, int64_t weight_stride, const uint16_t* x, int64_t K,
-                                    float* dots) {
-  vfloat<16> even[NR][R] = {}, odd[NR][R] = {};
-  const int64_t ahead = kWeightPrefetchBytes / 2;
-  // sums[i][r] += the products of 32 values of weight row i (rows w_stride apart) and input row r (x_stride apart)
+HCR_INLINE void add_pair_blocks(TileChains<NR, R, 16>& c, const uint16_t* w, int64_t weight_stride,
+                                const uint16_t* x, int64_t k0, int64_t k1, int64_t K, int64_t ahead) {
+  // sums[i][r] += the products of 32 values of weight row i (rows w_stride apart) and input row r (x_stride apart);
+  // `ask`: for the weights `ahead` values on (not past the copies of the last values)
   const auto block = [ahead](vfloat<16>(&sums)[NR][R], const uint16_t* w_at, int64_t w_stride, const uint16_t* x_at,
-                        int64_t x_stride) HCR_LAMBDA_INLINE {
+                             int64_t x_stride, bool ask = true) HCR_LAMBDA_INLINE {
     bf16_pairs weights[NR];
     for (int i = 0; i < NR; ++i) weights[i] = load_bf16_pairs(w_at + i * w_stride);
-    for (int i = 0; i < NR; ++i) __builtin_prefetch(w_at + i * w_stride + ahead, 0, 1);
+    if (ask)
+      for (int i = 0; i < NR; ++i) __builtin_prefetch(w_at + i * w_stride + ahead, 0, 1);
     for (int r = 0; r < R; ++r) {
       const bf16_pairs inputs = load_bf16_pairs(x_at + r * x_stride);
       for (int i = 0; i < NR; ++i) add_pair_products(sums[i][r], weights[i], inputs);
     }
   };
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    block(even, w + k, weight_stride, x + k, K);
-    block(odd, w + k + 32, weight_stride, x + k + 32, K);
+  int64_t k = k0;
+  for (; k + 64 <= k1; k += 64) {
+    block(c.even, w + k, weight_stride, x + k, K);
+    block(c.odd, w + k + 32, weight_stride, x + k + 32, K);
   }
-  if (k + 32 <= K) block(even, w + k, weight_stride, x + k, K), k += 32;
+  if (k1 < K) return;
+  if (k + 32 <= K) block(c.even, w + k, weight_stride, x + k, K), k += 32;
   if (k < K) {  // the rows' last values, zero-padded to a block
     uint16_t w_tail[NR][32] = {}, x_tail[R][32] = {};
     for (int i = 0; i < NR; ++i) std::memcpy(w_tail[i], w + i * weight_stride + k, (K - k) * sizeof(uint16_t));
     for (int r = 0; r < R; ++r) std::memcpy(x_tail[r], x + r * K + k, (K - k) * sizeof(uint16_t));
-    block(odd, w_tail[0], 32, x_tail[0], 32);
+    block(c.odd, w_tail[0], 32, x_tail[0], 32, /*ask=*/false);
   }
-  static_assert(NR * R <= 16, "dot_tile_bf16_pairs: one vector holds the tile's sums");
-  vfloat<16> pairs[NR * R];
-  for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < R; ++r) pairs[i * R + r] = even[i][r] + odd[i][r];
-  const vfloat<16> lanes = transposed_sums<16, 16, NR * R>(pairs);
-  for (int j = 0; j < NR * R; ++j) dots[j] = lanes[j];
 }
 #endif
 
-// dots of a tile of NR weight rows and R input rows: from input rows widened to fp32 (dot_tile), or bf16
-// weights against bf16 input rows as stored (X = uint16_t, dot_tile_bf16_pairs).
+// A tile's steps over values [k0, k1) (add_widened_steps), from input rows widened to fp32, or bf16 weights
+// against bf16 input rows as stored (X = uint16_t, add_pair_blocks); and its dots once every value is in.
 template <typename T, int NR, int R, int Lanes, typename X>
-HCR_INLINE void tile_dots(const T* w, int64_t weight_stride, const X* x, int64_t K, float* dots) {
+HCR_INLINE void add_tile_steps(TileChains<NR, R, Lanes>& c, const T* w, int64_t weight_stride, const X* x,
+                               int64_t k0, int64_t k1, int64_t K, int64_t ahead) {
   if constexpr (std::is_same_v<X, float>) {
-    dot_tile<T, NR, R, Lanes>(w, weight_stride, x, K, dots);
+    add_widened_steps<T, NR, R, Lanes>(c, w, weight_stride, x, k0, k1, K, ahead);
   } else {
 #if HCR_HAS_ISA_VARIANTS
     static_assert(std::is_same_v<T, c10::BFloat16> && Lanes == 16, "bf16 pairs: bf16 weights, AVX-512 loops");
-    dot_tile_bf16_pairs<NR, R>(reinterpret_cast<const uint16_t*>(w), weight_stride, x, K, dots);
+    add_pair_blocks<NR, R>(c, reinterpret_cast<const uint16_t*>(w), weight_stride, x, k0, k1, K, ahead);
 #endif
   }
+}
+template <typename T, int NR, int R, int Lanes, typename X>
+HCR_INLINE void tile_dots_from(const TileChains<NR, R, Lanes>& c, const T* w, int64_t weight_stride, const X* x,
+                               int64_t K, float* dots) {
+  if constexpr (std::is_same_v<X, float>) {
+    widened_dots<T, NR, R, Lanes>(c, w, weight_stride, x, K, dots);
+  } else {
+    chain_dots(c, dots);  // no scalar tail: the last block was zero-padded
+  }
+}
+
+// dots[i * R + r] = <w_i, x_r> for NR weight rows and R input rows, one pass over the weight rows. Every pair sums
+// in the same order whatever NR and R (its two chains over k, then the lanes, then the scalar tail), so a row's
+// result does not depend on the batch it is in. Side by side (Intel Xeon, 2 threads, 5 alternations, time with /
+// without the one transposed_sums): AVX-512 path tiny Qwen2 fp32 1 / 4 / 8 / 16 / 32 rows 0.90-1.01 / 0.79-0.91 /
+// 0.71-0.83 / 0.64-0.78 / 0.59-0.68, bf16 and fp16 0.72-1.00, 1.5B MLP bf16 1 / 8 rows 0.78-1.08 / 0.81-1.07;
+// AVX2 path 0.89-1.02 on the tiny model, 1.5B 1 row 0.68-0.91.
+template <typename T, int NR, int R, int Lanes, typename X>
+HCR_INLINE void tile_dots(const T* w, int64_t weight_stride, const X* x, int64_t K, float* dots) {
+  TileChains<NR, R, Lanes> c = {};
+  add_tile_steps<T, NR, R, Lanes>(c, w, weight_stride, x, 0, K, K, kWeightPrefetchBytes / int64_t(sizeof(T)));
+  tile_dots_from<T, NR, R, Lanes>(c, w, weight_stride, x, K, dots);
 }
 
 // Weight rows a pass takes beside R input rows: as many as keep the 2 NR R accumulators,
@@ -212,33 +258,109 @@ constexpr int weight_rows_per_pass() {
 template <int Lanes>
 constexpr int kWeightRowsTogether = weight_rows_per_pass<1, Lanes>();
 
-// sums[m * ld + i] = <w_i, x_m> + bias[i] for NR weight rows and R input rows from m.
-template <typename T, int NR, int R, int Lanes, typename X>
-HCR_INLINE void tile_into_sums(const T* w, int64_t weight_stride, const X* x, const float* bias, int64_t m,
-                               int64_t K, float* sums, int64_t ld) {
-  float dots[NR * R];
-  tile_dots<T, NR, R, Lanes>(w, weight_stride, x + m * K, K, dots);
+// sums[(m + r) * ld + i] = dots[i * R + r] + bias[i]: a tile's dots for NR weight rows and R input rows from m.
+template <int NR, int R>
+HCR_INLINE void dots_into_sums(const float* dots, const float* bias, int64_t m, float* sums, int64_t ld) {
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < R; ++r) sums[(m + r) * ld + i] = dots[i * R + r] + (bias != nullptr ? bias[i] : 0.0f);
 }
 
-// The same for NR weight rows and all M input rows: groups of 4 input rows, then 2, then 1, each
-// taking the weight rows weight_rows_per_pass at a time (NR one at a time: the rows left over).
-template <typename T, int NR, int Lanes, typename X>
-HCR_INLINE void weight_rows_times_inputs(const T* w, int64_t weight_stride, const X* x, const float* bias,
-                                         int64_t M, int64_t K, float* sums, int64_t ld) {
-  const auto rows_from = [&](auto rows, int64_t m) HCR_LAMBDA_INLINE {
-    constexpr int R = decltype(rows)::value;
-    constexpr int per_pass = NR == 1 ? 1 : weight_rows_per_pass<R, Lanes>();
-    static_assert(NR % per_pass == 0, "weight_rows_times_inputs: NR must be whole passes");
-    for (int i = 0; i < NR; i += per_pass)
-      tile_into_sums<T, per_pass, R, Lanes>(w + i * weight_stride, weight_stride, x,
-                                             bias != nullptr ? bias + i : nullptr, m, K, sums + i, ld);
-  };
+// rows_from(std::integral_constant<int, R>{}, m) for the groups of R input rows from m: 4 at a time, then 2, then 1.
+template <typename F>
+HCR_INLINE void for_row_groups(int64_t M, const F& rows_from) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) rows_from(std::integral_constant<int, 4>{}, m);
   if (m + 2 <= M) rows_from(std::integral_constant<int, 2>{}, m), m += 2;
   if (m < M) rows_from(std::integral_constant<int, 1>{}, m);
+}
+
+// sums[m * ld + i] = <w_i, x_m> + bias[i] for NR weight rows and all M input rows, each group of input rows
+// (for_row_groups) taking the weight rows weight_rows_per_pass at a time (NR one at a time: the rows left over).
+template <typename T, int NR, int Lanes, typename X>
+HCR_INLINE void weight_rows_times_inputs(const T* w, int64_t weight_stride, const X* x, const float* bias,
+                                         int64_t M, int64_t K, float* sums, int64_t ld) {
+  for_row_groups(M, [&](auto rows, int64_t m) HCR_LAMBDA_INLINE {
+    constexpr int R = decltype(rows)::value;
+    constexpr int per_pass = NR == 1 ? 1 : weight_rows_per_pass<R, Lanes>();
+    static_assert(NR % per_pass == 0, "weight_rows_times_inputs: NR must be whole passes");
+    for (int i = 0; i < NR; i += per_pass) {
+      float dots[per_pass * R];
+      tile_dots<T, per_pass, R, Lanes>(w + i * weight_stride, weight_stride, x + m * K, K, dots);
+      dots_into_sums<per_pass, R>(dots, bias != nullptr ? bias + i : nullptr, m, sums + i, ld);
+    }
+  });
+}
+
+// Long rows in pieces of K. Where the input rows do not fit the L1 beside the weights (4 bf16 rows of the 1.5B MLP's
+// down projection, K = 8,960: 70 KiB; or the groups of 4 rows that take turns on the same weight rows, 8 rows widened
+// to fp32 at K = 1,536: 48 KiB), every pass read them again from the L2 beside the weights it streams: on an AMD
+// EPYC (Zen 4, 32 KiB L1) 4 bf16 rows took 0.48 ns a vdpbf16ps at K >= 4,096 against 0.31 at K <= 2,048 (one
+// thread, 8 MiB of weights in the L3). So blocks of kPieceRows weight rows take K a piece at a time: each piece of a
+// group's input rows (half the L1, input_piece_values) is read from the L2 once for the whole block, each pass's
+// chains are stored between pieces (a quarter of the L1 at 4 rows on AVX-512), and each step asks for the next
+// block's weights at the same place (kPieceRows rows on: the order they will be read in; asking
+// kWeightPrefetchBytes on would ask for rows of this block). The same sums in the same order: every bit as unpieced
+// (tests/test_decode_linear.py, a row alone and in a batch). Taken where M rows of K values take more than the L1,
+// from 2 rows: one row is read once per 4 weight rows, and cutting it was no faster. Alternating with an unpieced
+// switch in one scratch build (Zen 4, 2 threads, the 1.5B MLP's three matrices in turn from memory, the L3 read
+// over before each round, 15 rounds; time pieced / unpieced): avx512_bf16 bf16 4 / 8 rows 0.916-0.932 /
+// 0.905-0.914 (the down projection 0.83 / 0.77-0.80); AVX2 path bf16 4 / 8 rows 0.865 / 0.761 (8 rows: gate and
+// up 0.88, down 0.60), fp32 4 rows 0.857; bf16 and fp32 2 rows, the tiny model's fp32 16 and 32 rows 0.976-1.011.
+// With the L3 read over before each matrix instead, avx512_bf16 gained nothing (0.92-1.01 the down projection).
+// Cutting where R rows (not M) passed half the L1 cut the gate at 4 rows on AVX2 and lost 5-16 % there. Not
+// measured on an Intel CPU or a Zen 3.
+constexpr int kPieceRows = 16;
+
+// Values of K in a piece of R input rows of `value_bytes` values: as many as fill half this core's L1, a multiple
+// of 64 (of every step and pair block).
+inline int64_t input_piece_values(int64_t R, int64_t value_bytes) {
+  return std::max<int64_t>(64, l1d_bytes() / 2 / (R * value_bytes) / 64 * 64);
+}
+
+// sums[(m + r) * ld + i] = <w_i, x_{m+r}> + bias[i] for the block's kPieceRows weight rows and R input rows from m,
+// K in pieces of input_piece_values (one piece where K fits).
+template <typename T, int R, int Lanes, typename X>
+HCR_INLINE void rows_in_pieces(const T* w, int64_t weight_stride, const X* x, const float* bias, int64_t m,
+                               int64_t K, float* sums, int64_t ld) {
+  constexpr int NR = weight_rows_per_pass<R, Lanes>(), passes = kPieceRows / NR;
+  static_assert(kPieceRows % NR == 0, "rows_in_pieces: whole passes");
+  const int64_t piece = input_piece_values(R, sizeof(X)), ahead = kPieceRows * weight_stride;
+  alignas(64) float stored[passes][2 * NR * R][Lanes];
+  const X* rows = x + m * K;
+  for (int64_t k0 = 0; k0 < K; k0 += piece) {
+    const int64_t k1 = std::min(K, k0 + piece);
+    for (int p = 0; p < passes; ++p) {
+      const T* wp = w + p * NR * weight_stride;
+      TileChains<NR, R, Lanes> c;
+      for (int i = 0; i < NR; ++i)
+        for (int r = 0; r < R; ++r) {
+          c.even[i][r] = k0 == 0 ? vfloat<Lanes>{} : load_v<Lanes>(stored[p][2 * (i * R + r)]);
+          c.odd[i][r] = k0 == 0 ? vfloat<Lanes>{} : load_v<Lanes>(stored[p][2 * (i * R + r) + 1]);
+        }
+      add_tile_steps<T, NR, R, Lanes>(c, wp, weight_stride, rows, k0, k1, K, ahead);
+      if (k1 < K) {
+        for (int i = 0; i < NR; ++i)
+          for (int r = 0; r < R; ++r) {
+            store_v<Lanes>(stored[p][2 * (i * R + r)], c.even[i][r]);
+            store_v<Lanes>(stored[p][2 * (i * R + r) + 1], c.odd[i][r]);
+          }
+        continue;
+      }
+      float dots[NR * R];
+      tile_dots_from<T, NR, R, Lanes>(c, wp, weight_stride, rows, K, dots);
+      dots_into_sums<NR, R>(dots, bias != nullptr ? bias + p * NR : nullptr, m, sums + p * NR, ld);
+    }
+  }
+}
+
+// weight_rows_times_inputs for a block of kPieceRows weight rows, K in pieces: each group of input rows (4, 2, 1)
+// takes the block's rows piece by piece before the next group reads them again (from the L2).
+template <typename T, int Lanes, typename X>
+HCR_INLINE void block_in_pieces(const T* w, int64_t weight_stride, const X* x, const float* bias, int64_t M,
+                                int64_t K, float* sums, int64_t ld) {
+  for_row_groups(M, [&](auto rows, int64_t m) HCR_LAMBDA_INLINE {
+    rows_in_pieces<T, decltype(rows)::value, Lanes>(w, weight_stride, x, bias, m, K, sums, ld);
+  });
 }
 
 // out[m, n] (row stride N, in the weight's dtype) for weight rows n in [n0, n1) and all
@@ -254,6 +376,7 @@ struct LinearBlock {
     constexpr bool direct = std::is_same_v<T, float>;  // fp32 sums go straight to out
     constexpr int kWeightRows = kWeightRowsTogether<Lanes>;
     std::vector<float> tile(direct ? 0 : M * kTile);
+    const bool in_pieces = M >= 2 && M * K * int64_t(sizeof(X)) > l1d_bytes();  // see rows_in_pieces
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t width = std::min(kTile, n1 - t0);
       float* sums;  // sums[m * ld + j] holds feature t0 + j of row m
@@ -264,6 +387,10 @@ struct LinearBlock {
         sums = tile.data(), ld = kTile;
       }
       int64_t j = 0;
+      if (in_pieces)
+        for (; j + kPieceRows <= width; j += kPieceRows)
+          block_in_pieces<T, Lanes>(weight + (t0 + j) * weight_stride, weight_stride, x,
+                                    bias != nullptr ? bias + t0 + j : nullptr, M, K, sums + j, ld);
       for (; j + kWeightRows <= width; j += kWeightRows)
         weight_rows_times_inputs<T, kWeightRows, Lanes>(weight + (t0 + j) * weight_stride, weight_stride, x,
                                                          bias != nullptr ? bias + t0 + j : nullptr, M, K, sums + j, ld);
@@ -290,7 +417,7 @@ struct WidenToFloat {
   static HCR_INLINE void run(const T* in, float* out, int64_t n) { widen_to_float<T, Lanes>(in, out, n); }
 };
 
-// out = M rows of K input values as fp32 in widen_paired's order, for dot_tile.
+// out = M rows of K input values as fp32 in widen_paired's order, for add_widened_steps.
 template <typename T>
 struct WidenInputRows {
   template <int Lanes>
@@ -308,7 +435,7 @@ const float* fp32_as_is(const at::Tensor& t) {
   return nullptr;
 }
 
-// The input rows as dot_tile reads them: fp32 input as it is (widen_paired keeps fp32's order),
+// The input rows as add_widened_steps reads them: fp32 input as it is (widen_paired keeps fp32's order),
 // else widened into `storage` by the kernel's own loop (no ATen op: a decode step calls this
 // per layer, where an op's dispatch and allocation cost as much as the conversion).
 template <typename T>
@@ -336,7 +463,7 @@ const float* bias_as_float(const at::Tensor& bias, std::vector<float>& storage) 
 // weights (the A operand) against up to 16 input rows packed once per call (the B operand, pack_operand_row),
 // so 1 and 16 rows read the weights at the same speed (a standalone loop, one thread, 8,960 x 1,536: 1.02 ms
 // at 1 row and 1.04 at 8, against 3.8 ms for a standalone loop of vdpbf16ps vectors at 8 rows; with 2 threads
-// the avx512_bf16 level's dot_tile_bf16_pairs took 2.1-2.3 ms at 8 rows, as the widened loop did). Every sum
+// the avx512_bf16 level's add_pair_blocks took 2.1-2.3 ms at 8 rows, as the widened loop did). Every sum
 // is fp32 over exact bf16 products, in the tile's order for every row count (each output column is its own
 // sum), so a row's result does not depend on its batch. Two blocks of 16 weight rows take each chunk of the inputs at once; a last
 // block of fewer than 16 rows is copied into a zero-padded one.
@@ -431,7 +558,7 @@ void linear_all_rows(const at::Tensor& input, const at::Tensor& weight, const c1
       });
       return;
     }
-    if (active_isa() >= Isa::avx512_bf16) {  // the input rows as they are stored: dot_tile_bf16_pairs
+    if (active_isa() >= Isa::avx512_bf16) {  // the input rows as they are stored: add_pair_blocks
       const at::Tensor dense = input.contiguous();
       const auto* x = reinterpret_cast<const uint16_t*>(dense.const_data_ptr<T>());
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {

@@ -59,7 +59,9 @@ def assert_linear_matches_oracle(out, x, weight, bias, dtype):
 
 # (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
 # K below one vector, between vectors, over two; N = 1; more rows than the ladder measures; a long K
-# (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more.
+# (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more; a K whose
+# rows take more than the L1 in groups of 4 and 2 rows (4,200: K in pieces, rows_in_pieces in decode_linear_cpu.cpp,
+# with 40 weight rows: two blocks of 16 and the rest unpieced).
 SHAPES = [
     pytest.param(1, 130, 257, id="M1-N130-K257"),
     pytest.param(7, 33, 33, id="M7-N33-K33"),
@@ -68,6 +70,7 @@ SHAPES = [
     pytest.param(5, 300, 96, id="M5-N300-K96"),
     pytest.param(40, 17, 64, id="M40-N17-K64"),
     pytest.param(9, 35, 2100, id="M9-N35-K2100"),
+    pytest.param(6, 40, 4200, id="M6-N40-K4200"),
 ]
 
 
@@ -161,13 +164,15 @@ def test_native_16_bit_outputs_round_as_torch_does(dtype):
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
-@pytest.mark.parametrize("in_features", [133, 2100, 128], ids=["K133", "K2100", "K128"])
+@pytest.mark.parametrize("in_features", [133, 2100, 128, 4200], ids=["K133", "K2100", "K128", "K4200"])
 def test_native_row_does_not_depend_on_its_batch(dtype, in_features):
     """Each input row's output is bit-identical alone and inside a batch of 11 rows (groups of 4, 2
     and 1 rows, one to four weight rows per pass, and the weight rows left over one at a time; K short
     and long; bf16 with K = 128 on AMX tiles on the amx level, vdpbf16ps pairs with a partial block at
-    K = 133 and 2,100 there and on the avx512_bf16 level): decoding a sequence alone or in a batch
-    reads the same logits."""
+    K = 133, 2,100 and 4,200 there and on the avx512_bf16 level; K in pieces in the batch, whose 11 rows
+    of 4,200 values take more than an L1 of up to 64 KiB (of 2,100, up to 32 KiB or 64 in fp32), and whole
+    for the row alone):
+    decoding a sequence alone or in a batch reads the same logits."""
     x, weight, bias = operands(11, 67, in_features, dtype)
     batched = decode_linear(x, weight, bias, backend="native")
     for row in range(len(x)):
