@@ -64,9 +64,15 @@ Isa best_isa() {
   return Isa::baseline;
 }
 
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+constexpr int kL1dSize = _SC_LEVEL1_DCACHE_SIZE, kL2Size = _SC_LEVEL2_CACHE_SIZE;
+#else
+constexpr int kL1dSize = -1, kL2Size = -1;  // a libc whose sysconf has no cache sizes: the defaults
+#endif
+
 // The size sysconf reports for `name`, or `otherwise` where it reports none.
 int64_t cache_bytes(int name, int64_t otherwise) {
-  const long size = sysconf(name);
+  const long size = name < 0 ? -1 : sysconf(name);
   return size > 0 ? int64_t(size) : otherwise;
 }
 
@@ -102,21 +108,13 @@ std::vector<std::string> supported_isa_names() {
 }
 
 int64_t l1d_bytes() {
-#ifdef _SC_LEVEL1_DCACHE_SIZE
-  static const int64_t bytes = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, int64_t(32) << 10);
+  static const int64_t bytes = cache_bytes(kL1dSize, int64_t(32) << 10);
   return bytes;
-#else
-  return int64_t(32) << 10;
-#endif
 }
 
 int64_t l2_bytes() {
-#ifdef _SC_LEVEL2_CACHE_SIZE
-  static const int64_t bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, int64_t(256) << 10);
+  static const int64_t bytes = cache_bytes(kL2Size, int64_t(256) << 10);
   return bytes;
-#else
-  return int64_t(256) << 10;
-#endif
 }
 
 void set_active_isa(const std::string& name) {
