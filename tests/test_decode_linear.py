@@ -59,9 +59,9 @@ def assert_linear_matches_oracle(out, x, weight, bias, dtype):
 
 # (M rows, N features out, K features in): one row, a 4-row group plus a remainder,
 # K below one vector, between vectors, over two; N = 1; more rows than the ladder measures; a long K
-# (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more; a K whose
-# rows take more than the L1 in groups of 4 and 2 rows (4,200: K in pieces, rows_in_pieces in decode_linear_cpu.cpp,
-# with 40 weight rows: two blocks of 16 and the rest unpieced).
+# (2,100: many pairs of vectors, then vector and scalar tails) for two groups of 4 rows and one more; 6 rows of
+# 4,200 values, more than an L1 of up to 64 KiB holds (K in pieces, rows_in_pieces in decode_linear_cpu.cpp, for a
+# group of 4 rows and one of 2, with 40 weight rows: two blocks of 16 and the rest unpieced).
 SHAPES = [
     pytest.param(1, 130, 257, id="M1-N130-K257"),
     pytest.param(7, 33, 33, id="M7-N33-K33"),
