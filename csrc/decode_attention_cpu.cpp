@@ -59,7 +59,6 @@
 #include <limits>
 #include <vector>
 
-
 #include "amx_tiles.h"
 #include "bf16_pairs.h"
 #include "decode_ops.h"
@@ -759,9 +758,10 @@ HCR_INLINE void score_blocks(const Q* q, const T* k_base, int64_t k_stride, int6
 // Whether pass 1 multiplies bf16 pairs (block_dots with bf16 query rows): the avx512_bf16 level, bf16 caches, D a
 // multiple of 32 (amx takes tiles there). vdpbf16ps does two products a lane where an FMA does one, and needs no
 // widening: on an AMD EPYC (Zen 4, whose 512-bit FMAs take both 256-bit pipes) it runs one a cycle, as 512-bit
-// FMAs do, so twice their products (12 chains of each, registers only; an earlier loop had given 2.6-2.8x). The 1.5B bf16 step with its caches from memory, both levels in one
-// process alternating (the L3 read over before each call, 2 threads, 3 runs of 20 rounds; time pairs / widened):
-// B 1 0.95, 0.92, 0.93; B 8 0.85, 0.91, 0.93 (at 87-88 % of a read's speed where the widened pass was at 75-80 %).
+// FMAs do, so twice their products (12 chains of each, registers only; an earlier loop had given 2.6-2.8x). The
+// 1.5B bf16 step with its caches from memory, both levels in one process alternating (the L3 read over before each
+// call, 2 threads, 3 runs of 20 rounds; time pairs / widened): B 1 0.95, 0.92, 0.93; B 8 0.85, 0.91, 0.93 (at
+// 87-88 % of a read's speed where the widened pass was at 75-80 %).
 // Not measured on an Intel CPU (the Xeon here has AMX, whose tiles take this pass).
 template <typename T, int Lanes>
 constexpr bool kPairsPossible = HCR_HAS_ISA_VARIANTS && Lanes == 16 && std::is_same_v<T, c10::BFloat16>;
